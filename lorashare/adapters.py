@@ -1,0 +1,438 @@
+"""PEFT LoRA adapters in and out: lazy reading, validation with clear errors, writing.
+
+An adapter is opened from its *header* only (config + safetensors header), so
+compatibility is checked across all adapters before a single weight is read.
+Weights are then streamed one module at a time by the compressor.
+
+Sources are local folders, or Hub ids (``user/repo``, ``user/repo@rev``,
+``user/repo/subfolder``) which :mod:`lorashare.hub` turns into cached folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import AdapterError, AdapterNotFoundError, IncompatibleAdaptersError
+from .names import check_name, derive_name
+from .tensorfile import TensorFile, read_header
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LoraModule",
+    "Adapter",
+    "open_adapter",
+    "open_adapters",
+    "check_compatible",
+    "parse_lora_key",
+    "lora_key",
+    "module_scale",
+    "write_peft_adapter",
+    "file_sha256",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def parse_lora_key(key: str) -> Optional[Tuple[str, str]]:
+    """``(module, side)`` for a LoRA factor key, ``None`` for any other tensor.
+
+    Accepts PEFT's saved form and the in-model form with an adapter name.
+
+    Example:
+        >>> parse_lora_key("base_model.model.enc.layer.0.query.lora_A.default.weight")
+        ('enc.layer.0.query', 'A')
+    """
+    m = _LORA_KEY.match(key)
+    return (m.group("module"), m.group("side")) if m else None
+
+
+def lora_key(module: str, side: str) -> str:
+    """The key PEFT saves for a factor: ``base_model.model.<module>.lora_<side>.weight``."""
+    return f"base_model.model.{module}.lora_{side}.weight"
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module-path suffix."""
+    for pat, value in (patterns or {}).items():
+        if module == pat or re.fullmatch(rf"(.*\.)?{pat}", module):
+            return value
+    return default
+
+
+def module_scale(config: Mapping[str, Any], module: str, rank: int) -> float:
+    """The LoRA scaling ``s`` in ``ΔW = s·B·A`` for one module: alpha/r, or alpha/√r with rsLoRA."""
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+    alpha = float(alpha if alpha is not None else rank)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module of an adapter, as declared in its safetensors header."""
+
+    module: str
+    a_key: str
+    b_key: str
+    rank: int
+    d_in: int
+    d_out: int
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter opened lazily from a local folder.
+
+    Attributes:
+        name: the adapter's name in the SHARE model.
+        source: what the user gave (a folder or a Hub id).
+        folder: the local folder that holds the files.
+        config: the parsed ``adapter_config.json``.
+        modules: ``{module path: LoraModule}``.
+        head_keys: keys of non-LoRA tensors (classifier heads, ``modules_to_save``).
+        revision: the resolved Hub commit, for Hub sources.
+    """
+
+    name: str
+    source: str
+    folder: str
+    config: Dict[str, Any]
+    modules: Dict[str, LoraModule]
+    head_keys: List[str]
+    revision: Optional[str] = None
+    _file: Optional[TensorFile] = field(default=None, repr=False)
+    _sha256: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(self.folder, WEIGHTS_NAME)
+
+    @property
+    def base_model(self) -> Optional[str]:
+        return self.config.get("base_model_name_or_path")
+
+    def _tf(self) -> TensorFile:
+        if self._file is None:
+            self._file = TensorFile(self.weights_path, error=AdapterError, who=self.name)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def read_factor(self, module: str, side: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Read ``lora_A`` (r × d_in) or ``lora_B`` (d_out × r) of ``module``; refuses NaN/Inf."""
+        info = self.modules[module]
+        key = info.a_key if side == "A" else info.b_key
+        t = self._tf().get(key, out=out)
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterError(
+                f"adapter {self.name!r} ({self.source}): {key} holds {bad} NaN/Inf values. "
+                "The adapter is broken (diverged training?); retrain it or drop it (on_error='skip').",
+                adapter=self.name,
+                path=self.weights_path,
+                layer=module,
+            )
+        return t
+
+    def read_heads(self) -> Dict[str, torch.Tensor]:
+        """The non-LoRA tensors, bit-exact, under their original keys."""
+        return {k: self._tf().get(k) for k in self.head_keys}
+
+    def sha256(self) -> str:
+        """sha256 of ``adapter_model.safetensors``: the adapter's fingerprint (``sha256sum`` agrees)."""
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.weights_path)
+        return self._sha256
+
+    def scale(self, module: str) -> float:
+        return module_scale(self.config, module, self.modules[module].rank)
+
+
+def file_sha256(path: str, *, chunk: int = 8 * 1024 * 1024) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _load_config(path: str, who: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(10 * 1024 * 1024 + 1)
+    except FileNotFoundError:
+        raise AdapterNotFoundError(
+            f"adapter {who!r}: not a PEFT adapter: no {CONFIG_NAME} in {os.path.dirname(path)}. "
+            "Point at the folder that PeftModel.save_pretrained wrote.",
+            adapter=who,
+            path=path,
+        ) from None
+    if len(raw) > 10 * 1024 * 1024:
+        raise AdapterError(f"adapter {who!r}: {path} is over 10 MB; not an adapter config.", adapter=who, path=path)
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(
+            f"adapter {who!r}: {path} is not valid JSON ({exc}). Re-save the adapter with PEFT.",
+            adapter=who,
+            path=path,
+        ) from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {who!r}: {path} must hold a JSON object.", adapter=who, path=path)
+    return config
+
+
+def _check_config(config: Dict[str, Any], who: str, path: str) -> None:
+    peft_type = config.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(
+            f"adapter {who!r}: peft_type is {peft_type!r} in {path}, expected 'LORA'. "
+            "lorashare compresses LoRA adapters only.",
+            adapter=who,
+            path=path,
+        )
+    if config.get("use_dora"):
+        raise AdapterError(
+            f"adapter {who!r}: use_dora=True in {path}. DoRA's magnitude vectors make ΔW more than "
+            "B·A, which a shared basis cannot represent; merge or retrain it as plain LoRA.",
+            adapter=who,
+            path=path,
+        )
+    r = config.get("r")
+    if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+        raise AdapterError(f"adapter {who!r}: r={r!r} in {path}, expected an integer ≥ 1.", adapter=who, path=path)
+
+
+def _scan_modules(infos: Mapping[str, Any], who: str, path: str) -> Tuple[Dict[str, LoraModule], List[str]]:
+    pairs: Dict[str, Dict[str, str]] = {}
+    heads: List[str] = []
+    for key in infos:
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            if ".lora_" in key:  # LoRA-like but not a plain A/B weight: refuse rather than mangle
+                raise AdapterError(
+                    f"adapter {who!r}: unsupported LoRA tensor {key!r} in {path} (bias, embedding or "
+                    "magnitude factors are not supported). Only lora_A/lora_B weights of linear layers are.",
+                    adapter=who,
+                    path=path,
+                )
+            heads.append(key)
+            continue
+        module, side = parsed
+        if side in pairs.setdefault(module, {}):
+            raise AdapterError(
+                f"adapter {who!r}: module {module} has two lora_{side} tensors in {path} "
+                f"({pairs[module][side]!r} and {key!r}). Save one adapter per file.",
+                adapter=who,
+                path=path,
+                layer=module,
+            )
+        pairs[module][side] = key
+    modules: Dict[str, LoraModule] = {}
+    for module, sides in sorted(pairs.items()):
+        if set(sides) != {"A", "B"}:
+            missing = ({"A", "B"} - set(sides)).pop()
+            raise AdapterError(
+                f"adapter {who!r}: module {module} has no lora_{missing} in {path}; the file is incomplete.",
+                adapter=who,
+                path=path,
+                layer=module,
+            )
+        a, b = infos[sides["A"]], infos[sides["B"]]
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise AdapterError(
+                f"adapter {who!r}: module {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                f"in {path}; expected (r, d_in) and (d_out, r) with the same r ≥ 1.",
+                adapter=who,
+                path=path,
+                layer=module,
+            )
+        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+            raise AdapterError(
+                f"adapter {who!r}: module {module} factors are {a.dtype}/{b.dtype} in {path}; expected floats.",
+                adapter=who,
+                path=path,
+                layer=module,
+            )
+        modules[module] = LoraModule(module, sides["A"], sides["B"], a.shape[0], a.shape[1], b.shape[0])
+    if not modules:
+        raise AdapterError(
+            f"adapter {who!r}: {path} holds no lora_A/lora_B weights; not a LoRA adapter.",
+            adapter=who,
+            path=path,
+        )
+    return modules, heads
+
+
+def open_local(folder: str, name: str, source: Optional[str] = None, revision: Optional[str] = None) -> Adapter:
+    """Open a PEFT LoRA adapter folder (headers only) and validate it."""
+    source = source or folder
+    if not os.path.isdir(folder):
+        raise AdapterNotFoundError(
+            f"adapter {name!r}: {folder} is not a folder. Give a PEFT adapter folder or a Hub id (owner/name).",
+            adapter=name,
+            path=folder,
+        )
+    cfg_path = os.path.join(folder, CONFIG_NAME)
+    config = _load_config(cfg_path, name)
+    _check_config(config, name, cfg_path)
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        pickled = [p for p in _PICKLE_NAMES if os.path.exists(os.path.join(folder, p))]
+        hint = (
+            f" It has {pickled[0]}, a pickle, which lorashare never loads (it can run code). Convert it once, "
+            "in a trusted environment: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True)."
+            if pickled
+            else ""
+        )
+        raise AdapterNotFoundError(
+            f"adapter {name!r}: no {WEIGHTS_NAME} in {folder}.{hint}", adapter=name, path=weights
+        )
+    infos, _ = read_header(weights, error=AdapterError, who=name)
+    modules, heads = _scan_modules(infos, name, weights)
+    r = config.get("r")
+    for m in modules.values():
+        expect = _pattern_value(config.get("rank_pattern") or {}, m.module, r)
+        if expect is not None and expect != m.rank:
+            logger.warning("adapter %r: %s has rank %d but its config says r=%s", name, m.module, m.rank, expect)
+    return Adapter(name=name, source=source, folder=folder, config=config, modules=modules, head_keys=heads, revision=revision)
+
+
+def open_adapter(source: str, name: Optional[str] = None, **hub_kwargs: Any) -> Adapter:
+    """Open one adapter from a local folder or a Hub id (``user/repo[/sub][@rev]``).
+
+    Example:
+        >>> a = open_adapter("runs/billing")  # doctest: +SKIP
+        >>> sorted(a.modules)[:1]  # doctest: +SKIP
+        ['roberta.encoder.layer.0.attention.self.query']
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        raise AdapterError(f"adapter source {source!r} must be a folder path or a Hub id string.")
+    source = os.fspath(source)
+    if os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~")):
+        folder = os.path.expanduser(source)
+        name = check_name(name) if name is not None else derive_name(os.path.abspath(folder))
+        return open_local(folder, name, source)
+    from . import hub  # the Hub is optional: only imported for Hub ids
+
+    ref = hub.parse_adapter_id(source)
+    name = check_name(name) if name is not None else derive_name(ref.subfolder or ref.repo_id)
+    folder, revision = hub.fetch_adapter(ref, **hub_kwargs)
+    return open_local(folder, name, source, revision=revision)
+
+
+def open_adapters(
+    adapters: Sequence[str] | Mapping[str, str], *, on_error: str = "raise", **hub_kwargs: Any
+) -> List[Adapter]:
+    """Open many adapters, naming them, refusing duplicates; with ``on_error='skip'`` log and skip bad ones."""
+    items: List[Tuple[Optional[str], str]]
+    if isinstance(adapters, Mapping):
+        items = [(check_name(n), p) for n, p in adapters.items()]
+    elif isinstance(adapters, (str, os.PathLike)):
+        raise AdapterError(
+            f"adapters must be a list of folders/Hub ids or a dict name → source, got the single string {adapters!r}."
+        )
+    else:
+        items = [(None, p) for p in adapters]
+    opened: List[Adapter] = []
+    seen: Dict[str, str] = {}
+    for name, src in items:
+        try:
+            a = open_adapter(src, name, **hub_kwargs)
+        except AdapterError as exc:
+            if on_error == "skip":
+                logger.warning("skipping adapter %s: %s", src, exc)
+                continue
+            raise
+        if a.name in seen:
+            raise AdapterError(
+                f"duplicate adapter name {a.name!r}: from {seen[a.name]} and from {src}. "
+                "Names must be unique; pass a dict {name: source} (CLI: --name name=path).",
+                adapter=a.name,
+            )
+        seen[a.name] = os.fspath(src)
+        opened.append(a)
+    return opened
+
+
+def check_compatible(adapters: Sequence[Adapter], *, strict: bool = False) -> None:
+    """Refuse adapters that cannot share bases: other base models, or other shapes of one module.
+
+    Mixed ranks and mixed target modules are supported; ``strict=True`` refuses them too.
+    """
+    ref = adapters[0]
+    ref_base = _norm_base(ref.base_model)
+    for a in adapters[1:]:
+        base = _norm_base(a.base_model)
+        if ref_base and base and base != ref_base:
+            raise IncompatibleAdaptersError(
+                f"adapter {a.name!r} was trained on base model {a.base_model!r}, but {ref.name!r} on "
+                f"{ref.base_model!r}. A shared basis needs one base model: compress each base's adapters separately.",
+                adapter=a.name,
+            )
+    shapes: Dict[str, Tuple[str, int, int]] = {}
+    for a in adapters:
+        for m in a.modules.values():
+            first = shapes.setdefault(m.module, (a.name, m.d_in, m.d_out))
+            if (first[1], first[2]) != (m.d_in, m.d_out):
+                raise IncompatibleAdaptersError(
+                    f"adapter {a.name!r}: module {m.module} maps {m.d_in} → {m.d_out} features, but in "
+                    f"{first[0]!r} it maps {first[1]} → {first[2]}. Are these adapters for the same base model?",
+                    adapter=a.name,
+                    layer=m.module,
+                )
+    if strict:
+        for a in adapters[1:]:
+            if set(a.modules) != set(ref.modules):
+                diff = sorted(set(a.modules) ^ set(ref.modules))
+                raise IncompatibleAdaptersError(
+                    f"adapter {a.name!r} targets other modules than {ref.name!r} (e.g. {diff[0]}); "
+                    "strict mode needs the same target modules. Drop strict=True to allow mixed sets.",
+                    adapter=a.name,
+                    layer=diff[0],
+                )
+            for m in a.modules.values():
+                if m.rank != ref.modules[m.module].rank:
+                    raise IncompatibleAdaptersError(
+                        f"adapter {a.name!r}: {m.module} has rank {m.rank}, but {ref.name!r} has rank "
+                        f"{ref.modules[m.module].rank}; strict mode needs one rank. Drop strict=True to allow mixed ranks.",
+                        adapter=a.name,
+                        layer=m.module,
+                    )
+
+
+def _norm_base(base: Optional[str]) -> Optional[str]:
+    return base.rstrip("/") if isinstance(base, str) and base else None
+
+
+def write_peft_adapter(folder: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
+    """Write a standard PEFT adapter folder atomically (``PeftModel.from_pretrained`` loads it)."""
+    from .atomic import atomic_folder
+    from .tensorfile import save_bytes
+
+    with atomic_folder(folder) as tmp:
+        with open(os.path.join(tmp, WEIGHTS_NAME), "wb") as f:
+            f.write(save_bytes(tensors, {"format": "pt"}))
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(dict(config), f, indent=2, sort_keys=True)

@@ -1,0 +1,276 @@
+"""The ``lorashare`` command: thin verbs over the public API.
+
+``main(argv) -> int``: 0 on success, 1 on a lorashare error (one line on stderr),
+2 on bad usage.  ``--json`` prints one versioned object to stdout; logs and
+progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from .errors import ConfigError, LoraShareError
+
+logger = logging.getLogger(__name__)
+
+JSON_SCHEMA_VERSION = 1
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+def _emit(args: argparse.Namespace, payload: Dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"lorashare": JSON_SCHEMA_VERSION, "version": __version__, "command": args.command, **payload}, default=str))
+    elif text:
+        print(text)
+
+
+def _k(value: str):
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer or 'auto'") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"k must be ≥ 1, got {k}")
+    return k
+
+
+def _sources(args: argparse.Namespace):
+    named: Dict[str, str] = {}
+    for item in args.name or []:
+        if "=" not in item:
+            raise UsageError(f"--name {item!r}: expected NAME=PATH")
+        n, p = item.split("=", 1)
+        if n in named:
+            raise UsageError(f"--name {n!r} is given twice")
+        named[n] = p
+    positional = list(args.adapters or [])
+    if args.names:
+        if len(args.names) != len(positional):
+            raise UsageError(f"--names gives {len(args.names)} names for {len(positional)} adapters")
+        for n, p in zip(args.names, positional):
+            if n in named:
+                raise UsageError(f"duplicate adapter name {n!r}")
+            named[n] = p
+        positional = []
+    if named and positional:
+        from .names import derive_name
+
+        for p in positional:
+            n = derive_name(os.path.abspath(p) if os.path.exists(p) else p.split("@", 1)[0])
+            if n in named:
+                raise UsageError(f"duplicate adapter name {n!r}; name it with --name NAME={p}")
+            named[n] = p
+        return named
+    return named or positional
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .model import SHAREModel
+
+    k = "auto" if args.auto else args.num_components
+    share = SHAREModel.from_adapters(
+        _sources(args), num_components=k, variance_threshold=args.variance, device=args.device,
+        on_error=args.on_error, dtype=args.dtype, budget_bytes=args.budget_bytes, strict=args.strict,
+        progress=not args.json and not args.quiet, token=os.environ.get("HF_TOKEN"),
+    )
+    share.save_pretrained(args.output)
+    st = share.config.compression_stats
+    _emit(args, {"output": os.path.abspath(args.output), "adapters": share.adapter_names, "stats": _public_stats(st)},
+          f"compressed {len(share.adapter_names)} adapters into {args.output}: "
+          f"{st['compression_ratio']:.2f}x (bases counted), ΔW error mean {st['delta_w_rel_error_mean']:.4f}")
+    return 0
+
+
+def _public_stats(st: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in st.items() if k not in ("per_layer_explained_variance", "card")}
+
+
+def _load(args: argparse.Namespace, adapters: Optional[List[str]] = None):
+    from .model import SHAREModel
+
+    return SHAREModel.from_pretrained(args.checkpoint, revision=getattr(args, "revision", None), adapters=adapters,
+                                      token=os.environ.get("HF_TOKEN"))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    share = _load(args)
+    cfg = share.config
+    if args.json:
+        _emit(args, {
+            "checkpoint": args.checkpoint, "format_version": cfg.format_version, "base_model": cfg.base_model_name_or_path,
+            "adapters": {n: {**cfg.adapters.get(n, {}), "delta_w_error": share.reconstruction_error(n) if share.delta_w_errors.get(n) else None}
+                         for n in share.adapter_names},
+            "k_per_group": cfg.k_per_group, "dtype": cfg.dtype, "stats": _public_stats(cfg.compression_stats),
+        }, "")
+    else:
+        share.summary()
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    if not args.adapter and not args.all:
+        raise UsageError("give --adapter NAME or --all")
+    share = _load(args, None if args.all else [args.adapter])
+    names = share.adapter_names if args.all else [args.adapter]
+    written = {}
+    for n in names:
+        out = os.path.join(args.output, n) if args.all else args.output
+        share.reconstruct(n, output_dir=out)
+        written[n] = os.path.abspath(out)
+        if not args.json:
+            print(f"{n} -> {out}")
+    _emit(args, {"written": written}, "")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    share = _load(args)
+    report = share.add_adapter(args.path, name=args.adapter_name, variance_threshold=args.variance,
+                               force_recompute=args.force_recompute, token=os.environ.get("HF_TOKEN"))
+    share.save_pretrained(args.checkpoint)
+    _emit(args, report, f"added {report['adapter_name']} by {report['method']} ({report['reason']})")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    share = _load(args)
+    share.remove_adapter(args.adapter_name)
+    share.save_pretrained(args.checkpoint)
+    _emit(args, {"removed": args.adapter_name, "adapters": share.adapter_names}, f"removed {args.adapter_name}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    share = _load(args)
+    info = share.push_to_hub(args.repo_id, private=args.private, token=os.environ.get("HF_TOKEN"),
+                             commit_message=args.message, create_pr=args.create_pr, revision=args.branch,
+                             license=args.license)
+    url = getattr(info, "commit_url", str(info))
+    _emit(args, {"repo_id": args.repo_id, "commit_url": url, "commit_sha": getattr(info, "oid", None),
+                 "repo_url": str(getattr(info, "repo_url", ""))}, f"pushed to {url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object to stdout (logs go to stderr)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log more (to stderr)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = argparse.ArgumentParser(
+        prog="lorashare",
+        description="Compress many PEFT LoRA adapters of one base model into shared bases (SHARE), and rebuild them.",
+        epilog="Exit codes: 0 success, 1 error, 2 bad usage. HF_TOKEN is read from the environment for the Hub.",
+    )
+    p.add_argument("--version", action="version", version=f"lorashare {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compress", parents=[common], help="compress adapters into a SHARE checkpoint",
+                       description="Compress PEFT LoRA adapters (folders or Hub ids user/repo[/sub][@rev]) into a SHARE checkpoint.")
+    c.add_argument("adapters", nargs="*", help="adapter folders or Hub ids")
+    c.add_argument("-o", "--output", required=True, help="checkpoint folder to write (replaced atomically)")
+    c.add_argument("-k", "--num-components", type=_k, default=32, help="components per module and side, or 'auto' (default 32)")
+    c.add_argument("--auto", action="store_true", help="pick k per module from --variance")
+    c.add_argument("--variance", type=float, default=0.95, help="energy share to keep with --auto (default 0.95)")
+    c.add_argument("--name", action="append", metavar="NAME=PATH", help="a named adapter (repeatable)")
+    c.add_argument("--names", nargs="+", help="names for the positional adapters, in order (0.1.x style)")
+    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage dtype (default float32)")
+    c.add_argument("--budget-bytes", type=int, help="byte budget for bases+loadings; k chosen per module (overrides -k)")
+    c.add_argument("--device", default=None, help="cpu, cuda or auto")
+    c.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip unreadable adapters instead of failing")
+    c.add_argument("--strict", action="store_true", help="refuse mixed ranks or target modules")
+    c.add_argument("--layer-by-layer", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--chunk-size", type=int, help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("info", parents=[common], help="show a checkpoint's adapters and stats",
+                       description="Show the adapters and compression stats of a SHARE checkpoint (folder or Hub id).")
+    i.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    i.add_argument("--revision", help="Hub branch, tag or commit")
+    i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("reconstruct", parents=[common], help="rebuild adapters as standard PEFT folders",
+                       description="Rebuild one adapter (--adapter) or all (--all, one subfolder each) as PEFT adapter folders.")
+    r.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--adapter", help="the adapter to rebuild")
+    g.add_argument("--all", action="store_true", help="rebuild every adapter into OUTPUT/<name>")
+    r.add_argument("-o", "--output", required=True, help="output folder")
+    r.add_argument("--revision", help="Hub branch, tag or commit")
+    r.set_defaults(func=cmd_reconstruct)
+
+    a = sub.add_parser("add", parents=[common], help="add an adapter to a checkpoint (projection or recompute)",
+                       description="Add an adapter to a local checkpoint, by projection onto the bases when they explain it well enough, else by recomputing.")
+    a.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
+    a.add_argument("path", help="adapter folder or Hub id")
+    a.add_argument("--name", dest="adapter_name", help="name for the new adapter")
+    a.add_argument("--variance", type=float, help="projection threshold (default: the checkpoint's)")
+    a.add_argument("--force-recompute", action="store_true", help="always recompute the bases")
+    a.set_defaults(func=cmd_add)
+
+    m = sub.add_parser("remove", parents=[common], help="remove an adapter from a checkpoint",
+                       description="Remove an adapter from a local checkpoint; the others are untouched.")
+    m.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
+    m.add_argument("adapter_name", metavar="NAME", help="adapter to remove")
+    m.set_defaults(func=cmd_remove)
+
+    u = sub.add_parser("push", parents=[common], help="upload a checkpoint to the Hub in one commit",
+                       description="Upload a checkpoint with its model card to a Hub repo in one commit (token from HF_TOKEN).")
+    u.add_argument("checkpoint", help="checkpoint folder")
+    u.add_argument("repo_id", help="target repo, owner/name")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.add_argument("--message", help="commit message")
+    u.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    u.add_argument("--branch", help="target branch")
+    u.add_argument("--license", help="license for the model card metadata")
+    u.set_defaults(func=cmd_push)
+
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"lorashare {args.command}: usage error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        _fail(args, exc)
+        return 2
+    except LoraShareError as exc:
+        _fail(args, exc)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(args: argparse.Namespace, exc: LoraShareError) -> None:
+    msg = str(exc).replace("\n", " ")
+    if getattr(args, "json", False):
+        print(json.dumps({"lorashare": JSON_SCHEMA_VERSION, "version": __version__, "command": args.command, "error": msg, "type": type(exc).__name__}))
+    print(f"lorashare {args.command}: error: {msg}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""The compression pipeline: plan module groups, stream factors, fit bases, project.
+
+"Plan, then apply": :func:`plan_groups` looks at headers only and buckets the
+modules whose factors have the same shapes, so the math runs batched over many
+modules at once (no per-module Python loop).  :func:`compress` then streams one
+bounded chunk of modules at a time from disk, so peak memory is one chunk,
+whatever the total adapter bytes.  The math itself is :mod:`lorashare.subspace`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import subspace as S
+from .adapters import Adapter
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CompressOptions", "GroupPlan", "GroupResult", "plan_groups", "compress", "group_key", "split_group_key"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def group_key(module: str, side: str) -> str:
+    """The checkpoint key of one side of one module: ``"<module>:<A|B>"``."""
+    return f"{module}:{side}"
+
+
+def split_group_key(key: str) -> Tuple[str, str]:
+    module, _, side = key.rpartition(":")
+    return module, side
+
+
+@dataclass
+class CompressOptions:
+    """How to compress.  ``num_components`` is an int (per side and module, capped
+    at what is lossless), ``"auto"`` (smallest k reaching ``variance_threshold`` of
+    the ΔW energy, per module and side), or ignored when ``budget_bytes`` is set
+    (per-module k by water-filling under one byte budget for bases + loadings)."""
+
+    num_components: Union[int, str] = 32
+    variance_threshold: float = 0.95
+    budget_bytes: Optional[int] = None
+    dtype: str = "float32"
+    device: Optional[str] = None
+    chunk_bytes: int = 64 * 1024 * 1024
+    exact_max_n: int = 128  # above this stack width, fixed k uses the randomized solver
+    power_iters: int = 2
+    progress: bool = True
+
+    def validate(self) -> None:
+        k = self.num_components
+        if isinstance(k, str):
+            if k != "auto":
+                raise ConfigError(f"num_components={k!r}: expected an integer ≥ 1 or 'auto'.")
+        elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"num_components={k!r}: expected an integer ≥ 1 or 'auto' (k < 1 keeps nothing).")
+        if not (0.0 < float(self.variance_threshold) <= 1.0):
+            raise ConfigError(f"variance_threshold={self.variance_threshold!r}: expected a number in (0, 1].")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}.")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
+            raise ConfigError(f"budget_bytes={self.budget_bytes!r}: expected a positive integer number of bytes.")
+
+
+@dataclass
+class GroupPlan:
+    """One module: which adapters have it, with which ranks, and its shape."""
+
+    module: str
+    members: List[int]  # indices into the adapter list
+    ranks: Tuple[int, ...]
+    d_in: int
+    d_out: int
+
+    @property
+    def n(self) -> int:
+        return sum(self.ranks)
+
+    def nbytes(self) -> int:
+        return 4 * self.n * (self.d_in + self.d_out)
+
+
+@dataclass
+class GroupResult:
+    """What compression produced for one module."""
+
+    plan: GroupPlan
+    basis: Dict[str, torch.Tensor]  # side -> (d × k)
+    loadings: Dict[str, List[torch.Tensor]]  # side -> per member (k × r_i)
+    explained: Dict[str, float]  # side -> kept share of ΔW energy
+    rel_error: List[float]  # per member: ‖ΔW − ΔŴ‖ / ‖ΔW‖
+    sqnorm: List[float] = field(default_factory=list)  # per member ‖B A‖²
+
+
+def plan_groups(adapters: Sequence[Adapter]) -> List[GroupPlan]:
+    """Group every LoRA module across adapters (headers only, nothing read)."""
+    plans: Dict[str, GroupPlan] = {}
+    for i, a in enumerate(adapters):
+        for m in a.modules.values():
+            p = plans.get(m.module)
+            if p is None:
+                plans[m.module] = GroupPlan(m.module, [i], (m.rank,), m.d_in, m.d_out)
+            else:
+                p.members.append(i)
+                p.ranks = p.ranks + (m.rank,)
+    return [plans[k] for k in sorted(plans)]
+
+
+def _chunks(plans: Sequence[GroupPlan], chunk_bytes: int) -> Iterator[List[GroupPlan]]:
+    """Batches of same-shape groups, each at most ``chunk_bytes`` of raw factors (or one group)."""
+    buckets: Dict[tuple, List[GroupPlan]] = {}
+    for p in plans:
+        buckets.setdefault((p.d_in, p.d_out, p.ranks), []).append(p)
+    for group in buckets.values():
+        per = max(1, chunk_bytes // max(1, group[0].nbytes()))
+        for at in range(0, len(group), per):
+            yield group[at : at + per]
+
+
+def _read_chunk(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Factor stacks ``F_A`` (G, n, d_in) and ``F_B`` (G, n, d_out), in float32."""
+    p0 = chunk[0]
+    FA = torch.empty(len(chunk), p0.n, p0.d_in, dtype=torch.float32)
+    FB = torch.empty(len(chunk), p0.n, p0.d_out, dtype=torch.float32)
+    for g, p in enumerate(chunk):
+        at = 0
+        for idx, r in zip(p.members, p.ranks):
+            a = adapters[idx]
+            info = a.modules[p.module]
+            native = a._tf().infos[info.a_key].dtype == torch.float32
+            if native:
+                a.read_factor(p.module, "A", out=FA[g, at : at + r])
+            else:
+                FA[g, at : at + r] = a.read_factor(p.module, "A")
+            FB[g, at : at + r] = a.read_factor(p.module, "B").T
+            at += r
+    return FA, FB
+
+
+def _fit_side(
+    F: torch.Tensor, W: List[torch.Tensor], ranks: Tuple[int, ...], k: Optional[int], opts: CompressOptions, seed: int
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Basis (G, d, k) and kept energies (G, k) for one side; ``k=None`` means 'return the full spectrum'.
+
+    Returns ``(U, kept, evals_or_None)``.
+    """
+    n, d = F.shape[-2], F.shape[-1]
+    if k is not None and k >= min(n, d):
+        U = S.lossless_basis(F)
+        return U, torch.full(U.shape[:-2] + (U.shape[-1],), float("nan"), dtype=torch.float64), None
+    if k is not None and n > opts.exact_max_n:
+        U, kept = S.randomized_basis(F, W, ranks, k, power_iters=opts.power_iters, seed=seed)
+        return U, kept, None
+    evals, V = S.top_eigh(S.weighted_gram(F, W, ranks))
+    if k is None:
+        return None, None, evals  # type: ignore[return-value]
+    return S.basis_from_eigh(F, W, ranks, V, evals, k), evals[..., :k], evals
+
+
+def _members_split(L: torch.Tensor, ranks: Tuple[int, ...]) -> List[torch.Tensor]:
+    return list(torch.split(L, list(ranks), dim=-1))
+
+
+def _finish_chunk(
+    chunk: Sequence[GroupPlan],
+    FA: torch.Tensor,
+    FB: torch.Tensor,
+    GA: List[torch.Tensor],
+    GB: List[torch.Tensor],
+    sq: List[torch.Tensor],
+    UA: torch.Tensor,
+    UB: torch.Tensor,
+    totals: Dict[str, torch.Tensor],
+    kept: Dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> List[GroupResult]:
+    """Project onto the bases, round to the storage dtype, and measure the ΔW error."""
+    ranks = chunk[0].ranks
+    UA_s, UB_s = UA.to(dtype), UB.to(dtype)
+    UAf, UBf = UA_s.float(), UB_s.float()
+    LA, LB = S.project(UAf, FA).to(dtype), S.project(UBf, FB).to(dtype)  # (G, k, n)
+    # ΔW error on what is stored: reconstruct the factor rows from the (rounded) basis and loadings.
+    FA_hat = S.reconstruct_rows(UA_s, LA)
+    FB_hat = S.reconstruct_rows(UB_s, LB)
+    r = ranks[0] if len(set(ranks)) == 1 else None
+    if r is not None:
+        blk = lambda t: t.unflatten(-2, (len(ranks), r))  # noqa: E731  (G, N, r, d)
+        err, orig = S.delta_w_error(blk(FA), blk(FB).transpose(-1, -2), blk(FA_hat), blk(FB_hat).transpose(-1, -2))
+    else:
+        pairs = [
+            S.delta_w_error(FA[..., s, :], FB[..., s, :].transpose(-1, -2), FA_hat[..., s, :], FB_hat[..., s, :].transpose(-1, -2))
+            for s in S._blocks(ranks)
+        ]
+        err, orig = torch.stack([p[0] for p in pairs], -1), torch.stack([p[1] for p in pairs], -1)
+    la, lb = _members_split(LA, ranks), _members_split(LB, ranks)
+    rel = torch.where(orig > 0, (err / orig.clamp_min(1e-300)).sqrt(), torch.zeros_like(err))
+    out = []
+    for g, p in enumerate(chunk):
+        expl = {}
+        for side in "AB":
+            kk = kept[side][g]
+            tot = float(totals[side][g])
+            expl[side] = 1.0 if (tot <= 0 or bool(torch.isnan(kk).any())) else min(1.0, float(kk.sum()) / tot)
+        out.append(
+            GroupResult(
+                plan=p,
+                basis={"A": UA_s[g].contiguous(), "B": UB_s[g].contiguous()},
+                loadings={"A": [t[g].contiguous() for t in la], "B": [t[g].contiguous() for t in lb]},
+                explained=expl,
+                rel_error=[float(x) for x in rel[g]],
+                sqnorm=[float(x) for x in orig[g]],
+            )
+        )
+    return out
+
+
+def _weights(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...]):
+    GA = S.factor_gram(FA, ranks)
+    GB = S.factor_gram(FB, ranks)
+    WA, WB, sq = S.side_weights(GA, GB)
+    # Total weighted energy of each side: Σ_i tr(Wᵢᵀ Gᵢ Wᵢ) (= number of non-zero ΔW_i).
+    tot_A = sum(((w.transpose(-1, -2) @ g @ w).diagonal(dim1=-2, dim2=-1).sum(-1)) for w, g in zip(WA, GA))
+    tot_B = sum(((w.transpose(-1, -2) @ g @ w).diagonal(dim1=-2, dim2=-1).sum(-1)) for w, g in zip(WB, GB))
+    return GA, GB, WA, WB, sq, {"A": tot_A, "B": tot_B}
+
+
+def _spectra(adapters: Sequence[Adapter], plans: Sequence[GroupPlan], opts: CompressOptions, bar) -> Dict[str, torch.Tensor]:
+    """Full weighted spectrum of every (module, side): pass 1 of the budget mode."""
+    out: Dict[str, torch.Tensor] = {}
+    for chunk in _chunks(plans, opts.chunk_bytes):
+        FA, FB = _read_chunk(chunk, adapters)
+        ranks = chunk[0].ranks
+        _, _, WA, WB, _, _ = _weights(FA, FB, ranks)
+        for side, F, W in (("A", FA, WA), ("B", FB, WB)):
+            evals, _ = S.top_eigh(S.weighted_gram(F, W, ranks))
+            for g, p in enumerate(chunk):
+                out[group_key(p.module, side)] = evals[g]
+        if bar is not None:
+            bar.update(len(chunk))
+    return out
+
+
+def compress(
+    adapters: Sequence[Adapter], opts: CompressOptions, plans: Optional[Sequence[GroupPlan]] = None
+) -> List[GroupResult]:
+    """Fit one basis per module and side, and every adapter's loadings.
+
+    Example:
+        >>> results = compress(open_adapters(["a", "b"]), CompressOptions(num_components=8))  # doctest: +SKIP
+    """
+    opts.validate()
+    plans = list(plans) if plans is not None else plan_groups(adapters)
+    dtype = DTYPES[opts.dtype]
+    elem = torch.empty(0, dtype=dtype).element_size()
+    bar = _progress(opts, len(plans) * (2 if opts.budget_bytes else 1))
+
+    fixed_k: Dict[str, int] = {}
+    spectra: Dict[str, torch.Tensor] = {}
+    if opts.budget_bytes is not None:
+        spectra = _spectra(adapters, plans, opts, bar)
+        keys, specs, costs = [], [], []
+        for p in plans:
+            for side, d in (("A", p.d_in), ("B", p.d_out)):
+                key = group_key(p.module, side)
+                keys.append(key)
+                specs.append(spectra[key][: min(p.n, d)])
+                costs.append((d + p.n) * elem)
+        ks = S.water_fill(specs, costs, opts.budget_bytes)
+        fixed_k = dict(zip(keys, ks))
+        spent = sum(k * c for k, c in zip(ks, costs))
+        if spent > opts.budget_bytes:
+            logger.warning("budget of %d bytes is below one component per module; using %d bytes", opts.budget_bytes, spent)
+
+    results: List[GroupResult] = []
+    seed = 0
+    for chunk in _chunks(plans, opts.chunk_bytes):
+        FA, FB = _read_chunk(chunk, adapters)
+        if opts.device:
+            FA, FB = FA.to(opts.device), FB.to(opts.device)
+        ranks = chunk[0].ranks
+        GA, GB, WA, WB, sq, totals = _weights(FA, FB, ranks)
+        bases, kept = {}, {}
+        for side, F, W in (("A", FA, WA), ("B", FB, WB)):
+            seed += 1
+            if fixed_k:
+                # Budget mode: each module has its own k, so fit group by group.
+                Us, kk = [], []
+                for g, p in enumerate(chunk):
+                    k = fixed_k[group_key(p.module, side)]
+                    U, kv, _ = _fit_side(F[g : g + 1], [w[g : g + 1] for w in W], ranks, k, opts, seed)
+                    Us.append(U[0])
+                    kk.append(kv[0])
+                bases[side], kept[side] = Us, kk
+            elif opts.num_components == "auto":
+                _, _, evals = _fit_side(F, W, ranks, None, opts, seed)
+                Us, kk = [], []
+                for g in range(len(chunk)):
+                    k = S.choose_k(evals[g], opts.variance_threshold)
+                    U, kv, _ = _fit_side(F[g : g + 1], [w[g : g + 1] for w in W], ranks, k, opts, seed)
+                    Us.append(U[0])
+                    kk.append(kv[0])
+                bases[side], kept[side] = Us, kk
+            else:
+                U, kv, _ = _fit_side(F, W, ranks, int(opts.num_components), opts, seed)
+                bases[side], kept[side] = list(U.unbind(0)), list(kv.unbind(0))
+        results.extend(_finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype) -> List[GroupResult]:
+    """Finish a chunk; bases may differ in k per group, so batch only equal-k runs."""
+    same = len({(u.shape, v.shape) for u, v in zip(bases["A"], bases["B"])}) == 1
+    if same:
+        UA, UB = torch.stack(bases["A"]), torch.stack(bases["B"])
+        kd = {"A": torch.stack(kept["A"]), "B": torch.stack(kept["B"])}
+        res = _finish_chunk(chunk, FA, FB, GA, GB, sq, UA, UB, totals, kd, dtype)
+    else:
+        res = []
+        for g in range(len(chunk)):
+            sl = slice(g, g + 1)
+            res.extend(
+                _finish_chunk(
+                    chunk[sl], FA[sl], FB[sl], [t[sl] for t in GA], [t[sl] for t in GB], [t[sl] for t in sq],
+                    bases["A"][g][None], bases["B"][g][None], {s: totals[s][sl] for s in "AB"},
+                    {s: kept[s][g][None] for s in "AB"}, dtype,
+                )
+            )
+    if FA.device.type != "cpu":
+        for r in res:
+            r.basis = {s: t.cpu() for s, t in r.basis.items()}
+            r.loadings = {s: [t.cpu() for t in ts] for s, ts in r.loadings.items()}
+    return res
+
+
+def _progress(opts: CompressOptions, total: int):
+    if not opts.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="compressing modules", unit="module", leave=False, disable=None)

@@ -1,0 +1,84 @@
+"""One exception hierarchy for everything lorashare raises on purpose.
+
+Every error is a :class:`LoraShareError`, so callers (the CLI, the Action, the
+Space) can catch one type.  Each subclass also inherits the built-in it refines
+(``ValueError``, ``FileNotFoundError``, ``KeyError``), so code written against
+lorashare 0.1.x, which raised the built-ins, keeps working.
+
+Messages follow one rule: the value, the rule it broke, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class LoraShareError(Exception):
+    """Base class of every error raised by lorashare.
+
+    Attributes:
+        adapter: the adapter (name or source) at fault, if any.
+        path: the file or folder at fault, if any.
+        layer: the module path (``encoder.layer.0.attention.self.query``) at fault, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        adapter: Optional[str] = None,
+        path: Optional[str] = None,
+        layer: Optional[str] = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.adapter = adapter
+        self.path = path
+        self.layer = layer
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.message
+
+
+class AdapterError(LoraShareError, ValueError):
+    """An adapter is unreadable, malformed or not a LoRA adapter."""
+
+
+class AdapterNotFoundError(AdapterError, FileNotFoundError):
+    """An adapter folder or one of its files does not exist."""
+
+
+class IncompatibleAdaptersError(AdapterError):
+    """Adapters cannot share a basis (different base models, shapes...)."""
+
+
+class CheckpointError(LoraShareError, ValueError):
+    """A SHARE checkpoint is missing, malformed, or fails verification."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No SHARE checkpoint at the given path."""
+
+
+class IntegrityError(CheckpointError):
+    """A file's bytes do not match the fingerprint recorded for it."""
+
+
+class UnknownAdapterError(LoraShareError, KeyError):
+    """An adapter name is not in this SHARE model."""
+
+
+class InvalidNameError(LoraShareError, ValueError):
+    """An adapter name is not a single safe path component."""
+
+
+class ConfigError(LoraShareError, ValueError):
+    """A parameter or manifest value is out of range or of the wrong type."""
+
+
+class HubError(LoraShareError):
+    """A Hugging Face Hub request failed (not found, unauthorised, offline...)."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    """A repo, revision or file does not exist on the Hub."""

@@ -1,0 +1,717 @@
+"""``SHAREModel``: the public facade over adapters, compression and checkpoints.
+
+Source-compatible with lorashare 0.1.x (same methods, arguments and attributes),
+plus fingerprints, per-module k, storage dtypes, mixed ranks/modules, the Hub,
+and loading many adapters into one ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from . import __version__
+from . import subspace as S
+from .adapters import Adapter, check_compatible, lora_key, module_scale, open_adapter, open_adapters, parse_lora_key, write_peft_adapter
+from .checkpoint import CheckpointData, SHAREConfig, load_checkpoint, save_checkpoint
+from .compress import DTYPES, CompressOptions, GroupResult, compress, group_key, split_group_key
+from .errors import AdapterError, ConfigError, LoraShareError, UnknownAdapterError
+from .names import check_name
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SHAREModel"]
+
+AdapterSources = Union[Sequence[str], Mapping[str, str]]
+
+
+class SHAREModel:
+    """Many LoRA adapters of one base model, stored as shared bases plus tiny loadings.
+
+    Example:
+        >>> share = SHAREModel.from_adapters(["runs/billing", "runs/refunds"], num_components=16)  # doctest: +SKIP
+        >>> share.save_pretrained("share_ckpt")  # doctest: +SKIP
+        >>> state_dict = SHAREModel.from_pretrained("share_ckpt").reconstruct("billing")  # doctest: +SKIP
+
+    Attributes (as in 0.1.x):
+        config: the :class:`SHAREConfig`.
+        components: ``{"<module>:<A|B>": basis (d × k)}``.
+        all_loadings: ``{adapter: {"<module>:<A|B>": loading (k × r)}}``.
+        adapter_configs: ``{adapter: its adapter_config.json}``.
+        all_classifier_heads: ``{adapter: {key: tensor}}`` (non-LoRA tensors, bit-exact).
+        adapter_sources: ``{adapter: folder or Hub id it came from}``.
+    """
+
+    def __init__(
+        self,
+        config: SHAREConfig,
+        components: Dict[str, torch.Tensor],
+        all_loadings: Dict[str, Dict[str, torch.Tensor]],
+        adapter_configs: Dict[str, Dict[str, Any]],
+        all_classifier_heads: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+        adapter_sources: Optional[Dict[str, str]] = None,
+    ) -> None:
+        self.config = config
+        self.components = components
+        self.all_loadings = all_loadings
+        self.adapter_configs = adapter_configs
+        self.all_classifier_heads = all_classifier_heads or {}
+        self.adapter_sources = adapter_sources or {}
+        #: Per-module ΔW relative errors measured at compression: {adapter: {module: error}}.
+        self.delta_w_errors: Dict[str, Dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: AdapterSources,
+        num_components: Union[int, str] = 32,
+        variance_threshold: float = 0.95,
+        device: Optional[str] = None,
+        layer_by_layer: bool = False,
+        chunk_size: Optional[int] = None,
+        on_error: str = "raise",
+        *,
+        dtype: str = "float32",
+        budget_bytes: Optional[int] = None,
+        strict: bool = False,
+        progress: bool = True,
+        token: Optional[str] = None,
+    ) -> "SHAREModel":
+        """Compress PEFT LoRA adapters into shared bases.
+
+        Args:
+            adapters: folders or Hub ids (``user/repo``, ``user/repo@rev``, ``user/repo/sub``),
+                or a dict ``{name: source}``.
+            num_components: k per module and side, or ``"auto"`` (per module, from
+                ``variance_threshold`` of the ΔW energy).  k ≥ N·r is lossless.
+            variance_threshold: energy share to keep with ``"auto"``; also the
+                projection threshold of :meth:`add_adapter`.
+            device: ``"cuda"`` to run the math on a GPU; default CPU.
+            layer_by_layer, chunk_size: accepted for 0.1.x compatibility; lorashare
+                always streams one bounded chunk of modules at a time.
+            on_error: ``"raise"``, or ``"skip"`` to log and drop unreadable adapters.
+            dtype: storage dtype of bases and loadings: ``float32``, ``float16`` or ``bfloat16``.
+            budget_bytes: bytes for bases + loadings together; k is then chosen per module
+                by water-filling on the spectra (``num_components`` is ignored).
+            strict: refuse mixed ranks or mixed target modules.
+            progress: show a progress bar.
+            token: Hugging Face token for private Hub adapters.
+
+        Example:
+            >>> share = SHAREModel.from_adapters({"a": "runs/a", "b": "acme/b-lora@v2"}, num_components="auto")  # doctest: +SKIP
+        """
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error={on_error!r}: expected 'raise' or 'skip'.")
+        opts = CompressOptions(
+            num_components=num_components,
+            variance_threshold=variance_threshold,
+            budget_bytes=budget_bytes,
+            dtype=dtype,
+            device=_device(device),
+            progress=progress,
+        )
+        opts.validate()
+        if layer_by_layer or chunk_size:
+            logger.debug("layer_by_layer/chunk_size are accepted for compatibility; streaming is always on")
+        hub_kwargs = {"token": token} if token else {}
+        opened = open_adapters(adapters, on_error=on_error, **hub_kwargs)
+        try:
+            return cls._build(opened, opts, strict=strict)
+        finally:
+            for a in opened:
+                a.close()
+
+    @classmethod
+    def _build(cls, opened: List[Adapter], opts: CompressOptions, *, strict: bool = False) -> "SHAREModel":
+        if len(opened) < 2:
+            raise AdapterError(
+                f"need at least 2 adapters to share a basis, got {len(opened)}"
+                f"{' after skipping bad ones' if opened is not None else ''}. Add adapters, or keep a single "
+                "adapter as it is.",
+            )
+        check_compatible(opened, strict=strict)
+        logger.info("compressing %d adapters", len(opened))
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Fingerprints (a full read of each file) overlap with the compression.
+        with ThreadPoolExecutor(1) as pool:
+            shas = pool.map(lambda a: a.sha256(), opened)
+            results = compress(opened, opts)
+            heads = {a.name: a.read_heads() for a in opened if a.head_keys}
+            fingerprints = list(shas)
+        return cls._assemble(opened, results, heads, fingerprints, opts)
+
+    @classmethod
+    def _assemble(
+        cls,
+        opened: Sequence[Adapter],
+        results: Sequence[GroupResult],
+        heads: Dict[str, Dict[str, torch.Tensor]],
+        fingerprints: Sequence[str],
+        opts: CompressOptions,
+    ) -> "SHAREModel":
+        components: Dict[str, torch.Tensor] = {}
+        loadings: Dict[str, Dict[str, torch.Tensor]] = {a.name: {} for a in opened}
+        errors: Dict[str, Dict[str, float]] = {a.name: {} for a in opened}
+        explained: Dict[str, float] = {}
+        for res in results:
+            p = res.plan
+            for side in "AB":
+                key = group_key(p.module, side)
+                components[key] = res.basis[side]
+                explained[key] = res.explained[side]
+                for idx, L in zip(p.members, res.loadings[side]):
+                    loadings[opened[idx].name][key] = L
+            for idx, e in zip(p.members, res.rel_error):
+                errors[opened[idx].name][p.module] = e
+        ref = opened[0]
+        ranks = sorted({m.rank for a in opened for m in a.modules.values()})
+        cfg = SHAREConfig(
+            share_version=__version__,
+            num_components=max(U.shape[1] for U in components.values()),
+            component_selection="budget" if opts.budget_bytes else ("auto" if opts.num_components == "auto" else "fixed"),
+            variance_threshold=float(opts.variance_threshold),
+            base_model_name_or_path=ref.base_model or "",
+            target_modules=sorted({m.rsplit(".", 1)[-1] for a in opened for m in a.modules}),
+            lora_rank=ranks[-1],
+            lora_alpha=ref.config.get("lora_alpha", 0),
+            adapter_names=[a.name for a in opened],
+            num_adapters=len(opened),
+            layer_keys=sorted({res.plan.module for res in results}),
+            lorashare_version=__version__,
+            dtype=opts.dtype,
+            budget_bytes=opts.budget_bytes,
+            requested_components=opts.num_components,
+            k_per_group={k: int(U.shape[1]) for k, U in components.items()},
+        )
+        model = cls(
+            config=cfg,
+            components=components,
+            all_loadings=loadings,
+            adapter_configs={a.name: dict(a.config) for a in opened},
+            all_classifier_heads={n: h for n, h in heads.items() if h},
+            adapter_sources={a.name: a.source for a in opened},
+        )
+        model.delta_w_errors = errors
+        original_bytes = {a.name: _lora_bytes(a) for a in opened}
+        for a, sha in zip(opened, fingerprints):
+            cfg.adapters[a.name] = {
+                "source": a.source,
+                "revision": a.revision,
+                "sha256": sha,
+                "rank": max(m.rank for m in a.modules.values()),
+                "lora_alpha": a.config.get("lora_alpha"),
+                "lora_bytes": original_bytes[a.name],
+            }
+        model._refresh_stats(explained)
+        return model
+
+    # --------------------------------------------------------------- disk I/O
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, os.PathLike],
+        *,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+        adapters: Optional[Iterable[str]] = None,
+        verify: bool = True,
+    ) -> "SHAREModel":
+        """Load a SHARE checkpoint from a folder or a Hub repo id.
+
+        Args:
+            path: the folder ``save_pretrained`` wrote, or a Hub repo id.
+            revision: Hub branch, tag or commit.
+            token: Hub token for private repos.
+            adapters: load only these adapters (from the Hub, only their files are downloaded).
+            verify: check every file read against its sha256 in ``share_config.json``.
+
+        Example:
+            >>> share = SHAREModel.from_pretrained("acme/support-share", adapters=["billing"])  # doctest: +SKIP
+        """
+        path = os.fspath(path)
+        jail = None
+        if not os.path.isdir(path):
+            from . import hub
+
+            path, jail = hub.fetch_checkpoint(path, revision=revision, token=token, adapters=adapters)
+        data = load_checkpoint(path, adapters=adapters, verify=verify, jail=jail)
+        return cls._from_data(data)
+
+    @classmethod
+    def _from_data(cls, data: CheckpointData) -> "SHAREModel":
+        model = cls(
+            config=data.config,
+            components=data.components,
+            all_loadings=data.loadings,
+            adapter_configs={n: dict(m.get("original_config", {})) for n, m in data.metas.items()},
+            all_classifier_heads=data.heads,
+            adapter_sources={
+                n: m.get("original_adapter_path") or data.config.adapters.get(n, {}).get("source", "")
+                for n, m in data.metas.items()
+            },
+        )
+        model.delta_w_errors = {n: dict(m.get("delta_w_error", {})) for n, m in data.metas.items()}
+        # A partial load keeps only the named adapters.
+        model.config.adapter_names = [n for n in data.config.adapter_names if n in data.loadings]
+        model.config.num_adapters = len(model.config.adapter_names)
+        return model
+
+    def _to_data(self) -> CheckpointData:
+        metas = {}
+        for n in self.adapter_names:
+            info = self.config.adapters.get(n, {})
+            metas[n] = {
+                "adapter_name": n,
+                "original_config": self.adapter_configs.get(n, {}),
+                "original_adapter_path": self.adapter_sources.get(n, info.get("source", "")),
+                "revision": info.get("revision"),
+                "sha256": info.get("sha256"),
+                "delta_w_error": self.delta_w_errors.get(n, {}),
+            }
+        used = {k for ls in self.all_loadings.values() for k in ls}
+        components = {k: v for k, v in self.components.items() if k in used}
+        return CheckpointData(self.config, components, self.all_loadings, self.all_classifier_heads, metas)
+
+    def save_pretrained(self, output_dir: Union[str, os.PathLike], *, card: bool = True) -> None:
+        """Write the checkpoint (and its model card, README.md) atomically.
+
+        Example:
+            >>> share.save_pretrained("share_ckpt")  # doctest: +SKIP
+        """
+        text = None
+        if card:
+            from .card import render_card
+
+            text = render_card(self)
+        save_checkpoint(os.fspath(output_dir), self._to_data(), card=text)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+        revision: Optional[str] = None,
+        *,
+        license: Optional[str] = None,
+    ):
+        """Upload the checkpoint with its model card to a Hub repo, in one commit.
+
+        Returns the ``CommitInfo`` (``.commit_url``, ``.oid``); ``str(info)`` is not the url,
+        use ``info.repo_url`` for the repo.
+
+        Example:
+            >>> info = share.push_to_hub("acme/support-share", private=True)  # doctest: +SKIP
+        """
+        from . import hub
+
+        if license:
+            self.config.compression_stats.setdefault("card", {})["license"] = license
+        with tempfile.TemporaryDirectory(prefix="lorashare-push-") as tmp:
+            folder = os.path.join(tmp, "ckpt")
+            self.save_pretrained(folder)
+            return hub.push_folder(
+                folder, repo_id, private=private, token=token, commit_message=commit_message or
+                f"Upload SHARE checkpoint ({self.config.num_adapters} adapters)", create_pr=create_pr, revision=revision,
+            )
+
+    # ----------------------------------------------------------- use adapters
+    @property
+    def adapter_names(self) -> List[str]:
+        """Names of the adapters in this model."""
+        return list(self.all_loadings.keys())
+
+    def _check(self, name: str) -> None:
+        if name not in self.all_loadings:
+            raise UnknownAdapterError(
+                f"adapter {name!r} not found. Available: {self.adapter_names}.", adapter=name
+            )
+
+    def reconstruct(self, adapter_name: str, output_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, torch.Tensor]:
+        """Rebuild one adapter as a PEFT state dict (LoRA factors + its heads).
+
+        With ``output_dir``, also write a standard PEFT adapter folder that
+        ``PeftModel.from_pretrained`` loads.
+
+        Example:
+            >>> sd = share.reconstruct("billing", output_dir="billing_adapter")  # doctest: +SKIP
+        """
+        self._check(adapter_name)
+        out: Dict[str, torch.Tensor] = {}
+        for key, L in self.all_loadings[adapter_name].items():
+            module, side = split_group_key(key)
+            W = S.reconstruct_rows(self.components[key], L)  # (r, d)
+            out[lora_key(module, side)] = (W if side == "A" else W.T).contiguous()
+        out.update(self.all_classifier_heads.get(adapter_name, {}))
+        if output_dir is not None:
+            write_peft_adapter(os.fspath(output_dir), out, self._peft_config(adapter_name))
+        return out
+
+    def _peft_config(self, name: str) -> Dict[str, Any]:
+        cfg = dict(self.adapter_configs.get(name, {}))
+        if not cfg:
+            cfg = {
+                "peft_type": "LORA",
+                "r": self.config.lora_rank,
+                "lora_alpha": self.config.lora_alpha,
+                "target_modules": self.config.target_modules,
+                "base_model_name_or_path": self.config.base_model_name_or_path,
+            }
+        return cfg
+
+    def apply(self, base_model: Any, adapter_name: str) -> Any:
+        """Return a ``PeftModel`` of ``base_model`` with this adapter loaded (no temp folder).
+
+        Example:
+            >>> peft_model = share.apply(AutoModelForSequenceClassification.from_pretrained(base), "billing")  # doctest: +SKIP
+        """
+        return self.load_into(base_model, [adapter_name])
+
+    def load_into(self, model: Any, names: Optional[Iterable[str]] = None) -> Any:
+        """Register several reconstructed adapters on one model; switch with ``set_adapter(name)``.
+
+        ``model`` is a base model (a ``PeftModel`` is created, first adapter active)
+        or an existing ``PeftModel`` (adapters are added to it).
+
+        Example:
+            >>> pm = share.load_into(base_model, ["billing", "refunds"])  # doctest: +SKIP
+            >>> pm.set_adapter("refunds")  # doctest: +SKIP
+        """
+        from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+        names = self.adapter_names if names is None else list(names)
+        for n in names:
+            self._check(n)
+        # PEFT cannot load a head-less adapter once another adapter has wrapped a head
+        # (modules_to_save), so head-less adapters go in first; the active one is names[0].
+        for n in sorted(names, key=lambda n: bool(self.all_classifier_heads.get(n))):
+            cfg = PeftConfig.from_peft_type(**self._peft_config(n))
+            cfg.inference_mode = True
+            if isinstance(model, PeftModel):
+                model.add_adapter(n, cfg)
+            else:
+                model = get_peft_model(model, cfg, adapter_name=n)
+            result = set_peft_model_state_dict(model, self.reconstruct(n), adapter_name=n)
+            missing = [k for k in result.missing_keys if "lora_" in k and f".{n}." in k]
+            if missing:
+                raise AdapterError(f"adapter {n!r}: the model has no weights for {missing[0]}", adapter=n)
+        if names:
+            model.set_adapter(names[0])
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------ statistics
+    def _refresh_stats(self, explained: Optional[Dict[str, float]] = None) -> None:
+        cfg = self.config
+        elem = lambda t: t.numel() * t.element_size()  # noqa: E731
+        shared = sum(elem(U) for U in self.components.values())
+        per_adapter = {n: sum(elem(L) for L in ls.values()) for n, ls in self.all_loadings.items()}
+        loadings = sum(per_adapter.values())
+        original = sum(int(cfg.adapters.get(n, {}).get("lora_bytes") or 0) for n in self.adapter_names)
+        heads = sum(elem(t) for h in self.all_classifier_heads.values() for t in h.values())
+        errs = [e for n in self.adapter_names for e in self.delta_w_errors.get(n, {}).values()]
+        old = cfg.compression_stats or {}
+        explained = explained if explained is not None else old.get("per_layer_explained_variance", {})
+        ev = list(explained.values())
+        params = lambda b: b // torch.empty(0, dtype=DTYPES.get(cfg.dtype, torch.float32)).element_size()  # noqa: E731
+        stats = {
+            # 0.1.x keys (parameter counts)
+            "original_total_params": original // 4 if original else 0,
+            "compressed_total_params": params(shared + loadings),
+            "shared_component_params": params(shared),
+            "per_adapter_loading_params": params(loadings // max(1, len(per_adapter))),
+            "mean_explained_variance": sum(ev) / len(ev) if ev else 0.0,
+            "min_explained_variance": min(ev) if ev else 0.0,
+            "per_layer_explained_variance": explained,
+            # v1: bytes, both ratios with their meaning
+            "original_lora_bytes": original,
+            "shared_bytes": shared,
+            "loadings_bytes": loadings,
+            "heads_bytes": heads,
+            "compressed_bytes": shared + loadings,
+            "compression_ratio": original / (shared + loadings) if shared + loadings else 0.0,
+            "compression_ratio_excluding_basis": original / loadings if loadings else 0.0,
+            "delta_w_rel_error_mean": sum(errs) / len(errs) if errs else None,
+            "delta_w_rel_error_max": max(errs) if errs else None,
+        }
+        if "card" in old:
+            stats["card"] = old["card"]
+        cfg.compression_stats = stats
+        cfg.num_adapters = len(self.all_loadings)
+        cfg.adapter_names = self.adapter_names
+        cfg.k_per_group = {k: int(U.shape[1]) for k, U in self.components.items()}
+
+    def summary(self) -> Dict[str, Any]:
+        """Print and return the compression statistics.
+
+        ``compression_ratio`` counts the shared bases (what you store and ship);
+        ``compression_ratio_excluding_basis`` is the marginal cost of one more
+        adapter and is *not* the compression ratio.
+        """
+        cfg, st = self.config, self.config.compression_stats
+        ks = sorted(set(cfg.k_per_group.values())) or [cfg.num_components]
+        lines = [
+            "SHARE compression summary",
+            f"  base model          {cfg.base_model_name_or_path or '?'}",
+            f"  adapters            {cfg.num_adapters}: {', '.join(cfg.adapter_names)}",
+            f"  modules             {len(cfg.layer_keys)} ({', '.join(cfg.target_modules)})",
+            f"  k per module/side   {ks[0]}" + (f"–{ks[-1]}" if len(ks) > 1 else "") + f" ({cfg.component_selection}, {cfg.dtype})",
+        ]
+        if st.get("original_lora_bytes"):
+            lines += [
+                f"  original LoRA       {_mb(st['original_lora_bytes'])}",
+                f"  compressed          {_mb(st['compressed_bytes'])} = bases {_mb(st['shared_bytes'])} + loadings {_mb(st['loadings_bytes'])}",
+                f"  compression ratio   {st['compression_ratio']:.2f}x (bases counted)",
+                f"  excluding bases     {st['compression_ratio_excluding_basis']:.2f}x (marginal cost per adapter, not the ratio)",
+            ]
+        if st.get("delta_w_rel_error_mean") is not None:
+            lines.append(
+                f"  ΔW relative error   mean {st['delta_w_rel_error_mean']:.4f}, max {st['delta_w_rel_error_max']:.4f}"
+            )
+        if st.get("per_layer_explained_variance"):
+            lines.append(
+                f"  explained energy    mean {st['mean_explained_variance']:.4f}, min {st['min_explained_variance']:.4f}"
+            )
+        print("\n".join(lines))
+        return dict(st)
+
+    def reconstruction_error(
+        self,
+        adapter_name: str,
+        original_weights: Optional[Dict[str, torch.Tensor]] = None,
+        original_path: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Relative error of ΔW = s·B·A per module, against the original adapter.
+
+        Returns ``{"per_layer": {module: error}, "mean": …, "max": …}``.  With
+        neither ``original_weights`` nor ``original_path``, returns the errors
+        measured at compression time.
+
+        Example:
+            >>> share.reconstruction_error("billing", original_path="runs/billing")["max"]  # doctest: +SKIP
+            0.031
+        """
+        self._check(adapter_name)
+        if original_weights is None and original_path is None:
+            per = dict(self.delta_w_errors.get(adapter_name, {}))
+        else:
+            if original_weights is None:
+                a = open_adapter(original_path, name=adapter_name)
+                try:
+                    original_weights = {}
+                    for m in a.modules:
+                        original_weights[lora_key(m, "A")] = a.read_factor(m, "A")
+                        original_weights[lora_key(m, "B")] = a.read_factor(m, "B")
+                finally:
+                    a.close()
+            per = _delta_w_errors(original_weights, self.reconstruct(adapter_name))
+        vals = list(per.values())
+        return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else 0.0, "max": max(vals) if vals else 0.0}
+
+    # -------------------------------------------------------------- editing
+    def add_adapter(
+        self,
+        adapter: str,
+        name: Optional[str] = None,
+        variance_threshold: Optional[float] = None,
+        device: Optional[str] = None,
+        force_recompute: bool = False,
+        *,
+        token: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Add an adapter: project it onto the bases if they explain it well enough, else recompute.
+
+        The new adapter is projected when, in every module, the bases keep at least
+        ``variance_threshold`` of its ΔW energy.  Otherwise every adapter is
+        recompressed: from its original source when that still has the recorded
+        fingerprint, else from its reconstruction.
+
+        Returns ``{"method": "projection" | "recompute", "adapter_name", "min_explained_variance",
+        "mean_explained_variance", "reason"}``.
+
+        Example:
+            >>> share.add_adapter("runs/legal")["method"]  # doctest: +SKIP
+            'projection'
+        """
+        threshold = self.config.variance_threshold if variance_threshold is None else float(variance_threshold)
+        new = open_adapter(adapter, name, **({"token": token} if token else {}))
+        try:
+            if new.name in self.all_loadings:
+                raise AdapterError(
+                    f"adapter {new.name!r} already exists. Pass name=... to add it under another name, "
+                    "or remove_adapter() it first.",
+                    adapter=new.name,
+                )
+            expl = self._explained(new)
+            lo = min(expl.values()) if expl else 0.0
+            mean = sum(expl.values()) / len(expl) if expl else 0.0
+            uncovered = [m for m in new.modules if group_key(m, "A") not in self.components]
+            if force_recompute:
+                reason = "forced"
+            elif uncovered:
+                reason = f"module {uncovered[0]} has no shared basis yet"
+            elif lo < threshold:
+                reason = f"bases keep only {lo:.1%} of its ΔW energy (< {threshold:.1%})"
+            else:
+                self._project_in(new)
+                return {"method": "projection", "adapter_name": new.name, "min_explained_variance": lo,
+                        "mean_explained_variance": mean, "reason": f"bases keep {lo:.1%} of its ΔW energy"}
+        finally:
+            new.close()
+        self._recompute(extra=new, device=device)
+        return {"method": "recompute", "adapter_name": new.name, "min_explained_variance": lo,
+                "mean_explained_variance": mean, "reason": reason}
+
+    def _explained(self, a: Adapter) -> Dict[str, float]:
+        """Share of each module's ΔW energy that the current bases keep."""
+        out = {}
+        for m in a.modules:
+            ka, kb = group_key(m, "A"), group_key(m, "B")
+            if ka not in self.components:
+                continue
+            A, B = a.read_factor(m, "A").float(), a.read_factor(m, "B").float()
+            UA, UB = self.components[ka].float(), self.components[kb].float()
+            if UA.shape[0] != A.shape[1] or UB.shape[0] != B.shape[0]:
+                raise AdapterError(
+                    f"adapter {a.name!r}: {m} has shape {tuple(B.shape)}·{tuple(A.shape)}, but the shared bases "
+                    f"are for {UB.shape[0]}×{UA.shape[0]}. Is it for the same base model?",
+                    adapter=a.name,
+                    layer=m,
+                )
+            err, orig = S.delta_w_error(A, B, (UA @ (UA.T @ A.T)).T, UB @ (UB.T @ B))
+            out[m] = 1.0 if float(orig) == 0 else max(0.0, 1.0 - float(err) / float(orig))
+        return out
+
+    def _project_in(self, a: Adapter) -> None:
+        check_compatible([self._ref_adapter_stub(), a]) if self.config.base_model_name_or_path else None
+        dtype = DTYPES.get(self.config.dtype, torch.float32)
+        loads, errs = {}, {}
+        for m in a.modules:
+            A, B = a.read_factor(m, "A").float(), a.read_factor(m, "B").float()
+            ka, kb = group_key(m, "A"), group_key(m, "B")
+            UA, UB = self.components[ka].float(), self.components[kb].float()
+            LA, LB = (UA.T @ A.T).to(dtype), (UB.T @ B).to(dtype)
+            loads[ka], loads[kb] = LA, LB
+            err, orig = S.delta_w_error(A, B, S.reconstruct_rows(UA, LA), S.reconstruct_rows(UB, LB).T)
+            errs[m] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
+        self.all_loadings[a.name] = loads
+        self.adapter_configs[a.name] = dict(a.config)
+        if a.head_keys:
+            self.all_classifier_heads[a.name] = a.read_heads()
+        self.adapter_sources[a.name] = a.source
+        self.delta_w_errors[a.name] = errs
+        self.config.adapters[a.name] = {
+            "source": a.source, "revision": a.revision, "sha256": a.sha256(),
+            "rank": max(m.rank for m in a.modules.values()), "lora_alpha": a.config.get("lora_alpha"),
+            "lora_bytes": _lora_bytes(a),
+        }
+        self._refresh_stats()
+
+    def _ref_adapter_stub(self) -> Adapter:
+        return Adapter(name=self.adapter_names[0], source="", folder="", config={"base_model_name_or_path": self.config.base_model_name_or_path}, modules={}, head_keys=[])
+
+    def _recompute(self, extra: Optional[Adapter] = None, device: Optional[str] = None) -> None:
+        """Recompress every adapter (plus ``extra``) from the best available copy of its weights."""
+        opts = CompressOptions(
+            num_components=self.config.requested_components or (
+                "auto" if self.config.component_selection == "auto" else self.config.num_components),
+            variance_threshold=self.config.variance_threshold,
+            budget_bytes=self.config.budget_bytes if self.config.component_selection == "budget" else None,
+            dtype=self.config.dtype,
+            device=_device(device),
+        )
+        with tempfile.TemporaryDirectory(prefix="lorashare-recompute-") as tmp:
+            opened: List[Adapter] = []
+            try:
+                for n in self.adapter_names:
+                    opened.append(self._best_copy(n, tmp))
+                if extra is not None:
+                    opened.append(open_adapter(extra.source, extra.name) if os.path.isdir(extra.folder) else extra)
+                rebuilt = type(self)._build(opened, opts)
+            finally:
+                for a in opened:
+                    a.close()
+        # Sources of reconstructed copies stay the originals.
+        for n in self.adapter_names:
+            rebuilt.adapter_sources[n] = self.adapter_sources.get(n, rebuilt.adapter_sources[n])
+            rebuilt.config.adapters[n].update({k: v for k, v in self.config.adapters.get(n, {}).items() if k in ("source", "revision", "sha256", "lora_bytes")})
+        card = self.config.compression_stats.get("card")
+        self.__dict__.update(rebuilt.__dict__)
+        if card:
+            self.config.compression_stats["card"] = card
+
+    def _best_copy(self, name: str, tmp: str) -> Adapter:
+        src = self.adapter_sources.get(name)
+        want = self.config.adapters.get(name, {}).get("sha256")
+        if src and os.path.isdir(src):
+            try:
+                a = open_adapter(src, name)
+                if want and a.sha256() == want:
+                    return a
+                a.close()
+            except LoraShareError:
+                pass
+        logger.info("adapter %r: original not available or changed; recompressing from its reconstruction", name)
+        folder = os.path.join(tmp, name)
+        self.reconstruct(name, output_dir=folder)
+        return open_adapter(folder, name)
+
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Drop an adapter; the others are untouched (their loadings and the bases stay as they are)."""
+        self._check(adapter_name)
+        for d in (self.all_loadings, self.adapter_configs, self.all_classifier_heads, self.adapter_sources, self.delta_w_errors, self.config.adapters):
+            d.pop(adapter_name, None)
+        if len(self.all_loadings) == 0:
+            self.components = {}
+        self._refresh_stats()
+
+    def __repr__(self) -> str:
+        return f"SHAREModel(adapters={self.adapter_names}, k={self.config.num_components}, dtype={self.config.dtype})"
+
+
+def _device(device: Optional[str]) -> Optional[str]:
+    if device in (None, "cpu", "auto"):
+        if device == "auto" and torch.cuda.is_available():
+            return "cuda"
+        return None
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device=%r requested but CUDA is not available; using the CPU", device)
+        return None
+    return device
+
+
+def _lora_bytes(a: Adapter) -> int:
+    tf = a._tf()
+    return sum(tf.infos[k].nbytes for m in a.modules.values() for k in (m.a_key, m.b_key))
+
+
+def _delta_w_errors(original: Mapping[str, torch.Tensor], rebuilt: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """Per-module ‖ΔW − ΔŴ‖/‖ΔW‖ for two PEFT state dicts (the scale cancels)."""
+    def factors(sd: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        for k, v in sd.items():
+            p = parse_lora_key(k)
+            if p:
+                out.setdefault(p[0], {})[p[1]] = v
+        return out
+
+    fo, fr = factors(original), factors(rebuilt)
+    per = {}
+    for m, f in fo.items():
+        if m not in fr or set(f) != {"A", "B"}:
+            continue
+        err, orig = S.delta_w_error(f["A"], f["B"], fr[m]["A"], fr[m]["B"])
+        per[m] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
+    return per
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

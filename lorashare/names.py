@@ -1,0 +1,40 @@
+"""Adapter names: single safe path components, so no name escapes its folder."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidNameError
+
+__all__ = ["check_name", "derive_name"]
+
+_SAFE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def check_name(name: object, *, what: str = "adapter name") -> str:
+    """Return ``name`` if it is a safe single path component, else raise.
+
+    Example:
+        >>> check_name("billing-v2")
+        'billing-v2'
+    """
+    if not isinstance(name, str) or not _SAFE.match(name) or name in (".", ".."):
+        raise InvalidNameError(
+            f"{what} {name!r} is not allowed: use 1-128 characters from A-Z a-z 0-9 . _ - "
+            "(a single path component, not '.' or '..'). Pick another name, e.g. with "
+            "a dict {name: path} or --name name=path.",
+            adapter=str(name),
+        )
+    return name
+
+
+def derive_name(source: str) -> str:
+    """A default name for an adapter source: its last path component, made safe.
+
+    Example:
+        >>> derive_name("runs/refunds lora")
+        'refunds_lora'
+    """
+    base = re.split(r"[/\\]", source.rstrip("/\\"))[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).strip(".") or "adapter"
+    return cleaned[:128]

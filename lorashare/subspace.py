@@ -1,0 +1,296 @@
+"""The SHARE math: pure functions over tensors, no I/O.
+
+Notation, for one module (``q_proj`` of layer 3, say) and N adapters:
+
+* adapter i has ``A_i`` (r_i × d_in) and ``B_i`` (d_out × r_i); its update is
+  ``ΔW_i = s_i · B_i A_i``.
+* a *side* is A or B.  Its **factor stack** ``F`` puts every adapter's factor
+  as rows: ``F_A = [A_1; …; A_N]`` (n × d_in) and ``F_B = [B_1ᵀ; …; B_Nᵀ]``
+  (n × d_out), with ``n = Σ r_i``.  So ``ΔW_i = F_B,iᵀ F_A,i`` up to the scale.
+* a side's **basis** ``U`` (d × k, orthonormal columns) is shared by all
+  adapters; an adapter's **loading** is ``L_i = Uᵀ F_iᵀ`` (k × r_i), and the
+  factor comes back as ``F_iᵀ ≈ U L_i``.  That is the 0.1.x layout, so its
+  checkpoints and ours reconstruct the same way.
+
+Which basis?  Given orthonormal ``U_A`` and ``U_B``, projecting both factors
+gives ``ΔŴ = P_B ΔW P_A``, and that is already the least-squares optimum of
+``‖ΔW − U_B X U_Aᵀ‖`` over every rank-r core X, so loadings never need a
+refit.  The error is at most ``‖(I−P_B)ΔW‖² + ‖ΔW(I−P_A)‖²``, so each side's
+basis should be the top-k subspace of ``Σ_i ΔW_iᵀΔW_i`` (A side) or
+``Σ_i ΔW_i ΔW_iᵀ`` (B side), with each ΔW_i scaled to unit norm so that every
+adapter counts the same (this minimises the mean *relative* error).  That
+matrix is ``X Xᵀ`` for the weighted stack ``X_A = F_Aᵀ·blockdiag(C_B,i)``
+where ``C_B,i C_B,iᵀ = B_iᵀB_i``: the basis depends on ΔW alone, not on the
+gauge ``(B G)(G⁻¹A)`` that a random init leaves in the factors.
+
+Nothing here is d × d: every product is on the small side (n × n, or r × r).
+Functions are batched: leading dimensions are independent groups.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "factor_gram",
+    "psd_sqrt",
+    "delta_w_sqnorm",
+    "side_weights",
+    "weighted_gram",
+    "top_eigh",
+    "basis_from_eigh",
+    "randomized_basis",
+    "lossless_basis",
+    "orthonormalize",
+    "project",
+    "reconstruct_rows",
+    "explained_ratio",
+    "choose_k",
+    "water_fill",
+    "delta_w_error",
+]
+
+Ranks = Sequence[int]
+
+
+def _blocks(n_ranks: Ranks) -> List[slice]:
+    out, at = [], 0
+    for r in n_ranks:
+        out.append(slice(at, at + r))
+        at += r
+    return out
+
+
+def _uniform(ranks: Ranks) -> Optional[int]:
+    return ranks[0] if len(set(ranks)) == 1 else None
+
+
+def factor_gram(F: torch.Tensor, ranks: Ranks) -> List[torch.Tensor]:
+    """Per-adapter Gram ``F_i F_iᵀ`` (…, r_i, r_i) of a factor stack (…, n, d), in float64."""
+    r = _uniform(ranks)
+    if r is not None:
+        Fb = F.unflatten(-2, (len(ranks), r)).double()
+        G = Fb @ Fb.transpose(-1, -2)  # (…, N, r, r)
+        return list(G.unbind(-3))
+    return [(F[..., s, :].double() @ F[..., s, :].double().transpose(-1, -2)) for s in _blocks(ranks)]
+
+
+def psd_sqrt(G: torch.Tensor) -> torch.Tensor:
+    """A factor ``C`` with ``C Cᵀ = G`` for symmetric PSD ``G`` (…, r, r), robust to rank loss.
+
+    Cholesky with a relative jitter: a module an adapter never trained (B = 0)
+    has ``G = 0`` and simply gets weight ~0.
+    """
+    r = G.shape[-1]
+    eye = torch.eye(r, dtype=G.dtype, device=G.device)
+    scale = G.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
+    C, info = torch.linalg.cholesky_ex(G + 1e-12 * scale * eye)
+    if bool((info != 0).any()):  # numerically indefinite: fall back to eigh
+        w, V = torch.linalg.eigh(G)
+        C = V * w.clamp_min(0).sqrt()[..., None, :]
+    return C
+
+
+def delta_w_sqnorm(GA: torch.Tensor, GB: torch.Tensor) -> torch.Tensor:
+    """``‖B A‖_F²`` from ``A Aᵀ`` and ``BᵀB`` (both r × r): ``tr(GA·GB)``."""
+    return (GA * GB.transpose(-1, -2)).sum((-1, -2))
+
+
+def side_weights(
+    GA: Sequence[torch.Tensor], GB: Sequence[torch.Tensor], *, normalize: bool = True
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """Block weights that turn factor stacks into ΔW-weighted stacks.
+
+    Returns ``(WA, WB, sqnorms)``: ``X_A = F_Aᵀ·blockdiag(WA)`` and
+    ``X_B = F_Bᵀ·blockdiag(WB)`` satisfy ``X_A X_Aᵀ = Σ ΔW_iᵀΔW_i / ‖ΔW_i‖²``
+    (and the B analogue).  ``sqnorms`` are the ``‖B_i A_i‖²``.
+    """
+    WA, WB, norms = [], [], []
+    for ga, gb in zip(GA, GB):
+        n2 = delta_w_sqnorm(ga, gb)
+        inv = torch.where(n2 > 0, n2.rsqrt(), torch.zeros_like(n2))[..., None, None] if normalize else 1.0
+        WA.append(psd_sqrt(gb) * inv)
+        WB.append(psd_sqrt(ga) * inv)
+        norms.append(n2)
+    return WA, WB, norms
+
+
+def _blockdiag_congruence(K: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks) -> torch.Tensor:
+    """``blockdiag(W)ᵀ · K · blockdiag(W)`` without forming the block-diagonal matrix."""
+    r = _uniform(ranks)
+    if r is not None:
+        Wt = torch.stack(list(W), -3).to(K.dtype)  # (…, N, r, r)
+        N = len(ranks)
+        Kb = K.unflatten(-1, (N, r)).unflatten(-3, (N, r))  # (…, N, r, N, r)
+        out = torch.einsum("...iab,...iajc,...jcd->...ibjd", Wt, Kb, Wt)
+        return out.flatten(-2, -1).flatten(-3, -2)
+    D = torch.zeros(K.shape, dtype=K.dtype, device=K.device)
+    for s, w in zip(_blocks(ranks), W):
+        D[..., s, s] = w.to(K.dtype)
+    return D.transpose(-1, -2) @ K @ D
+
+
+def weighted_gram(F: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks) -> torch.Tensor:
+    """Gram ``Xᵀ X`` (…, n, n) of the weighted stack ``X = Fᵀ·blockdiag(W)``, in float64."""
+    K = (F @ F.transpose(-1, -2)).double()
+    return _blockdiag_congruence(K, W, ranks)
+
+
+def top_eigh(K: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of symmetric ``K``."""
+    w, V = torch.linalg.eigh(K)
+    return w.flip(-1).clamp_min(0), V.flip(-1)
+
+
+def orthonormalize(U: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``U`` (Householder QR; signs made deterministic)."""
+    Q, R = torch.linalg.qr(U)
+    sign = torch.sign(R.diagonal(dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return Q * sign[..., None, :]
+
+
+def _apply_blocks(W: Sequence[torch.Tensor], M: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """``blockdiag(W) · M`` for ``M`` (…, n, m)."""
+    r = _uniform(ranks)
+    if r is not None:
+        Wt = torch.stack(list(W), -3).to(M.dtype)
+        return (Wt @ M.unflatten(-2, (len(ranks), r))).flatten(-3, -2)
+    return torch.cat([w.to(M.dtype) @ M[..., s, :] for s, w in zip(_blocks(ranks), W)], -2)
+
+
+def _apply_blocks_t(W: Sequence[torch.Tensor], M: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """``blockdiag(W)ᵀ · M``."""
+    return _apply_blocks([w.transpose(-1, -2) for w in W], M, ranks)
+
+
+def basis_from_eigh(
+    F: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks, V: torch.Tensor, evals: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Top-k basis ``U = X V_k Λ_k^{-1/2}`` (d × k) of the weighted stack, from its Gram's eigh."""
+    lam = evals[..., :k].clamp_min(evals[..., :1] * 1e-12 + 1e-300)
+    C = _apply_blocks(W, V[..., :k].double() / lam.sqrt()[..., None, :], ranks)  # (…, n, k)
+    U = F.transpose(-1, -2) @ C.to(F.dtype)
+    return orthonormalize(U)
+
+
+def randomized_basis(
+    F: torch.Tensor,
+    W: Sequence[torch.Tensor],
+    ranks: Ranks,
+    k: int,
+    *,
+    oversample: int = 16,
+    power_iters: int = 1,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k basis of the weighted stack by a randomized range finder (Halko et al.).
+
+    For large stacks (n ≫ k), where the n × n Gram and its eigh cost O(d n²):
+    this costs O(d n (k+p)) per pass.  Returns ``(U, sv2)``: the basis and
+    the estimated top-k squared singular values (captured energies).
+    """
+    n = F.shape[-2]
+    ell = min(n, k + oversample)
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(*F.shape[:-2], n, ell, generator=g, dtype=F.dtype)
+    # X Ω = Fᵀ (blockdiag(W) Ω)
+    Y = F.transpose(-1, -2) @ _apply_blocks(W, omega.double(), ranks).to(F.dtype)
+    for _ in range(power_iters):
+        Y = orthonormalize(Y)
+        Z = _apply_blocks_t(W, (F @ Y).double(), ranks).to(F.dtype)  # Xᵀ Y (n × ell)
+        Y = F.transpose(-1, -2) @ _apply_blocks(W, orthonormalize(Z).double(), ranks).to(F.dtype)
+    Q = orthonormalize(Y)  # d × ell
+    B = _apply_blocks_t(W, (F @ Q).double(), ranks)  # Xᵀ Q : n × ell  (B = (QᵀX)ᵀ)
+    # SVD of Qᵀ X = Bᵀ via eigh of the small ell × ell Gram.
+    evals, V = top_eigh(B.transpose(-1, -2) @ B)
+    U = orthonormalize(Q @ V[..., :k].to(F.dtype))
+    return U, evals[..., :k]
+
+
+def lossless_basis(F: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of every row of ``F``: with k ≥ n nothing is lost."""
+    return orthonormalize(F.transpose(-1, -2))
+
+
+def project(U: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """Loadings ``Uᵀ Fᵀ`` (…, k, n): the coordinates of each factor row in the basis."""
+    return U.transpose(-1, -2) @ F.transpose(-1, -2).to(U.dtype)
+
+
+def reconstruct_rows(U: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Factor rows back from basis and loading: ``(U L)ᵀ`` (…, r, d)."""
+    return (U.to(torch.float32) @ L.to(torch.float32)).transpose(-1, -2)
+
+
+def explained_ratio(evals: torch.Tensor, k: int, total: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Share of the (weighted) energy that the top-k directions keep."""
+    total = evals.sum(-1) if total is None else total
+    kept = evals[..., :k].sum(-1)
+    return torch.where(total > 0, kept / total.clamp_min(1e-300), torch.ones_like(kept))
+
+
+def choose_k(evals: torch.Tensor, threshold: float) -> int:
+    """Smallest k whose top-k energy is at least ``threshold`` of the total (1-D ``evals``)."""
+    total = float(evals.sum())
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(evals.double(), 0) / total
+    hit = torch.nonzero(cum >= threshold - 1e-12)
+    return int(hit[0]) + 1 if len(hit) else int(evals.numel())
+
+
+def water_fill(spectra: Sequence[torch.Tensor], costs: Sequence[int], budget: float, *, k_min: int = 1) -> List[int]:
+    """Per-group k that keeps the most energy for a total cost of at most ``budget``.
+
+    Group g's j-th direction keeps ``spectra[g][j]`` energy and costs
+    ``costs[g]`` (its basis column plus one loading row per adapter).  Since each
+    spectrum is non-increasing, taking directions greedily by energy per cost is
+    optimal for this fractional knapsack up to one item.  Every group keeps at
+    least ``k_min``.
+
+    Example:
+        >>> water_fill([torch.tensor([4., 1.]), torch.tensor([3., 2.])], [1, 1], 3)
+        [1, 2]
+    """
+    ks = [min(k_min, int(s.numel())) for s in spectra]
+    spent = sum(k * c for k, c in zip(ks, costs))
+    cand = []
+    for g, (s, c) in enumerate(zip(spectra, costs)):
+        for j in range(ks[g], int(s.numel())):
+            cand.append((float(s[j]) / c, g, j))
+    cand.sort(key=lambda t: -t[0])
+    taken = [set() for _ in spectra]
+    for gain, g, j in cand:
+        if gain <= 0:
+            break
+        if spent + costs[g] > budget:
+            continue
+        # spectra are sorted, so a group's candidates come in order j = ks[g], ks[g]+1, ...
+        if j != ks[g]:
+            continue
+        ks[g] += 1
+        spent += costs[g]
+    return ks
+
+
+def delta_w_error(
+    A: torch.Tensor, B: torch.Tensor, A_hat: torch.Tensor, B_hat: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(‖BA − B̂Â‖², ‖BA‖²)`` via small products, never forming the d_out × d_in update.
+
+    ``A``, ``Â`` are (…, r, d_in) and ``B``, ``B̂`` (…, d_out, r).  The residual is
+    written as ``[B, B−B̂]·[A−Â; Â]``, a product of PSD-Gram factors, so a tiny
+    error is measured as tiny (no cancellation of large terms).
+    """
+    f = torch.float64
+    RA, RB = (A - A_hat).to(f), (B - B_hat).to(f)
+    P = torch.cat([B.to(f), RB], -1)  # (…, d_out, 2r)
+    Q = torch.cat([RA, A_hat.to(f)], -2)  # (…, 2r, d_in)
+    err = delta_w_sqnorm(Q @ Q.transpose(-1, -2), P.transpose(-1, -2) @ P).clamp_min(0)
+    Ad, Bd = A.to(f), B.to(f)
+    orig = delta_w_sqnorm(Ad @ Ad.transpose(-1, -2), Bd.transpose(-1, -2) @ Bd)
+    return err, orig
