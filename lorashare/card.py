@@ -7,6 +7,7 @@ round-trips through ``huggingface_hub.ModelCard.load(...).data``.
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from string import Template
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import yaml
 
 from . import __version__
+from .errors import LoraShareError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import SHAREModel
@@ -24,20 +26,36 @@ TEMPLATE = "model_card.md"
 
 
 def load_template(name: str = TEMPLATE) -> str:
-    """Read a template shipped in the wheel (``lorashare/hub_templates``) or the source tree."""
+    """Read a template shipped in the wheel (``lorashare/hub_templates``) or the source tree.
+
+    ``lorashare.hub_templates`` is a namespace package (no ``__init__.py``), which
+    ``importlib.resources`` only handles from Python 3.10, so plain paths are tried too.
+    """
     try:
         return resources.files("lorashare.hub_templates").joinpath(name).read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError):
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hub_templates", name)
-        with open(here, encoding="utf-8") as f:
-            return f.read()
+    except (ImportError, OSError, TypeError, AttributeError):
+        pass
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(here, "hub_templates"), os.path.join(os.path.dirname(here), "hub_templates")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+    raise FileNotFoundError(
+        f"lorashare's template {name!r} is missing from lorashare/hub_templates: the install is incomplete. "
+        "Reinstall lorashare (pip install --force-reinstall lorashare)."
+    )
 
 
 def card_metadata(share: "SHAREModel", *, license: Optional[str] = None) -> Dict[str, Any]:
-    """The card's YAML metadata as a dict."""
+    """The card's YAML metadata as a dict.
+
+    ``base_model`` is only set when it is a Hub model id: the Hub rejects a card whose
+    ``base_model`` is a local path.
+    """
     meta: Dict[str, Any] = {"library_name": "lorashare"}
     base = share.config.base_model_name_or_path
-    if base:
+    if _is_model_id(base):
         meta["base_model"] = base
         meta["base_model_relation"] = "adapter"
     meta["tags"] = ["lora", "peft", "share", "lorashare"]
@@ -46,9 +64,27 @@ def card_metadata(share: "SHAREModel", *, license: Optional[str] = None) -> Dict
     return meta
 
 
-def _is_hub_id(source: str) -> bool:
-    parts = source.split("@", 1)[0].split("/")
-    return not os.path.isabs(source) and len(parts) in (2, 3) and all(parts) and not os.path.exists(source)
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def _is_model_id(name: Optional[str]) -> bool:
+    """``owner/name`` or a canonical ``name``, and not a folder on this machine."""
+    return bool(name) and bool(_MODEL_ID.match(str(name))) and ".." not in str(name) and not os.path.isdir(str(name))
+
+
+def _source_cell(src: str, revision: Optional[str], endpoint: str) -> str:
+    """A Hub source as a link to the exact revision and subfolder; a local one as its folder name."""
+    from .hub import parse_adapter_id
+
+    if revision:  # only Hub sources have a resolved revision
+        try:
+            ref = parse_adapter_id(src)
+        except LoraShareError:
+            ref = None
+        if ref is not None:
+            sub = f"/{ref.subfolder}" if ref.subfolder else ""
+            return f"[{_cell(src)}]({endpoint}/{ref.repo_id}/tree/{revision}{sub})"
+    return _cell(os.path.basename(src.rstrip("/\\")) or src)
 
 
 def _size(n: Optional[int]) -> str:
@@ -62,27 +98,29 @@ def _cell(text: Any) -> str:
 
 
 def render_card(share: "SHAREModel", *, repo_id: Optional[str] = None, license: Optional[str] = None,
-                description: Optional[str] = None, endpoint: str = "https://huggingface.co") -> str:
+                description: Optional[str] = None, endpoint: Optional[str] = None) -> str:
     """Render README.md for ``share``.
+
+    ``repo_id``, ``license`` and ``description`` default to what ``push_to_hub`` recorded in
+    ``compression_stats["card"]``; links go to ``endpoint`` (default: the Hub, or ``HF_ENDPOINT``).
 
     Example:
         >>> print(render_card(share, repo_id="acme/support-share"))  # doctest: +SKIP
     """
+    from .hub import endpoint as hub_endpoint
+
+    endpoint = (endpoint or hub_endpoint()).rstrip("/")
     cfg, st = share.config, share.config.compression_stats or {}
     card_opts = st.get("card", {}) if isinstance(st.get("card"), dict) else {}
+    repo_id = repo_id or card_opts.get("repo_id")
     license = license or card_opts.get("license")
     description = description or card_opts.get("description") or ""
     rows: List[str] = []
     for name in share.adapter_names:
         info = cfg.adapters.get(name, {})
         src = str(info.get("source") or share.adapter_sources.get(name, "") or "local")
-        if _is_hub_id(src):
-            repo = src.split("@", 1)[0]
-            repo = "/".join(repo.split("/")[:2])
-            src_cell = f"[{_cell(src)}]({endpoint}/{repo})"
-        else:
-            src_cell = _cell(os.path.basename(src.rstrip("/\\")) or src)
         rev = info.get("revision")
+        src_cell = _source_cell(src, rev, endpoint)
         errs = list(share.delta_w_errors.get(name, {}).values())
         err = f"{sum(errs) / len(errs):.4f} / {max(errs):.4f}" if errs else "–"
         rows.append(f"| {_cell(name)} | {src_cell} | {str(rev)[:10] if rev else '–'} | {info.get('rank', cfg.lora_rank)} | {err} |")
@@ -94,7 +132,7 @@ def render_card(share: "SHAREModel", *, repo_id: Optional[str] = None, license: 
         "description": description,
         "num_adapters": cfg.num_adapters,
         "base_model": base,
-        "base_model_url": f"{endpoint}/{base}" if _is_hub_id(base) else "#",
+        "base_model_url": f"{endpoint}/{base}" if _is_model_id(cfg.base_model_name_or_path) else "#",
         "adapter_rows": "\n".join(rows),
         "original": _size(st.get("original_lora_bytes")),
         "compressed": _size(st.get("compressed_bytes")),
@@ -108,4 +146,5 @@ def render_card(share: "SHAREModel", *, repo_id: Optional[str] = None, license: 
         "first_adapter": share.adapter_names[0] if share.adapter_names else "adapter",
         "version": __version__,
     }
-    return Template(load_template()).safe_substitute(values)
+    text = Template(load_template()).safe_substitute(values)
+    return re.sub(r"\n{3,}", "\n\n", text)  # an empty description leaves no gap

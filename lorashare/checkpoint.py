@@ -255,6 +255,9 @@ def load_checkpoint(
             metas[n] = meta if isinstance(meta, dict) else {}
         else:
             metas[n] = {}
+    card = _inside(folder, CARD_FILE, jail)
+    if verify and CARD_FILE in cfg.files and os.path.isfile(card):
+        _verify(folder, CARD_FILE, cfg, card)  # the card is not used here, but a tampered one is reported
     _check_shapes(folder, components, loadings)
     return CheckpointData(cfg, components, loadings, heads, metas)
 

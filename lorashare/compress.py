@@ -51,7 +51,6 @@ class CompressOptions:
     dtype: str = "float32"
     device: Optional[str] = None
     chunk_bytes: int = 64 * 1024 * 1024
-    exact_max_n: int = 128  # above this stack width, fixed k uses the randomized solver
     power_iters: int = 2
     progress: bool = True
 
@@ -126,39 +125,61 @@ def _chunks(plans: Sequence[GroupPlan], chunk_bytes: int) -> Iterator[List[Group
 
 
 def _read_chunk(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Factor stacks ``F_A`` (G, n, d_in) and ``F_B`` (G, n, d_out), in float32."""
+    """Factor stacks ``F_A`` (G, n, d_in) and ``F_B`` (G, n, d_out), in float32.
+
+    Each adapter's tensors for the whole chunk are read together (coalesced
+    spans), then copied into place; B is stored transposed, as rows.
+    """
     p0 = chunk[0]
     FA = torch.empty(len(chunk), p0.n, p0.d_in, dtype=torch.float32)
     FB = torch.empty(len(chunk), p0.n, p0.d_out, dtype=torch.float32)
+    wanted: Dict[int, List[str]] = {}
+    for p in chunk:
+        for idx in p.members:
+            info = adapters[idx].modules[p.module]
+            wanted.setdefault(idx, []).extend((info.a_key, info.b_key))
+    read = {idx: adapters[idx]._tf().get_many(keys) for idx, keys in wanted.items()}
     for g, p in enumerate(chunk):
-        at = 0
-        for idx, r in zip(p.members, p.ranks):
-            a = adapters[idx]
-            info = a.modules[p.module]
-            native = a._tf().infos[info.a_key].dtype == torch.float32
-            if native:
-                a.read_factor(p.module, "A", out=FA[g, at : at + r])
-            else:
-                FA[g, at : at + r] = a.read_factor(p.module, "A")
-            FB[g, at : at + r] = a.read_factor(p.module, "B").T
-            at += r
+        infos = [(read[idx], adapters[idx].modules[p.module]) for idx in p.members]
+        # One cat per group and side: far cheaper than a slice assignment per tensor.
+        torch.cat([t[i.a_key].float() for t, i in infos], 0, out=FA[g])
+        torch.cat([t[i.b_key].float().T for t, i in infos], 0, out=FB[g])
+    del read
+    # A NaN/Inf anywhere makes the float64 sum non-finite: one cheap reduction per side.
+    if not (math.isfinite(float(FA.sum(dtype=torch.float64))) and math.isfinite(float(FB.sum(dtype=torch.float64)))):
+        _raise_non_finite(chunk, adapters)  # re-read per tensor to name the culprit
     return FA, FB
+
+
+def _raise_non_finite(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> None:
+    for p in chunk:
+        for idx in p.members:
+            for side in "AB":
+                adapters[idx].read_factor(p.module, side)  # raises, naming adapter and layer
 
 
 def _fit_side(
     F: torch.Tensor, W: List[torch.Tensor], ranks: Tuple[int, ...], k: Optional[int], opts: CompressOptions, seed: int
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Basis (G, d, k) and kept energies (G, k) for one side; ``k=None`` means 'return the full spectrum'.
+    """Basis (G, d, k) and kept energies (G, k) for one side; ``k=None``: only the full spectrum.
 
-    Returns ``(U, kept, evals_or_None)``.
+    Returns ``(U, kept, evals_or_None)``.  The solver follows the cost model:
+    k ≥ n is lossless (QR of the factors); a full ``eigh`` of the n × n Gram
+    when the spectrum is wanted or n is small; subspace iteration on the Gram
+    while forming it (O(d n²)) is cheap; a randomized range finder on the
+    stack itself (O(d n k) per pass) for very wide stacks.
     """
     n, d = F.shape[-2], F.shape[-1]
     if k is not None and k >= min(n, d):
         U = S.lossless_basis(F)
         return U, torch.full(U.shape[:-2] + (U.shape[-1],), float("nan"), dtype=torch.float64), None
-    if k is not None and n > opts.exact_max_n:
+    ell = k + 16 if k is not None else n
+    if k is not None and n > 6 * ell:
         U, kept = S.randomized_basis(F, W, ranks, k, power_iters=opts.power_iters, seed=seed)
         return U, kept, None
+    if k is not None and n > 1.5 * ell:
+        evals, V = S.gram_subspace(S.weighted_gram(F, W, ranks, torch.float32), k, seed=seed)
+        return S.basis_from_eigh(F, W, ranks, V, evals, k), evals.double(), None
     evals, V = S.top_eigh(S.weighted_gram(F, W, ranks))
     if k is None:
         return None, None, evals  # type: ignore[return-value]
@@ -193,10 +214,12 @@ def _finish_chunk(
     r = ranks[0] if len(set(ranks)) == 1 else None
     if r is not None:
         blk = lambda t: t.unflatten(-2, (len(ranks), r))  # noqa: E731  (G, N, r, d)
-        err, orig = S.delta_w_error(blk(FA), blk(FB).transpose(-1, -2), blk(FA_hat), blk(FB_hat).transpose(-1, -2))
+        err, orig = S.delta_w_error_rows(
+            blk(FA), blk(FB), blk(FA_hat), blk(FB_hat), torch.stack(GA, -3), torch.stack(GB, -3)
+        )
     else:
         pairs = [
-            S.delta_w_error(FA[..., s, :], FB[..., s, :].transpose(-1, -2), FA_hat[..., s, :], FB_hat[..., s, :].transpose(-1, -2))
+            S.delta_w_error_rows(FA[..., s, :], FB[..., s, :], FA_hat[..., s, :], FB_hat[..., s, :])
             for s in S._blocks(ranks)
         ]
         err, orig = torch.stack([p[0] for p in pairs], -1), torch.stack([p[1] for p in pairs], -1)
@@ -227,8 +250,8 @@ def _weights(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...]):
     GB = S.factor_gram(FB, ranks)
     WA, WB, sq = S.side_weights(GA, GB)
     # Total weighted energy of each side: Σ_i tr(Wᵢᵀ Gᵢ Wᵢ) (= number of non-zero ΔW_i).
-    tot_A = sum(((w.transpose(-1, -2) @ g @ w).diagonal(dim1=-2, dim2=-1).sum(-1)) for w, g in zip(WA, GA))
-    tot_B = sum(((w.transpose(-1, -2) @ g @ w).diagonal(dim1=-2, dim2=-1).sum(-1)) for w, g in zip(WB, GB))
+    tot_A = sum((g * (w @ w.transpose(-1, -2))).sum((-1, -2)) for w, g in zip(WA, GA))
+    tot_B = sum((g * (w @ w.transpose(-1, -2))).sum((-1, -2)) for w, g in zip(WB, GB))
     return GA, GB, WA, WB, sq, {"A": tot_A, "B": tot_B}
 
 

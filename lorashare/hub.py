@@ -15,9 +15,9 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
-from .errors import AdapterNotFoundError, CheckpointNotFoundError, HubError, HubNotFoundError
+from .errors import AdapterNotFoundError, CheckpointNotFoundError, HubError, HubNotFoundError, LoraShareError
 
 logger = logging.getLogger(__name__)
 
@@ -105,43 +105,82 @@ def _api(token: Optional[str] = None):
     return HfApi(endpoint=endpoint(), token=_token(token))
 
 
-def _translate(exc: Exception, what: str, *, kind: str = "repo") -> Exception:
-    """Map huggingface_hub errors to lorashare errors that name the id."""
+def _status(exc: BaseException) -> Optional[int]:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _server_says(exc: BaseException) -> str:
+    """The first line of an HTTP error, without tokens: ``HTTP 503 (Service Unavailable)``."""
+    first = _redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"HTTP {_status(exc)}: {first[:200]}" if _status(exc) is not None else f"{type(exc).__name__}: {first[:200]}"
+
+
+def _translate(exc: BaseException, what: str, *, tries: int = 1) -> LoraShareError:
+    """Map huggingface_hub errors to lorashare errors that name the id and say how to fix it."""
     from huggingface_hub import errors as hfe
 
+    after = f" after {tries} attempts" if tries > 1 else ""
     if isinstance(exc, hfe.GatedRepoError):
         return HubError(f"{what} is gated: accept its conditions on the Hub and pass a token (HF_TOKEN) that has access.", path=what)
     if isinstance(exc, hfe.RevisionNotFoundError):
         return HubNotFoundError(f"revision not found: {what}. Check the branch, tag or commit.", path=what)
-    if isinstance(exc, hfe.EntryNotFoundError):
-        return HubNotFoundError(f"file missing: {what}.", path=what)
     if isinstance(exc, hfe.RepositoryNotFoundError):
         return HubNotFoundError(
             f"repo not found: {what}. Check the id; for a private repo pass a token (HF_TOKEN or token=...).", path=what
         )
     if isinstance(exc, (hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled)):
+        # snapshot_download reports *any* failure to reach the Hub (5xx, dropped connection) as
+        # "not in the cache"; only call it offline when it is.
+        cause = exc.__cause__
+        if cause is not None and not _offline() and not isinstance(cause, hfe.OfflineModeIsEnabled):
+            return _translate(cause, what, tries=tries)
+        partly = "only partly" if isinstance(exc, getattr(hfe, "IncompleteSnapshotError", ())) else "not"
         return HubError(
-            f"{what} is not in the local cache and the Hub cannot be reached (offline: HF_HUB_OFFLINE="
-            f"{os.environ.get('HF_HUB_OFFLINE', '')!r}). Download it once online, or unset HF_HUB_OFFLINE.",
+            f"{what} is {partly} in the local cache ({_cache_dir()}) and offline mode is on (HF_HUB_OFFLINE): "
+            "download it once online, or unset HF_HUB_OFFLINE.",
             path=what,
         )
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, hfe.EntryNotFoundError):
+        return HubNotFoundError(f"file missing: {what}.", path=what)
+    status = _status(exc)
     if status in (401, 403):
-        return HubError(f"not authorised for {what} (HTTP {status}): pass a token with access (HF_TOKEN).", path=what)
-    return HubError(f"Hub request for {what} failed: {type(exc).__name__}: {_redact(str(exc))}", path=what)
+        return HubError(f"not authorised for {what} (HTTP {status}): pass a token with access (HF_TOKEN or token=...).", path=what)
+    if status is not None and (status >= 500 or status in (408, 429)):
+        return HubError(
+            f"the Hub failed for {what}{after} ({_server_says(exc)}). It may be down or overloaded: try again later.",
+            path=what,
+        )
+    if _transient(exc):
+        return HubError(
+            f"cannot reach the Hub at {endpoint()} for {what}{after} ({_server_says(exc)}). Check the network and "
+            "HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the cache only.",
+            path=what,
+        )
+    return HubError(f"Hub request for {what} failed: {_server_says(exc)}", path=what)
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
 
 
 def _redact(text: str) -> str:
+    """Hide anything that looks like a Hugging Face token (``hf_…``) in ``text``."""
     return re.sub(r"hf_[A-Za-z0-9]{6,}", "hf_***", text)
 
 
-def _transient(exc: Exception) -> bool:
+def _transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: 5xx, 408, 429, timeouts, dropped connections."""
     from huggingface_hub import errors as hfe
 
+    if isinstance(exc, hfe.LocalEntryNotFoundError):
+        cause = exc.__cause__  # snapshot_download wraps the real failure
+        return cause is not None and not _offline() and _transient(cause)
     if isinstance(exc, (hfe.RepositoryNotFoundError, hfe.RevisionNotFoundError, hfe.EntryNotFoundError,
-                        hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled)):
+                        hfe.OfflineModeIsEnabled)):
         return False
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    status = _status(exc)
     if status is not None:
         return status >= 500 or status in (408, 429)
     name = type(exc).__name__.lower()
@@ -153,15 +192,16 @@ def _retry(fn: Callable[[], T], what: str, *, attempts: int = 4, base_delay: flo
     for i in range(attempts):
         try:
             return fn()
-        except HubError:
+        except LoraShareError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated below
-            if i + 1 < attempts and _transient(exc):
+            transient = _transient(exc)
+            if transient and i + 1 < attempts:
                 delay = base_delay * 2**i
                 logger.warning("%s: %s, retrying in %.1fs (%d/%d)", what, type(exc).__name__, delay, i + 1, attempts - 1)
                 time.sleep(delay)
                 continue
-            raise _translate(exc, what) from exc
+            raise _translate(exc, what, tries=i + 1) from exc
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -259,18 +299,98 @@ def push_folder(
 ) -> Any:
     """Create ``repo_id`` if needed and upload ``folder`` in one commit; return the ``CommitInfo``.
 
-    Files of adapters no longer in the checkpoint are deleted in the same commit.
+    Files under ``adapters/`` that the checkpoint no longer has are deleted in the same commit.
+    A missing ``revision`` branch is created from main.  One ``create_commit``, not
+    ``upload_folder``: with ``hf_xet`` installed, ``upload_folder`` may split a large folder
+    into several commits (and opens pull requests through the discussions API).
+
+    Example:
+        >>> push_folder("share_ckpt", "acme/support-share", private=True).commit_url  # doctest: +SKIP
     """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    check_repo_id(repo_id)
+    if _offline():
+        raise HubError(f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE); unset it to push.", path=repo_id)
+    api = _api(token)
+    what = f"{repo_id}@{revision or 'main'}"
+    _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"), repo_id)
+    head = _retry(lambda: _head(api, repo_id, revision, create=not create_pr), what)
+    local = _folder_files(folder)
+    remote = {s.rfilename for s in head.siblings or []}
+    ops: List[Any] = [CommitOperationDelete(path_in_repo=p) for p in sorted(remote) if p.startswith("adapters/") and p not in local]
+    ops += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=path) for rel, path in sorted(local.items())]
+    return _retry(
+        lambda: api.create_commit(
+            repo_id, ops, commit_message=commit_message or "Upload SHARE checkpoint", repo_type="model",
+            create_pr=create_pr, revision=revision, parent_commit=head.sha,
+        ),
+        what,
+        attempts=2,  # parent_commit makes a retry after a lost response fail (412) instead of committing twice
+    )
+
+
+def _head(api: Any, repo_id: str, revision: Optional[str], *, create: bool) -> Any:
+    """``model_info`` of ``revision`` (its sha and files), creating the branch from main if asked."""
+    from huggingface_hub import errors as hfe
+
+    try:
+        return api.model_info(repo_id, revision=revision)
+    except hfe.RevisionNotFoundError:
+        if not (create and revision) or revision.startswith("refs/") or re.fullmatch(r"[0-9a-f]{40}", revision):
+            raise
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.model_info(repo_id, revision=revision)
+
+
+def _folder_files(folder: str) -> Dict[str, str]:
+    """``{posix relative path: absolute path}`` of the files under ``folder``."""
+    out: Dict[str, str] = {}
+    for root, _dirs, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(root, n)
+            out[os.path.relpath(path, folder).replace(os.sep, "/")] = path
+    return out
+
+
+def resolve_revision(ref: HubRef, *, token: Optional[str] = None) -> str:
+    """The commit sha that ``ref``'s revision (branch, tag or sha; default main) points to.
+
+    One ``model_info`` call; nothing is downloaded.  Used by ``lorashare sync`` to fingerprint
+    Hub sources.
+
+    Example:
+        >>> resolve_revision(parse_adapter_id("acme/refunds-lora@v3"))  # doctest: +SKIP
+        '9f8e7d6c...'
+    """
+    check_repo_id(ref.repo_id)
+    api = _api(token)
+    info = _retry(lambda: api.model_info(ref.repo_id, revision=ref.revision), str(ref))
+    return str(info.sha)
+
+
+def fetch_config(repo_id: str, *, token: Optional[str] = None) -> Tuple[Optional[Any], Optional[str]]:
+    """The published ``share_config.json`` of ``repo_id`` (main) and the commit it was read at.
+
+    Only that one JSON file is downloaded (no weights).  Returns ``(None, None)`` when the repo
+    does not exist (or is private and the token cannot see it), ``(None, sha)`` when it exists
+    but holds no SHARE checkpoint, else ``(SHAREConfig, sha)``.
+    """
+    from huggingface_hub import errors as hfe
+
+    from .checkpoint import CONFIG_FILE, read_config
+
     check_repo_id(repo_id)
     api = _api(token)
-    if _offline():
-        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set.", path=repo_id)
-    _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"), repo_id)
-    return _retry(
-        lambda: api.upload_folder(
-            folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message or "Upload SHARE checkpoint",
-            create_pr=create_pr, revision=revision, delete_patterns=["adapters/**"],
-        ),
-        repo_id,
-        attempts=2,
-    )
+    what = f"{repo_id}@main"
+    try:
+        info = _retry(lambda: api.model_info(repo_id), what)
+    except HubNotFoundError as exc:
+        if isinstance(exc.__cause__, hfe.RevisionNotFoundError):
+            raise
+        return None, None
+    sha = str(info.sha)
+    if CONFIG_FILE not in {s.rfilename for s in info.siblings or []}:
+        return None, sha
+    snap = _retry(lambda: _snapshot(repo_id, sha, [CONFIG_FILE], token), what)
+    return read_config(snap, jail=_repo_cache_root(snap)), sha

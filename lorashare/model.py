@@ -313,8 +313,11 @@ class SHAREModel:
         """
         from . import hub
 
+        hub.check_repo_id(repo_id)
+        card = self.config.compression_stats.setdefault("card", {})
+        card["repo_id"] = repo_id  # the card's title and usage snippet name the repo
         if license:
-            self.config.compression_stats.setdefault("card", {})["license"] = license
+            card["license"] = license
         with tempfile.TemporaryDirectory(prefix="lorashare-push-") as tmp:
             folder = os.path.join(tmp, "ckpt")
             self.save_pretrained(folder)

@@ -175,21 +175,50 @@ class TensorFile:
             return out
         if info.nbytes == 0:
             return out
+        self._read_into(out.reshape(-1).view(torch.uint8), info.start, name)
+        return out
+
+    def get_many(self, names: Iterable[str], *, max_gap: int = 1 << 20) -> Dict[str, torch.Tensor]:
+        """Read several tensors with few syscalls: nearby tensors are read as one span.
+
+        Tensors whose bytes lie within ``max_gap`` of each other are coalesced, so
+        an adapter's factors for a chunk of modules usually take one ``readinto``.
+        """
+        infos = sorted((self.infos[n] for n in names), key=lambda i: i.start)
+        out: Dict[str, torch.Tensor] = {}
+        at = 0
+        while at < len(infos):
+            end = at + 1
+            while end < len(infos) and infos[end].start - (infos[end - 1].start + infos[end - 1].nbytes) <= max_gap:
+                end += 1
+            group = infos[at:end]
+            lo, hi = group[0].start, max(i.start + i.nbytes for i in group)
+            buf = torch.empty(hi - lo, dtype=torch.uint8)
+            self._read_into(buf, lo, group[0].name)
+            for i in group:
+                raw = buf[i.start - lo : i.start - lo + i.nbytes]
+                out[i.name] = raw.view(i.dtype).reshape(i.shape) if i.nbytes else torch.empty(i.shape, dtype=i.dtype)
+            at = end
+        return out
+
+    def _read_into(self, buf: torch.Tensor, offset: int, name: str) -> None:
         if self._fh is None:
             self._fh = open(self.path, "rb", buffering=0)
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.dtype != torch.bfloat16 else None
-        if view is None:  # numpy has no bfloat16: read via an int16 view of the same bytes
-            view = memoryview(out.view(torch.int16).reshape(-1).numpy()).cast("B")
-        self._fh.seek(info.start)
-        got = self._fh.readinto(view)
-        if got != info.nbytes:
+        self._fh.seek(offset)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            n = self._fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if got != len(view):
             raise self._error(
-                f"{self._who + ': ' if self._who else ''}{self.path} ended after {got} of "
-                f"{info.nbytes} bytes of tensor {name!r} (truncated file?). Re-download or re-save it.",
+                f"{self._who + ': ' if self._who else ''}{self.path} ended after {got} of {len(view)} bytes "
+                f"while reading tensor {name!r} (truncated file?). Re-download or re-save it.",
                 adapter=self._who,
                 path=self.path,
             )
-        return out
 
     def load_all(self) -> Dict[str, torch.Tensor]:
         """Read every tensor (small files only: loadings, heads)."""
