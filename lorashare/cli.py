@@ -162,6 +162,15 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .sync import run_sync
+
+    result = run_sync(args.config, dry_run=args.dry_run, force=args.force,
+                      progress=not args.json and not args.quiet, json_mode=args.json)
+    _emit(args, result.to_json(), result.text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object to stdout (logs go to stderr)")
@@ -235,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--branch", help="target branch")
     u.add_argument("--license", help="license for the model card metadata")
     u.set_defaults(func=cmd_push)
+
+    y = sub.add_parser("sync", parents=[common], help="recompress and republish when a manifest's adapters change",
+                       description="Compare the adapters named in a manifest (lorashare.yaml) with the checkpoint published "
+                       "on the Hub; when they differ, add (projection) or recompress, and push one commit. See "
+                       "lorashare.sync for the manifest schema. Token from HF_TOKEN (not needed with --dry-run).")
+    y.add_argument("--config", default="lorashare.yaml", help="the manifest (default lorashare.yaml)")
+    y.add_argument("--dry-run", action="store_true", help="decide and report; push nothing")
+    y.add_argument("--force", action="store_true", help="recompress and push even if nothing changed")
+    y.set_defaults(func=cmd_sync)
 
     return p
 

@@ -110,7 +110,7 @@ def _status(exc: BaseException) -> Optional[int]:
 
 
 def _server_says(exc: BaseException) -> str:
-    """The first line of an HTTP error, without tokens: ``HTTP 503 (Service Unavailable)``."""
+    """The first line of an error, tokens redacted: ``HTTP 503: Server error '503 Service Unavailable' for url …``."""
     first = _redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"HTTP {_status(exc)}: {first[:200]}" if _status(exc) is not None else f"{type(exc).__name__}: {first[:200]}"
 

@@ -289,8 +289,12 @@ def project(U: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruct_rows(U: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """Factor rows back from basis and loading: ``(U L)ᵀ = Lᵀ Uᵀ`` (…, r, d), contiguous."""
-    return L.to(torch.float32).transpose(-1, -2) @ U.to(torch.float32).transpose(-1, -2)
+    """Factor rows back from basis and loading: ``(U L)ᵀ`` (…, r, d), a transposed view.
+
+    Computed as ``U @ L`` exactly like lorashare 0.1.x, so its checkpoints
+    reconstruct bit-for-bit as they did there.
+    """
+    return (U.to(torch.float32) @ L.to(torch.float32)).transpose(-1, -2)
 
 
 def explained_ratio(evals: torch.Tensor, k: int, total: Optional[torch.Tensor] = None) -> torch.Tensor:
