@@ -306,7 +306,7 @@ def save_checkpoint(folder: str, data: CheckpointData, *, card: Optional[str] = 
     """
     cfg = data.config
     payload: Dict[str, bytes] = {}
-    payload[COMPONENTS_FILE] = save_bytes(data.components, {"format": "pt", "lorashare": "share-v1"})
+    payload[COMPONENTS_FILE] = save_bytes(data.components, {"format": "pt"})  # one key: Rust writes a map in random order
     for name in cfg.adapter_names:
         check_name(name)
         base = f"adapters/{name}"

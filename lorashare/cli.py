@@ -82,6 +82,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     share = SHAREModel.from_adapters(
         _sources(args), num_components=k, variance_threshold=args.variance, device=args.device,
         on_error=args.on_error, dtype=args.dtype, budget_bytes=args.budget_bytes, strict=args.strict,
+        target_ratio=args.target_ratio,
         progress=not args.json and not args.quiet, token=os.environ.get("HF_TOKEN"),
     )
     share.save_pretrained(args.output)
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--names", nargs="+", help="names for the positional adapters, in order (0.1.x style)")
     c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage dtype (default float32)")
     c.add_argument("--budget-bytes", type=int, help="byte budget for bases+loadings; k chosen per module (overrides -k)")
+    c.add_argument("--target-ratio", type=float, help="compress to 1/R of the adapters' LoRA bytes; k chosen per module (overrides -k)")
     c.add_argument("--device", default=None, help="cpu, cuda or auto")
     c.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip unreadable adapters instead of failing")
     c.add_argument("--strict", action="store_true", help="refuse mixed ranks or target modules")

@@ -53,6 +53,7 @@ class CompressOptions:
     chunk_bytes: int = 64 * 1024 * 1024
     power_iters: int = 2
     progress: bool = True
+    weighting: str = "delta_w"  # "delta_w" (gauge-free, per-adapter normalised) or "factors" (plain PCA of A, B)
 
     def validate(self) -> None:
         k = self.num_components
@@ -65,6 +66,8 @@ class CompressOptions:
             raise ConfigError(f"variance_threshold={self.variance_threshold!r}: expected a number in (0, 1].")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}.")
+        if self.weighting not in ("delta_w", "factors"):
+            raise ConfigError(f"weighting={self.weighting!r}: expected 'delta_w' or 'factors'.")
         if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
             raise ConfigError(f"budget_bytes={self.budget_bytes!r}: expected a positive integer number of bytes.")
 
@@ -245,10 +248,13 @@ def _finish_chunk(
     return out
 
 
-def _weights(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...]):
+def _weights(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...], weighting: str = "delta_w"):
     GA = S.factor_gram(FA, ranks)
     GB = S.factor_gram(FB, ranks)
     WA, WB, sq = S.side_weights(GA, GB)
+    if weighting == "factors":  # the plain factor PCA of the paper (uncentred), for comparison
+        WA = [torch.eye(g.shape[-1], dtype=g.dtype).expand_as(g) for g in GA]
+        WB = [torch.eye(g.shape[-1], dtype=g.dtype).expand_as(g) for g in GB]
     # Total weighted energy of each side: Σ_i tr(Wᵢᵀ Gᵢ Wᵢ) (= number of non-zero ΔW_i).
     tot_A = sum((g * (w @ w.transpose(-1, -2))).sum((-1, -2)) for w, g in zip(WA, GA))
     tot_B = sum((g * (w @ w.transpose(-1, -2))).sum((-1, -2)) for w, g in zip(WB, GB))
@@ -261,7 +267,7 @@ def _spectra(adapters: Sequence[Adapter], plans: Sequence[GroupPlan], opts: Comp
     for chunk in _chunks(plans, opts.chunk_bytes):
         FA, FB = _read_chunk(chunk, adapters)
         ranks = chunk[0].ranks
-        _, _, WA, WB, _, _ = _weights(FA, FB, ranks)
+        _, _, WA, WB, _, _ = _weights(FA, FB, ranks, opts.weighting)
         for side, F, W in (("A", FA, WA), ("B", FB, WB)):
             evals, _ = S.top_eigh(S.weighted_gram(F, W, ranks))
             for g, p in enumerate(chunk):
@@ -309,7 +315,7 @@ def compress(
         if opts.device:
             FA, FB = FA.to(opts.device), FB.to(opts.device)
         ranks = chunk[0].ranks
-        GA, GB, WA, WB, sq, totals = _weights(FA, FB, ranks)
+        GA, GB, WA, WB, sq, totals = _weights(FA, FB, ranks, opts.weighting)
         bases, kept = {}, {}
         for side, F, W in (("A", FA, WA), ("B", FB, WB)):
             seed += 1

@@ -82,6 +82,8 @@ class SHAREModel:
         strict: bool = False,
         progress: bool = True,
         token: Optional[str] = None,
+        weighting: str = "delta_w",
+        target_ratio: Optional[float] = None,
     ) -> "SHAREModel":
         """Compress PEFT LoRA adapters into shared bases.
 
@@ -99,9 +101,13 @@ class SHAREModel:
             dtype: storage dtype of bases and loadings: ``float32``, ``float16`` or ``bfloat16``.
             budget_bytes: bytes for bases + loadings together; k is then chosen per module
                 by water-filling on the spectra (``num_components`` is ignored).
+            target_ratio: the same, as a compression ratio: a budget of the adapters'
+                LoRA bytes divided by ``target_ratio`` (e.g. 6 for 1/6 of the size).
             strict: refuse mixed ranks or mixed target modules.
             progress: show a progress bar.
             token: Hugging Face token for private Hub adapters.
+            weighting: ``"delta_w"`` (default) fits each basis to the adapters' updates
+                ΔW, each adapter normalised; ``"factors"`` is the plain PCA of the factors.
 
         Example:
             >>> share = SHAREModel.from_adapters({"a": "runs/a", "b": "acme/b-lora@v2"}, num_components="auto")  # doctest: +SKIP
@@ -115,13 +121,18 @@ class SHAREModel:
             dtype=dtype,
             device=_device(device),
             progress=progress,
+            weighting=weighting,
         )
         opts.validate()
+        if target_ratio is not None and (isinstance(target_ratio, bool) or not float(target_ratio) > 0):
+            raise ConfigError(f"target_ratio={target_ratio!r}: expected a number > 0 (e.g. 6 for 1/6 of the size).")
         if layer_by_layer or chunk_size:
             logger.debug("layer_by_layer/chunk_size are accepted for compatibility; streaming is always on")
         hub_kwargs = {"token": token} if token else {}
         opened = open_adapters(adapters, on_error=on_error, **hub_kwargs)
         try:
+            if target_ratio is not None:
+                opts.budget_bytes = max(1, int(sum(_lora_bytes(a) for a in opened) / float(target_ratio)))
             return cls._build(opened, opts, strict=strict)
         finally:
             for a in opened:

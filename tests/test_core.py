@@ -236,3 +236,27 @@ def test_lora_key_roundtrip():
     assert parse_lora_key(lora_key("a.b.c", "B")) == ("a.b.c", "B")
     assert parse_lora_key("model.x.lora_A.default.weight") == ("model.x", "A")
     assert parse_lora_key("base_model.model.classifier.weight") is None
+
+
+def test_target_ratio(adapter_dirs):
+    share = SHAREModel.from_adapters(adapter_dirs, target_ratio=2.0, dtype="float16", progress=False)
+    st = share.config.compression_stats
+    assert st["compressed_bytes"] <= st["original_lora_bytes"] / 2
+    assert share.config.component_selection == "budget"
+    assert 0 < st["delta_w_rel_error_mean"] < 1
+
+
+def test_factor_weighting_option_differs(adapter_dirs):
+    a = SHAREModel.from_adapters(adapter_dirs, num_components=3, progress=False)
+    b = SHAREModel.from_adapters(adapter_dirs, num_components=3, weighting="factors", progress=False)
+    ea, eb = (m.config.compression_stats["delta_w_rel_error_mean"] for m in (a, b))
+    assert ea != eb and ea < eb  # fitting the bases to ΔW beats fitting them to the factors
+
+
+def test_saves_are_byte_for_byte_reproducible(adapter_dirs, tmp_path):
+    share = SHAREModel.from_adapters(adapter_dirs, num_components=3, progress=False)
+    share.save_pretrained(tmp_path / "a")
+    SHAREModel.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
