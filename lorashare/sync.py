@@ -24,8 +24,9 @@ Rules:
 * Unknown keys are errors (with a did-you-mean suggestion); every error names the file, the line
   and the key: ``lorashare.yaml:7: adapters.refunds: not a folder and not a Hub id``.
 * Adapter names are single safe path components (``A-Z a-z 0-9 . _ -``).
-* A source is a folder when it exists as one (relative to the manifest's folder), or when it starts
-  with ``./``, ``../`` or ``/``; otherwise it must be a Hub id (``owner/name[/subfolder][@revision]``).
+* A source is a folder when it exists as one (relative to the manifest's folder), or when it looks
+  like a path (starts with ``./``, ``../`` or ``/``, or has a ``.`` or ``..`` component); otherwise
+  it must be a Hub id (``owner/name[/subfolder][@revision]``).
   Folders must stay inside the workspace (``GITHUB_WORKSPACE``, else the enclosing git repository,
   else the manifest's folder): no ``..`` escape, no absolute path elsewhere, no symlink that
   resolves outside, and their files must not be symlinks that resolve outside either.
@@ -448,7 +449,8 @@ def _adapters(w: _Walker, node: Any, base: str, root: str) -> Dict[str, AdapterS
 def _source(w: _Walker, node: Any, key: str, name: str, text: str, base: str, root: str) -> AdapterSource:
     from . import hub
 
-    explicit_path = text.startswith(("./", "../", "/", ".\\", "..\\")) or text in (".", "..") or "\\" in text
+    parts = text.split("@", 1)[0].split("/")
+    explicit_path = text.startswith(("./", "../", "/")) or "\\" in text or any(p in (".", "..") for p in parts)
     candidate = os.path.normpath(os.path.join(base, text)) if "\x00" not in text else ""
     if explicit_path or (candidate and os.path.lexists(candidate)):
         return _folder_source(w, node, key, name, text, candidate, base, root)
@@ -544,10 +546,10 @@ def fingerprint_sources(manifest: Manifest, *, token: Optional[str] = None) -> D
                 out[name] = file_sha256(os.path.join(src.folder, WEIGHTS_NAME))
             else:
                 out[name] = hub.resolve_revision(src.ref, token=token)
+        except LoraShareError as exc:  # first: HubNotFoundError is also an OSError
+            raise _locate(exc, manifest, name) from None
         except OSError as exc:
             raise _locate(ConfigError(f"cannot read {src.text}: {exc.strerror or exc}"), manifest, name) from None
-        except LoraShareError as exc:
-            raise _locate(exc, manifest, name) from None
     return out
 
 
@@ -1033,8 +1035,7 @@ def _run(config: str, *, dry_run: bool, force: bool, progress: bool, rep: _Repor
     result = SyncResult(
         repo_id=manifest.repo_id, repo_url=repo_url, action=plan.action, changed=plan.changed, dry_run=dry_run,
         reasons=plan.reasons, adapters=list(manifest.adapters),
-        plan={a.name: {"status": a.status, "source": a.source, "kind": a.kind, "fingerprint": a.fingerprint,
-                       "previous": a.previous, "reason": a.reason} for a in plan.adapters},
+        plan=_plan_json(plan),
     )
     if plan.changed and not dry_run:
         rep.group(f"lorashare sync: {plan.action}")
@@ -1061,8 +1062,7 @@ def _run(config: str, *, dry_run: bool, force: bool, progress: bool, rep: _Repor
         result.message = message
         result.reasons = plan.reasons
         result.action = plan.action
-        result.plan = {a.name: {"status": a.status, "source": a.source, "kind": a.kind, "fingerprint": a.fingerprint,
-                                "previous": a.previous, "reason": a.reason} for a in plan.adapters}
+        result.plan = _plan_json(plan)
         result.adapters = list(share.adapter_names)
     elif plan.changed:
         result.message = commit_message(plan)
@@ -1073,6 +1073,11 @@ def _run(config: str, *, dry_run: bool, force: bool, progress: bool, rep: _Repor
     rep.outputs(result.outputs())
     rep.summary(_markdown(result, plan, share, published))
     return result
+
+
+def _plan_json(plan: Plan) -> Dict[str, Dict[str, Any]]:
+    return {a.name: {"status": a.status, "source": a.source, "kind": a.kind, "fingerprint": a.fingerprint,
+                     "previous": a.previous, "reason": a.reason} for a in plan.adapters}
 
 
 def _head_sha(repo_id: str, token: Optional[str]) -> Optional[str]:

@@ -1,0 +1,616 @@
+"""``lorashare sync``: manifest validation, the plan (pure), and runs in process against the test Hub.
+
+Runs use :class:`tests.hubserver.HubServer` through the ``hub``/``hf_cache`` fixtures (see
+``tests/hub_fixtures.py``); ``HF_ENDPOINT`` and ``HF_TOKEN`` are read by lorashare at call time.
+Every test starts outside GitHub Actions (the ``clean_env`` fixture), even when the suite itself
+runs on a GitHub runner, so nothing writes to the real runner's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+
+from lorashare import sync as S
+from lorashare.checkpoint import SHAREConfig
+from lorashare.cli import main
+from lorashare.errors import ConfigError, LoraShareError
+from tests.action_runner import parse_output_file
+from tests.hub_fixtures import HUB_TOKEN
+from tests.hubserver import HubServer
+
+REPO = "tester/support-share"
+RUNNER_VARS = (
+    "GITHUB_ACTIONS", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "GITHUB_WORKSPACE", "GITHUB_ENV", "RUNNER_TEMP",
+    "ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_REQUEST_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "HF_OIDC_RESOURCE", "HF_OIDC_ID_TOKEN",
+)
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in RUNNER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # sync may point it at RUNNER_TEMP
+
+
+@pytest.fixture
+def ws(tmp_path: Path, adapter_dirs, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repository checkout: ``.git``, ``adapters/{billing,refunds,legal,spare}``; the cwd."""
+    root = tmp_path / "repo"
+    (root / ".git").mkdir(parents=True)
+    for name, src in zip(["billing", "refunds", "legal", "spare"], adapter_dirs):
+        shutil.copytree(src, root / "adapters" / name)
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture
+def env(hub: HubServer, hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    return hub
+
+
+def manifest_text(adapters: Dict[str, str], *, compression: str = "{num_components: 32}", extra: str = "") -> str:
+    lines = [f"repo_id: {REPO}", f"compression: {compression}", "adapters:"]
+    lines += [f"  {n}: {s}" for n, s in adapters.items()]
+    return "\n".join(lines) + "\n" + extra
+
+
+def write(ws: Path, text: str, name: str = "lorashare.yaml") -> Path:
+    p = ws / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def parse(ws: Path, text: str) -> S.Manifest:
+    return S.parse_manifest(text, path=str(ws / "lorashare.yaml"), root=str(ws))
+
+
+def head_title(hub: HubServer) -> str:
+    """The summary line of the checkpoint repo's head commit."""
+    return hub.repo(REPO).commits[hub.resolve(REPO)].title
+
+
+def sync_json(capsys, *args: str) -> dict:
+    rc = main(["sync", "--json", *args])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out)
+
+
+ABC = {"billing": "adapters/billing", "refunds": "adapters/refunds", "legal": "adapters/legal"}
+
+
+# ------------------------------------------------------------------------ manifest: valid
+def test_full_manifest_parses_with_kinds_and_lines(ws):
+    text = (
+        "version: 1\n"
+        "repo_id: acme/support-adapters-share\n"
+        "private: true\n"
+        "compression: {num_components: auto, variance_threshold: 0.9, dtype: float16}\n"
+        "adapters:\n"
+        "  billing: ./adapters/billing/\n"
+        "  refunds: acme/refunds-lora@v3\n"
+        "  legal: acme/multi-lora/legal\n"
+        f"  spare: {ws / 'adapters' / 'spare'}\n"
+        "card: {license: apache-2.0, description: \"Support adapters\"}\n"
+    )
+    m = parse(ws, text)
+    assert m.repo_id == "acme/support-adapters-share" and m.private is True
+    assert m.compression == S.Compression("auto", 0.9, "float16", None)
+    assert m.card == S.CardOptions("apache-2.0", "Support adapters")
+    b, r, l, s = (m.adapters[n] for n in ("billing", "refunds", "legal", "spare"))
+    assert (b.kind, b.text, b.folder) == ("folder", "adapters/billing", str(ws / "adapters" / "billing"))
+    assert s.kind == "folder" and s.text == "adapters/spare"  # absolute inside the workspace: fine, recorded relative
+    assert (r.kind, r.ref.repo_id, r.ref.revision) == ("hub", "acme/refunds-lora", "v3")
+    assert (l.kind, l.ref.repo_id, l.ref.subfolder, l.ref.revision) == ("hub", "acme/multi-lora", "legal", None)
+    assert (b.line, r.line, l.line) == (6, 7, 8)
+    assert m.lines["compression"] == 4 and m.lines["card"] == 10
+
+
+def test_defaults_and_subfolder_manifest(ws):
+    (ws / "config").mkdir()
+    text = "repo_id: a/b\nadapters:\n  x: ../adapters/billing\n  y: ../adapters/refunds\n"
+    m = S.load_manifest(str(write(ws / "config", text)))
+    assert m.compression == S.Compression() and m.card == S.CardOptions() and m.private is False
+    assert m.file == "config/lorashare.yaml" and m.root == str(ws)
+    assert m.adapters["x"].text == "../adapters/billing" and m.adapters["x"].kind == "folder"
+
+
+# ----------------------------------------------------------------------- manifest: errors
+@pytest.mark.parametrize("text, pattern", [
+    ("repo_id: a/b\nadapters:\n  billing: adapters/billing\n  refunds: not a hub id!\n",
+     r"^lorashare\.yaml:4: adapters\.refunds: 'not a hub id!' is not a folder and not a Hub id"),
+    ("repo_id: a/b\nadapter:\n  x: y/z\n", r"^lorashare\.yaml:2: adapter: unknown key; did you mean 'adapters'\?"),
+    ("repo_id: a/b\ncompresion: {}\nadapters: {x: a/b, y: a/c}\n", r"lorashare\.yaml:2: compresion: .*did you mean 'compression'"),
+    ("repo_id: a/b\ncompression:\n  num_component: 4\nadapters: {x: a/b, y: a/c}\n",
+     r"lorashare\.yaml:3: compression\.num_component: unknown key; did you mean 'num_components'"),
+    ("repo_id: a/b\ncard: {licence: mit}\nadapters: {x: a/b, y: a/c}\n", r":2: card\.licence: .*did you mean 'license'"),
+    ("repo_id: a/b\nadapters:\n  x: a/b\n  x: a/c\n", r":4: adapters\.x: duplicate key \(first on line 3\)"),
+    ("repo_id: a/b\nadapters:\n  x: a/b\n", r":3: adapters: needs at least 2 adapters"),
+    ("adapters: {x: a/b, y: a/c}\n", r"missing 'repo_id'"),
+    ("repo_id: a/b\n", r"missing 'adapters'"),
+    ("repo_id: nope\nadapters: {x: a/b, y: a/c}\n", r":1: repo_id: 'nope' is not a Hub repo id"),
+    ("repo_id: a/b\nprivate: maybe\nadapters: {x: a/b, y: a/c}\n", r":2: private: expected true or false"),
+    ("repo_id: a/b\ncompression: {num_components: 0}\nadapters: {x: a/b, y: a/c}\n", r"num_components: expected an integer ≥ 1 or 'auto'"),
+    ("repo_id: a/b\ncompression: {num_components: true}\nadapters: {x: a/b, y: a/c}\n", r"num_components: expected"),
+    ("repo_id: a/b\ncompression: {variance_threshold: 1.5}\nadapters: {x: a/b, y: a/c}\n", r"variance_threshold: expected a number in \(0, 1\]"),
+    ("repo_id: a/b\ncompression: {dtype: float61}\nadapters: {x: a/b, y: a/c}\n", r"dtype: expected one of .*did you mean"),
+    ("repo_id: a/b\ncompression: {budget_bytes: -1}\nadapters: {x: a/b, y: a/c}\n", r"budget_bytes: expected"),
+    ("repo_id: a/b\nversion: 2\nadapters: {x: a/b, y: a/c}\n", r":2: version: unsupported manifest version"),
+    ("repo_id: a/b\nadapters:\n  bad/name: a/b\n  y: a/c\n", r":3: adapters\.bad/name: bad adapter name"),
+    ("repo_id: a/b\nadapters:\n  '..': a/b\n  y: a/c\n", r"adapters\.\.\.: bad adapter name"),
+    ("repo_id: a/b\nadapters:\n  x: [a/b]\n  y: a/c\n", r":3: adapters\.x: expected a single value, got a list"),
+    ("repo_id: a/b\nadapters:\n  1: a/b\n  y: a/c\n", r":3: adapters: keys must be plain names"),
+    ("- a\n- b\n", r"^lorashare\.yaml:1: expected a mapping"),
+    ("repo_id: [a\n", r"^lorashare\.yaml:\d+: invalid YAML"),
+    ("", r"the manifest is empty"),
+])
+def test_manifest_errors_name_line_and_key(ws, text, pattern):
+    with pytest.raises(S.ManifestError, match=pattern) as info:
+        parse(ws, text)
+    assert isinstance(info.value, ConfigError)
+
+
+def test_escapes_are_refused(ws, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(ws / "adapters" / "spare", outside)
+    (ws / "adapters" / "link").symlink_to(outside, target_is_directory=True)
+    sneaky = ws / "adapters" / "sneaky"
+    sneaky.mkdir()
+    shutil.copy(ws / "adapters" / "spare" / "adapter_config.json", sneaky)
+    (sneaky / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    base = "repo_id: a/b\nadapters:\n  ok: adapters/billing\n  x: {}\n"
+    for source, pattern in [
+        ("../outside", r":4: adapters\.x: '\.\./outside' is outside the workspace"),
+        ("adapters/../../outside", r"outside the workspace"),
+        (str(outside), r"outside the workspace"),
+        ("/etc", r"outside the workspace"),
+        ("adapters/link", r"resolves outside the workspace \(a symlink"),
+        ("adapters/sneaky", r"adapter_model\.safetensors is a symlink that resolves outside"),
+        ("./adapters/missing", r"'\./adapters/missing': not a folder"),
+        ("adapters/billing/adapter_config.json", r"is a file, not an adapter folder"),
+        ("./.git", r"has no adapter_config\.json"),
+    ]:
+        with pytest.raises(S.ManifestError, match=pattern):
+            parse(ws, base.format(source))
+
+
+def test_manifest_outside_workspace_and_missing_file(ws, tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    path = write(other, manifest_text(ABC))
+    with pytest.raises(S.ManifestError, match="outside the workspace"):
+        S.load_manifest(str(path), root=str(ws))
+    with pytest.raises(S.ManifestError, match="no such file"):
+        S.load_manifest(str(ws / "nope.yaml"))
+
+
+NASTY = [
+    b"", b"\x00", b"\xff\xfe\x00", "\ufeffrepo_id: a/b".encode(), "repo_id: a/b".encode("utf-16"),
+    b"[" * 5000 + b"]" * 5000, b"{" * 3000, b"&a [*a]", b"a: &a [*a, *a]\nrepo_id: *a\n",
+    b"!!python/object/apply:os.system ['echo hi']", b"repo_id: !!python/name:os.system\n",
+    b"repo_id: !!int abc\nadapters: {}\n", b"repo_id: !!float x\n", b"repo_id: !!binary '%%%'\n",
+    b"? [a, b]\n: c\n", b"<<: {a: 1}\nrepo_id: a/b\n", b"---\na: 1\n---\nb: 2\n", b"%YAML 9.9\n---\na: 1\n",
+    b"repo_id: a/b\nadapters:\n  x: \x00\n", b"repo_id: a/b\nadapters:\n  x: \"a/b\\0\"\n  y: a/c\n",
+    b"repo_id: a/b\nadapters:\n  x: .\n  y: ..\n", b"repo_id: a/b\nadapters:\n  x: ~\n  y: a/c\n",
+    b"repo_id: 1e400\n", b"repo_id: a/b\ncompression: {num_components: 99999999999999999999999}\nadapters: {x: a/b, y: a/c}\n",
+    b"repo_id: a/b\ncompression: {variance_threshold: .nan}\nadapters: {x: a/b, y: a/c}\n",
+    b"repo_id: a/b\ncompression: ~\ncard: ~\nadapters: {x: a/b, y: a/c}\n",
+    b"repo_id: a/b\nadapters: {x: a/b, y: 'a/b@'}\n", b"repo_id: 2001-01-01\n", b"x" * (S.MAX_MANIFEST_BYTES + 10),
+]
+
+
+def test_parse_only_raises_config_errors_on_garbage(ws):
+    rng = random.Random(1234)
+    samples = list(NASTY)
+    samples += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) for _ in range(150)]
+    tokens = ["repo_id", "adapters", "compression", "card", ":", " ", "\n", "  ", "- ", "{", "}", "[", "]", ",", "a/b",
+              "./adapters/billing", "&x", "*x", "!!str", "!!map", "~", "true", "1.5", "'", '"', "#", "?", "|", ">", "@",
+              "num_components", "auto", "license", "..", "/", "\t", "%", "!", "<<"]
+    samples += ["".join(rng.choice(tokens) for _ in range(rng.randrange(1, 40))).encode() for _ in range(300)]
+    for data in samples:
+        for payload in (data, data.decode("utf-8", "replace")):
+            try:
+                S.parse_manifest(payload, path=str(ws / "lorashare.yaml"), root=str(ws))
+            except ConfigError:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - the assertion is the point
+                pytest.fail(f"{type(exc).__name__} escaped for {payload[:80]!r}: {exc}")
+
+
+def test_valid_after_nasty_hub_text_is_ok(ws):
+    m = parse(ws, "repo_id: a/b\nadapters: {x: a/b, y: 'a/b@v1'}\n")
+    assert m.adapters["y"].ref.revision == "v1"
+
+
+# ---------------------------------------------------------------------------- plan (pure)
+def published_config(adapters: Dict[str, Dict], **kw) -> SHAREConfig:
+    cfg = SHAREConfig(format_version=1, adapter_names=list(adapters), adapters=adapters, requested_components=32,
+                      component_selection="fixed", num_components=32, variance_threshold=0.95, dtype="float32")
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture
+def hub_manifest(ws) -> S.Manifest:
+    return parse(ws, manifest_text({"billing": "adapters/billing", "refunds": "acme/refunds@v3", "legal": "acme/multi/legal"}))
+
+
+FP = {"billing": "a" * 64, "refunds": "b" * 40, "legal": "c" * 40}
+
+
+def entry(source: str, *, sha256: str = "0" * 64, revision: Optional[str] = None) -> Dict:
+    return {"source": source, "sha256": sha256, "revision": revision}
+
+
+def same_as_published(**changes) -> Dict[str, Dict]:
+    base = {"billing": entry("adapters/billing", sha256=FP["billing"]),
+            "refunds": entry("acme/refunds@v3", revision=FP["refunds"]),
+            "legal": entry("acme/multi/legal", revision=FP["legal"])}
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_plan_none_create_add(hub_manifest):
+    p = S.plan_sync(hub_manifest, FP, None)
+    assert p.action == "create" and p.changed and p.by_status("added") == ["billing", "refunds", "legal"]
+    p = S.plan_sync(hub_manifest, FP, published_config(same_as_published()), base_sha="f" * 40)
+    assert p.action == "none" and not p.changed and p.base_sha == "f" * 40
+    assert {a.status for a in p.adapters} == {"unchanged"}
+    p = S.plan_sync(hub_manifest, FP, published_config(same_as_published(legal=None)))
+    assert p.action == "add" and p.by_status("added") == ["legal"] and p.reasons == ["legal added"]
+
+
+def test_plan_changes_removals_settings_force_card(hub_manifest):
+    pub = same_as_published(billing=entry("adapters/billing", sha256="9" * 64),
+                            refunds=entry("acme/refunds@v3", revision="8" * 40), old=entry("adapters/old"))
+    p = S.plan_sync(hub_manifest, FP, published_config(pub))
+    assert p.action == "recompute"
+    assert p.by_status("changed") == ["billing", "refunds"] and p.by_status("removed") == ["old"]
+    assert p.reasons == ["billing changed (sha256 99999999 → aaaaaaaa)", "refunds changed (commit 88888888 → bbbbbbbb)", "old removed"]
+    assert S.commit_message(p) == ("lorashare sync: recompute: billing changed (sha256 99999999 → aaaaaaaa), "
+                                   "refunds changed (commit 88888888 → bbbbbbbb), old removed")
+
+    p = S.plan_sync(hub_manifest, FP, published_config(same_as_published(legal=entry("acme/multi/legal@v1", revision=FP["legal"]))))
+    assert p.action == "recompute" and p.reasons == ["legal changed (source 'acme/multi/legal@v1' → 'acme/multi/legal')"]
+    # a folder that became a Hub id with the same text is a change too
+    p = S.plan_sync(hub_manifest, FP, published_config(same_as_published(refunds=entry("acme/refunds@v3", sha256=FP["refunds"]))))
+    assert p.by_status("changed") == ["refunds"]
+
+    p = S.plan_sync(hub_manifest, FP, published_config(same_as_published(), dtype="float16", requested_components="auto"))
+    assert p.action == "recompute" and p.settings == ["num_components auto → 32", "dtype float16 → float32"]
+    assert "compression settings changed (num_components auto → 32, dtype float16 → float32)" in p.reasons
+
+    p = S.plan_sync(hub_manifest, FP, published_config(same_as_published(legal=None)), force=True)
+    assert p.action == "recompute" and p.reasons == ["forced", "legal added"]
+    assert S.commit_message(p) == "lorashare sync: recompute: forced, legal added"
+
+    pub = published_config(same_as_published())
+    pub.compression_stats = {"card": {"license": "mit"}}
+    p = S.plan_sync(hub_manifest, FP, pub)
+    assert p.action == "card" and p.reasons == ["model card license changed"]
+
+
+def test_plan_budget_and_legacy_settings(ws):
+    m = parse(ws, manifest_text(ABC, compression="{budget_bytes: 1000, num_components: 8}"))
+    fp = {n: "a" * 64 for n in ABC}
+    pub = {n: entry(s, sha256="a" * 64) for n, s in ABC.items()}
+    assert S.plan_sync(m, fp, published_config(pub, component_selection="budget", budget_bytes=1000)).action == "none"
+    assert S.plan_sync(m, fp, published_config(pub, component_selection="budget", budget_bytes=999)).settings == ["budget_bytes 999 → 1000"]
+    m = parse(ws, manifest_text(ABC, compression="{num_components: auto}"))
+    legacy = published_config(pub, requested_components=None, component_selection="auto")
+    assert S.plan_sync(m, fp, legacy).action == "none"
+
+
+def test_commit_message_for_additions():
+    plan = S.Plan("add", ["x added"], [S.AdapterPlan("x", "added", "a/x", "hub", "1" * 40),
+                                       S.AdapterPlan("y", "added", "a/y", "hub", "2" * 40)])
+    reports = {"x": {"method": "projection", "min_explained_variance": 0.971}, "y": {"method": "projection", "min_explained_variance": 1.0}}
+    assert S.commit_message(plan, reports) == "lorashare sync: added x (projection, 97.1% explained), y (projection, 100.0% explained)"
+    long = S.Plan("recompute", [f"adapter{i} removed" for i in range(50)], [])
+    assert len(S.commit_message(long)) == 200
+
+
+# --------------------------------------------------------------------- runs against the Hub
+def test_dry_run_needs_no_token_and_pushes_nothing(env, ws, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    write(ws, manifest_text(ABC))
+    out = sync_json(capsys, "--dry-run")
+    assert out["command"] == "sync" and out["lorashare"] == 1
+    assert out["changed"] is True and out["action"] == "create" and out["dry_run"] is True
+    assert out["commit_sha"] is None and out["adapters"] == list(ABC)
+    assert out["plan"]["billing"]["fingerprint"] == S.fingerprint_sources(S.load_manifest("lorashare.yaml"))["billing"]
+    assert env.count("POST") == 0 and env.count(kind="commit") == 0
+    with pytest.raises(Exception):
+        env.repo(REPO)
+
+
+def test_publish_then_nothing_changed(env, ws, capsys):
+    write(ws, manifest_text(ABC, extra="card: {license: apache-2.0, description: Our support adapters}\n"))
+    out = sync_json(capsys)
+    assert out["changed"] is True and out["action"] == "create"
+    assert out["commit_sha"] == env.resolve(REPO) and out["repo_url"] == f"{env.url}/{REPO}"
+    assert out["compression_ratio"] > 0 and out["reasons"] == ["first publish of 3 adapters"]
+    files = env.snapshot(REPO)
+    cfg = json.loads(files["share_config.json"])
+    assert cfg["adapter_names"] == list(ABC)
+    assert cfg["adapters"]["billing"]["source"] == "adapters/billing"  # no runner path
+    assert str(ws) not in files["share_config.json"].decode() and str(ws) not in files["README.md"].decode()
+    readme = files["README.md"].decode()
+    assert "license: apache-2.0" in readme and "Our support adapters" in readme
+    assert env.count("POST", "commit", REPO) == 1
+    env.reset_log()
+
+    again = sync_json(capsys)
+    assert again["changed"] is False and again["action"] == "none" and again["commit_sha"] is None
+    assert again["compression_ratio"] == pytest.approx(out["compression_ratio"])
+    assert env.count("POST", "commit", REPO) == 0 and len(env.history(REPO)) == 2
+    # only share_config.json was downloaded to decide
+    assert env.served_files(REPO) == {"share_config.json"}
+
+
+def test_text_output(env, ws, capsys):
+    write(ws, manifest_text(ABC))
+    assert main(["sync", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert f"lorashare sync: {REPO}: create" in text and "pushed" in text and "billing" in text
+
+
+def test_add_projects_then_change_and_removal_recompute(env, ws, capsys):
+    write(ws, manifest_text(ABC))
+    sync_json(capsys)
+    shutil.copytree(ws / "adapters" / "billing", ws / "adapters" / "billing2")
+    write(ws, manifest_text({**ABC, "billing2": "adapters/billing2"}))
+    out = sync_json(capsys)
+    assert out["action"] == "add" and out["changed"]
+    head_title_ = head_title(env)
+    assert head_title_.startswith("lorashare sync: added billing2 (projection, 100.0% explained)")
+    assert out["reasons"] == ["billing2 added by projection (100.0% of its ΔW energy explained)"]
+    assert json.loads(env.snapshot(REPO)["share_config.json"])["adapter_names"] == [*ABC, "billing2"]
+
+    shutil.rmtree(ws / "adapters" / "refunds")
+    shutil.copytree(ws / "adapters" / "spare", ws / "adapters" / "refunds")
+    out = sync_json(capsys)
+    assert out["action"] == "recompute" and out["plan"]["refunds"]["status"] == "changed"
+    assert head_title(env).startswith("lorashare sync: recompute: refunds changed (sha256 ")
+
+    write(ws, manifest_text({"billing": "adapters/billing", "refunds": "adapters/refunds"}))
+    out = sync_json(capsys)
+    assert out["action"] == "recompute" and out["adapters"] == ["billing", "refunds"]
+    assert head_title(env) == "lorashare sync: recompute: legal removed, billing2 removed"
+    files = env.snapshot(REPO)
+    assert not any(p.startswith(("adapters/legal/", "adapters/billing2/")) for p in files)
+    assert sync_json(capsys)["action"] == "none"
+
+
+def test_poorly_explained_addition_recompresses_from_sources(env, ws, capsys):
+    write(ws, manifest_text({"billing": "adapters/billing", "refunds": "adapters/refunds"},
+                            compression="{num_components: 1, variance_threshold: 0.99}"))
+    sync_json(capsys)
+    write(ws, manifest_text({"billing": "adapters/billing", "refunds": "adapters/refunds", "spare": "adapters/spare"},
+                            compression="{num_components: 1, variance_threshold: 0.99}"))
+    out = sync_json(capsys)
+    assert out["action"] == "recompute" and out["reasons"][0].startswith("spare added: bases keep only")
+    msg = head_title(env)
+    assert msg.startswith("lorashare sync: recompute: spare added: bases keep only")
+    cfg = json.loads(env.snapshot(REPO)["share_config.json"])
+    assert cfg["adapter_names"] == ["billing", "refunds", "spare"] and cfg["requested_components"] == 1
+    assert cfg["adapters"]["spare"]["source"] == "adapters/spare"
+    assert sync_json(capsys)["action"] == "none"
+
+
+def test_settings_card_and_force(env, ws, capsys):
+    write(ws, manifest_text(ABC))
+    sync_json(capsys)
+    write(ws, manifest_text(ABC, compression="{num_components: 32, dtype: float16}"))
+    out = sync_json(capsys)
+    assert out["action"] == "recompute" and out["reasons"] == ["compression settings changed (dtype float32 → float16)"]
+    assert json.loads(env.snapshot(REPO)["share_config.json"])["dtype"] == "float16"
+
+    write(ws, manifest_text(ABC, compression="{num_components: 32, dtype: float16}", extra="card: {license: mit}\n"))
+    out = sync_json(capsys)
+    assert out["action"] == "card" and "license: mit" in env.snapshot(REPO)["README.md"].decode()
+    assert sync_json(capsys)["action"] == "none"
+    out = sync_json(capsys, "--force")
+    assert out["action"] == "recompute" and out["reasons"] == ["forced"] and out["commit_sha"] == env.resolve(REPO)
+
+
+def put_adapter(hub: HubServer, repo_id: str, folder: Path, sub: str = "") -> str:
+    try:
+        hub.repo(repo_id)
+    except Exception:  # noqa: BLE001 - the server's own HubError: not there yet
+        hub.create_repo(repo_id)
+    prefix = f"{sub}/" if sub else ""
+    files = {prefix + p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    return hub.commit(repo_id, files, lfs=[p for p in files if p.endswith(".safetensors")])
+
+
+def test_hub_sources_pinned_and_followed(env, ws, capsys):
+    v1 = put_adapter(env, "tester/refunds", ws / "adapters" / "refunds")
+    env.create_tag("tester/refunds", "v1")
+    multi = put_adapter(env, "tester/multi", ws / "adapters" / "legal", sub="legal")
+    write(ws, manifest_text({"billing": "adapters/billing", "refunds": "tester/refunds@v1", "legal": "tester/multi/legal"}))
+    out = sync_json(capsys)
+    assert out["plan"]["refunds"] == {"status": "added", "source": "tester/refunds@v1", "kind": "hub", "fingerprint": v1,
+                                      "previous": None, "reason": "new"}
+    cfg = json.loads(env.snapshot(REPO)["share_config.json"])
+    assert cfg["adapters"]["refunds"]["source"] == "tester/refunds@v1" and cfg["adapters"]["refunds"]["revision"] == v1
+    assert cfg["adapters"]["legal"]["source"] == "tester/multi/legal" and cfg["adapters"]["legal"]["revision"] == multi
+
+    put_adapter(env, "tester/refunds", ws / "adapters" / "spare")  # main moves; the v1 tag does not
+    assert sync_json(capsys)["action"] == "none"
+
+    newer = put_adapter(env, "tester/multi", ws / "adapters" / "spare", sub="legal")
+    out = sync_json(capsys)
+    assert out["action"] == "recompute" and out["reasons"] == [f"legal changed (commit {multi[:8]} → {newer[:8]})"]
+    assert json.loads(env.snapshot(REPO)["share_config.json"])["adapters"]["legal"]["revision"] == newer
+
+
+def test_missing_hub_source_names_line(env, ws, capsys):
+    write(ws, manifest_text({"billing": "adapters/billing", "gone": "tester/does-not-exist"}))
+    assert main(["sync"]) == 1
+    err = capsys.readouterr().err
+    assert "lorashare.yaml:5: adapters.gone: repo not found: tester/does-not-exist" in err
+    assert env.count("POST", "commit") == 0
+
+
+def test_no_token_fails_before_any_work(env, ws, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    write(ws, manifest_text(ABC))
+    assert main(["sync", "--json"]) == 2
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["type"] == "ConfigError" and "hf-token" in out["error"] and "HF_TOKEN" in out["error"]
+    assert env.records == []
+
+
+def test_bad_manifest_exit_code_2(ws, capsys):
+    write(ws, "repo_id: a/b\nadapters:\n  x: a/b\n  x: a/c\n")
+    assert main(["sync", "--dry-run"]) == 2
+    assert "lorashare.yaml:4: adapters.x: duplicate key" in capsys.readouterr().err
+
+
+def test_concurrent_change_is_detected(env, ws, capsys, monkeypatch):
+    write(ws, manifest_text(ABC))
+    sync_json(capsys)
+    write(ws, manifest_text({"billing": "adapters/billing", "refunds": "adapters/refunds"}))
+    real = S._apply
+
+    def racing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        env.commit(REPO, {"notes.txt": "someone else"}, message="other run")
+        return result
+
+    monkeypatch.setattr(S, "_apply", racing)
+    assert main(["sync"]) == 1
+    assert "changed while syncing" in capsys.readouterr().err
+    assert head_title(env) == "other run"
+
+
+# ------------------------------------------------------------------------- GitHub Actions
+@pytest.fixture
+def gha(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Dict[str, Path]:
+    files = {"GITHUB_OUTPUT": tmp_path / "gh_output", "GITHUB_STEP_SUMMARY": tmp_path / "gh_summary"}
+    for name, path in files.items():
+        path.write_text("")
+        monkeypatch.setenv(name, str(path))
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    (tmp_path / "runner_temp").mkdir()
+    monkeypatch.setenv("RUNNER_TEMP", str(tmp_path / "runner_temp"))
+    return files
+
+
+def test_github_outputs_summary_and_mask(env, ws, gha, capsys, monkeypatch):
+    secret = "hf_ThisIsTheSecretToken42"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(ws))
+    write(ws, manifest_text(ABC, extra="card: {license: apache-2.0}\n"))
+    assert main(["sync"]) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert lines[0] == f"::add-mask::{secret}"
+    assert secret not in "\n".join(lines[1:]) + cap.err
+    assert lines.count("::group::lorashare sync: plan") == 1 and lines.count("::endgroup::") == 3
+    outputs = parse_output_file(gha["GITHUB_OUTPUT"].read_text())
+    assert outputs == {"changed": "true", "action": "create", "repo-url": f"{env.url}/{REPO}",
+                       "commit-sha": env.resolve(REPO), "compression-ratio": outputs["compression-ratio"],
+                       "adapters": json.dumps(list(ABC))}
+    assert float(outputs["compression-ratio"]) > 0
+    summary = gha["GITHUB_STEP_SUMMARY"].read_text()
+    assert summary.startswith(f"## lorashare sync: `{REPO}`") and "**Published**" in summary
+    assert "| Compression ratio |" in summary and "| ΔW relative error |" in summary
+    assert "| billing | `adapters/billing` | sha256 `" in summary and "| added | 0.0000 |" in summary
+    assert secret not in summary and secret not in gha["GITHUB_OUTPUT"].read_text()
+    assert tempfile.tempdir == os.environ["RUNNER_TEMP"]
+
+
+def test_github_error_annotation_for_manifest(ws, gha, capsys, monkeypatch):
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(ws))
+    (ws / "cfg").mkdir()
+    write(ws / "cfg", "repo_id: a/b\nadapters:\n  x: adapters/billing\n  y: 'bad, value: 100%'\n")
+    assert main(["sync", "--config", "cfg/lorashare.yaml", "--dry-run"]) == 2
+    out = capsys.readouterr().out.splitlines()
+    errors = [line for line in out if line.startswith("::error")]
+    assert len(errors) == 1
+    assert errors[0].startswith("::error file=cfg/lorashare.yaml,line=4,title=lorashare sync::cfg/lorashare.yaml:4: adapters.y: ")
+    assert "100%25" in errors[0]  # workflow-command escaping
+    assert "lorashare sync failed" in gha["GITHUB_STEP_SUMMARY"].read_text()
+    assert gha["GITHUB_OUTPUT"].read_text() == ""
+
+
+def test_json_mode_sends_workflow_commands_to_stderr(env, ws, gha, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    write(ws, manifest_text(ABC))
+    assert main(["sync", "--json", "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["action"] == "create"
+    assert "::group::" in cap.err
+    assert parse_output_file(gha["GITHUB_OUTPUT"].read_text())["changed"] == "true"
+    assert "**Dry run**" in gha["GITHUB_STEP_SUMMARY"].read_text()
+
+
+def test_trusted_publishing_oidc(env, ws, gha, capsys, monkeypatch):
+    import huggingface_hub._oidc as oidc
+
+    monkeypatch.delenv("HF_TOKEN")
+    calls = []
+    short_lived = "hf_jwt_ShortLivedOidcToken99"
+
+    def fake_login(**kwargs):
+        calls.append(kwargs)
+        return {"access_token": short_lived, "token_type": "bearer", "expires_in": 3600}
+
+    monkeypatch.setattr(oidc, "oidc_login", fake_login)
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", "http://127.0.0.1:9/token")
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "runner-request-token")
+    env.required_token = short_lived
+    write(ws, manifest_text(ABC))
+    assert main(["sync"]) == 0
+    cap = capsys.readouterr()
+    assert calls == [{"resource": REPO, "endpoint": env.url}]
+    masks = [line for line in cap.out.splitlines() if line.startswith("::add-mask::")]
+    assert masks == [f"::add-mask::{short_lived}"]
+    rest = cap.out.replace(masks[0], "")
+    assert short_lived not in rest + cap.err + gha["GITHUB_STEP_SUMMARY"].read_text()
+    assert parse_output_file(gha["GITHUB_OUTPUT"].read_text())["commit-sha"] == env.resolve(REPO)
+
+
+def test_oidc_failure_is_a_clear_error(env, ws, gha, capsys, monkeypatch):
+    import huggingface_hub._oidc as oidc
+
+    monkeypatch.delenv("HF_TOKEN")
+
+    def broken(**kwargs):
+        raise RuntimeError("exchange refused: no trusted publisher for this repo")
+
+    monkeypatch.setattr(oidc, "oidc_login", broken)
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", "http://127.0.0.1:9/token")
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "runner-request-token")
+    write(ws, manifest_text(ABC))
+    assert main(["sync"]) == 1
+    out = capsys.readouterr().out
+    assert "::error title=lorashare sync::trusted publishing (OIDC) failed for tester/support-share" in out
+    assert env.count("POST") == 0
+
+
+def test_errors_never_leak_the_token(env, ws, capsys, monkeypatch):
+    secret = "hf_AnotherSecretValue777"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    write(ws, manifest_text(ABC))
+    err = LoraShareError(f"boom with {secret} inside")
+    monkeypatch.setattr(S, "fingerprint_sources", lambda *a, **k: (_ for _ in ()).throw(err))
+    assert main(["sync", "--json"]) == 1
+    cap = capsys.readouterr()
+    assert secret not in cap.out + cap.err and "***" in cap.err
