@@ -1,0 +1,749 @@
+"""lorashare on a Hugging Face Space: compress Hub adapters into SHARE, explore SHARE checkpoints.
+
+Run locally with ``python space/app.py`` (binds 127.0.0.1:7860; ``GRADIO_SERVER_NAME`` and
+``GRADIO_SERVER_PORT`` change that).  On a Space, the platform sets them.
+
+Everything the Space does to adapters goes through lorashare's public API (``SHAREModel`` and
+``lorashare.hub``); its only Hub calls of its own are a size and access check before any download
+(:func:`_remote_sizes`, through ``lorashare.hub``'s client, retries and error messages).
+
+Security rules this file keeps:
+
+* Only the token the visitor gives (signed in with OAuth, or pasted) is ever used: ``HF_TOKEN``
+  and the machine's stored token are ignored, so a Space secret can never act for a visitor.
+  Tokens are never logged, stored in session state or written to disk.
+* Inputs are Hub ids, never paths: an id that names a file or folder on this machine is refused
+  before lorashare (which also opens local folders) sees it.
+* Each request works in its own temporary folder, removed on success and on failure.
+* The download cache (``HF_HOME``) is shared, so every request first checks with the visitor's
+  token that they may download each repo: a private or gated file one visitor downloaded is never
+  served to another.
+
+Limits (environment variables, with safe defaults): ``LORASHARE_SPACE_MAX_ADAPTERS`` (64),
+``LORASHARE_SPACE_MAX_BYTES`` (2e9, bytes downloaded per request, checked before downloading),
+``LORASHARE_SPACE_QUEUE_SIZE`` (40), ``LORASHARE_SPACE_MAX_SESSIONS`` (32 compressed results kept in
+memory), ``LORASHARE_SPACE_STATE_TTL`` (3600 s).
+"""
+
+import os
+
+# Before gradio and huggingface_hub are imported: no telemetry, and no implicit token (a Space
+# secret or a developer's login must never be used on a visitor's behalf).
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    os.environ.pop(_name, None)  # lorashare.hub falls back to HF_TOKEN; a visitor must not get it
+
+import contextlib  # noqa: E402
+import html  # noqa: E402
+import inspect  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import lorashare  # noqa: E402
+from lorashare import LoraShareError, SHAREModel  # noqa: E402
+from lorashare import hub  # noqa: E402
+from lorashare.card import card_metadata  # noqa: E402
+from lorashare.checkpoint import COMPONENTS_FILE, CONFIG_FILE, HEAD_FILE, LOADINGS_FILE, META_FILE, read_config  # noqa: E402
+from lorashare.compress import split_group_key  # noqa: E402
+from lorashare.errors import HubError  # noqa: E402
+from lorashare.names import check_name, derive_name  # noqa: E402
+
+logger = logging.getLogger("lorashare.space")
+
+TMP_PREFIX = "lorashare-space-"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ID_FORMS = "owner/name, owner/name@revision or owner/name/subfolder"
+
+
+# ----------------------------------------------------------------------------------- limits
+
+
+def _env_number(name: str, default: float, minimum: float = 1) -> float:
+    """A number from the environment; a missing, malformed or too small value gives ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        logger.warning("%s=%r is not a number; using %s", name, raw, default)
+        return default
+    if not value >= minimum:  # also catches NaN
+        logger.warning("%s=%r is below %s; using %s", name, raw, minimum, default)
+        return default
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_adapters: int
+    max_bytes: int
+    queue_size: int
+    max_sessions: int
+    state_ttl: float
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        return cls(
+            max_adapters=int(_env_number("LORASHARE_SPACE_MAX_ADAPTERS", 64, minimum=2)),
+            max_bytes=int(_env_number("LORASHARE_SPACE_MAX_BYTES", 2e9)),
+            queue_size=int(_env_number("LORASHARE_SPACE_QUEUE_SIZE", 40)),
+            max_sessions=int(_env_number("LORASHARE_SPACE_MAX_SESSIONS", 32)),
+            state_ttl=_env_number("LORASHARE_SPACE_STATE_TTL", 3600),
+        )
+
+
+LIMITS = Limits.from_env()
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def _size(n: Optional[float]) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _public(message: str, token: Optional[str] = None) -> str:
+    """A message fit for a visitor: no token, no server paths, no HTML."""
+    from huggingface_hub import constants
+
+    if token:
+        message = message.replace(token, "***")
+    message = re.sub(r"hf_[A-Za-z0-9_]{6,}", "hf_***", message)
+    roots = {constants.HF_HUB_CACHE: "<hf-cache>", constants.HF_HOME: "<hf-home>",
+             tempfile.gettempdir(): "<tmp>", os.getcwd(): "<app>"}
+    for root in sorted(roots, key=len, reverse=True):
+        if root and len(root) > 1:
+            message = message.replace(os.path.realpath(root), roots[root]).replace(root, roots[root])
+    # lorashare speaks to Python callers; here a token comes from the sign-in or the token field.
+    message = message.replace("(HF_TOKEN or token=...)", "(sign in, or paste one in the token field)")
+    message = message.replace("(HF_TOKEN)", "(sign in, or paste one in the token field)")
+    message = message.replace("pass a dict {name: source} (CLI: --name name=path)", "name them: one per line as name=owner/name")
+    return html.escape(message, quote=False)
+
+
+class UserError(Exception):
+    """A request the Space refuses, with the message the visitor sees."""
+
+
+def _fail(message: str, token: Optional[str] = None) -> gr.Error:
+    return gr.Error(_public(message, token), duration=None, print_exception=False)
+
+
+@contextlib.contextmanager
+def _readable_errors(token: Optional[str] = None) -> Iterator[None]:
+    """Turn every failure into a ``gr.Error`` with a readable message (never a stack trace)."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (UserError, LoraShareError) as exc:
+        raise _fail(str(exc), token) from None
+    except MemoryError:
+        raise _fail("The server ran out of memory: compress fewer or smaller adapters, or choose a smaller k.") from None
+    except Exception as exc:  # noqa: BLE001 - logged for the operator, summarised for the visitor
+        logger.error("unexpected %s in a request", type(exc).__name__, exc_info=True)
+        raise _fail(
+            f"Unexpected server error ({type(exc).__name__}); it was logged. Try again, and report it if it persists."
+        ) from None
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[str]:
+    """A per-request temporary folder, removed however the request ends."""
+    folder = tempfile.mkdtemp(prefix=TMP_PREFIX)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _token(pasted: Optional[str], oauth_token: Optional[gr.OAuthToken]) -> Optional[str]:
+    """The visitor's token: a pasted one wins over the signed-in session."""
+    pasted = (pasted or "").strip()
+    if pasted:
+        return pasted
+    if oauth_token is not None and getattr(oauth_token, "token", None):
+        return oauth_token.token
+    return None
+
+
+# -------------------------------------------------------------------------------- validation
+
+
+def _not_local(text: str, what: str = f"Hub id (expected {ID_FORMS})") -> None:
+    """Refuse an id that names something on this machine: lorashare would open it as a folder."""
+    body = text.split("@", 1)[0]
+    if os.path.lexists(body) or os.path.lexists(text) or os.path.isabs(body) or body.startswith((".", "~")):
+        raise UserError(f"`{text}` is not a {what}; this Space reads only from the Hub.")
+
+
+def parse_ids(text: str) -> List[Tuple[Optional[str], str, hub.HubRef]]:
+    """``[(name or None, id, HubRef)]`` from one id per line (``name=owner/repo`` names one).
+
+    Blank lines and ``#`` comments are skipped.  Every bad line is reported at once.
+    """
+    out: List[Tuple[Optional[str], str, hub.HubRef]] = []
+    problems: List[str] = []
+    for number, raw in enumerate((text or "").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name: Optional[str] = None
+        if "=" in line:
+            name, line = (part.strip() for part in line.split("=", 1))
+            try:
+                check_name(name)
+            except LoraShareError as exc:
+                problems.append(f"line {number}: {exc}")
+                continue
+        try:
+            _not_local(line)
+            ref = hub.parse_adapter_id(line)
+        except UserError as exc:
+            problems.append(f"line {number}: {exc}")
+            continue
+        except HubError as exc:
+            detail = str(exc)
+            problems.append(
+                f"line {number}: {detail}" if ": bad " in detail
+                else f"line {number}: `{line}` is not a Hub id (expected {ID_FORMS})."
+            )
+            continue
+        out.append((name, line, ref))
+    if problems:
+        raise UserError("\n".join(problems[:10]) + (f"\n… and {len(problems) - 10} more" if len(problems) > 10 else ""))
+    return out
+
+
+def _repo_arg(repo_id: str, what: str = "checkpoint repo") -> str:
+    repo_id = (repo_id or "").strip()
+    if not repo_id:
+        raise UserError(f"Give a {what} id (owner/name).")
+    _not_local(repo_id, "Hub repo id (expected owner/name)")
+    try:
+        return hub.check_repo_id(repo_id)
+    except HubError:
+        raise UserError(f"`{repo_id}` is not a Hub repo id (expected owner/name).") from None
+
+
+# ------------------------------------------------------------------------- Hub size checks
+
+
+def _remote_sizes(repo_id: str, paths: Sequence[str], revision: Optional[str], token: Optional[str],
+                  probe: Optional[str] = None) -> Dict[str, int]:
+    """``{path: bytes}`` of the files among ``paths`` that exist at ``revision``; downloads nothing.
+
+    Also checks, with the visitor's own token, that the visitor may download from the repo:
+    ``paths-info`` refuses a private repo, and a HEAD of ``probe`` (if it exists) refuses a gated
+    one.  Without that, lorashare would serve files another visitor left in the shared download
+    cache: ``snapshot_download`` skips the download (and so the Hub's gate) for cached files.
+    Goes through ``lorashare.hub``'s client, retries and error messages.
+    """
+    from huggingface_hub import hf_hub_url
+
+    api = hub._api(token)
+    what = f"{repo_id}@{revision or 'main'}"
+    entries = hub._retry(lambda: api.get_paths_info(repo_id, list(paths), revision=revision), what)
+    sizes = {e.path: int(getattr(e, "size", 0) or 0) for e in entries if hasattr(e, "size")}
+    if probe in sizes:
+        url = hf_hub_url(repo_id, probe, revision=revision, endpoint=hub.endpoint())
+        hub._retry(lambda: api.get_hf_file_metadata(url=url, token=token or False), what)
+    return sizes
+
+
+def _check_budget(total: int, what: str) -> None:
+    if total > LIMITS.max_bytes:
+        raise UserError(
+            f"{what} {_size(total)} to download; this Space downloads at most {_size(LIMITS.max_bytes)} "
+            "per request (LORASHARE_SPACE_MAX_BYTES). Compress fewer adapters here, or run lorashare "
+            "on your own machine."
+        )
+
+
+# --------------------------------------------------------------------------------- tables
+
+
+RATIO_NOTE = (
+    "**Compression ratio** counts the shared bases: it is what you store and ship. "
+    "**Excluding bases** is the marginal cost of one more adapter once the bases exist (its "
+    "loadings only); it is not the compression ratio."
+)
+
+
+def stats_table(config: Any) -> pd.DataFrame:
+    st = config.compression_stats or {}
+    ks = sorted(set((config.k_per_group or {}).values())) or [config.num_components]
+    k_text = f"{ks[0]}" + (f"–{ks[-1]}" if len(ks) > 1 else "")
+
+    def fmt(value: Any, spec: str = ".4f") -> str:
+        return "–" if value is None else format(value, spec)
+
+    rows = [
+        ("adapters", str(len(config.adapters) or config.num_adapters), ""),
+        ("base model", config.base_model_name_or_path or "?", ""),
+        ("modules", str(len(config.layer_keys)), ", ".join(config.target_modules)),
+        ("k per module and side", k_text, f"{config.component_selection}, {config.dtype}"),
+        ("original LoRA weights", _size(st.get("original_lora_bytes")), "the adapters' A and B factors"),
+        ("SHARE checkpoint", _size(st.get("compressed_bytes")),
+         f"shared bases {_size(st.get('shared_bytes'))} + loadings {_size(st.get('loadings_bytes'))}"),
+        ("classifier heads", _size(st.get("heads_bytes")) if st.get("heads_bytes") else "none",
+         "stored bit-exact, in neither size"),
+        ("compression ratio", f"{st['compression_ratio']:.2f}×" if st.get("compression_ratio") else "?",
+         "bases counted: what you store and ship"),
+        ("compression ratio excluding bases",
+         f"{st['compression_ratio_excluding_basis']:.2f}×" if st.get("compression_ratio_excluding_basis") else "?",
+         "marginal cost of one more adapter, not the compression ratio"),
+        ("ΔW relative error (mean / max)",
+         f"{fmt(st.get('delta_w_rel_error_mean'))} / {fmt(st.get('delta_w_rel_error_max'))}",
+         "‖ΔW − ΔŴ‖ / ‖ΔW‖ over every adapter and module"),
+        ("explained variance (mean / min)",
+         f"{fmt(st.get('mean_explained_variance'))} / {fmt(st.get('min_explained_variance'))}",
+         "share of ΔW energy the bases keep, per module and side"),
+    ]
+    return pd.DataFrame(rows, columns=["statistic", "value", "meaning"])
+
+
+def fidelity_table(share: SHAREModel) -> pd.DataFrame:
+    explained = share.config.compression_stats.get("per_layer_explained_variance", {}) or {}
+    rows = []
+    for name in share.adapter_names:
+        info = share.config.adapters.get(name, {})
+        err = share.reconstruction_error(name)  # the errors measured at compression
+        layers = [v for key, v in explained.items() if split_group_key(key)[0] in err["per_layer"]]
+        rows.append({
+            "adapter": name,
+            "source": str(info.get("source") or ""),
+            "revision": str(info.get("revision") or "")[:10],
+            "rank": info.get("rank"),
+            "ΔW error mean": round(err["mean"], 6),
+            "ΔW error max": round(err["max"], 6),
+            "explained variance of its layers (mean)": round(sum(layers) / len(layers), 6) if layers else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def adapters_table(config: Any) -> pd.DataFrame:
+    rows = []
+    for name in config.adapter_names or list(config.adapters):
+        info = config.adapters.get(name, {})
+        rows.append({
+            "adapter": name,
+            "source": str(info.get("source") or ""),
+            "revision": str(info.get("revision") or "")[:10],
+            "rank": info.get("rank", config.lora_rank),
+            "lora_alpha": info.get("lora_alpha", config.lora_alpha),
+            "original size": _size(info.get("lora_bytes")) if info.get("lora_bytes") else "?",
+        })
+    return pd.DataFrame(rows, columns=["adapter", "source", "revision", "rank", "lora_alpha", "original size"])
+
+
+def _natural(text: str) -> List[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def explained_frame(config: Any) -> pd.DataFrame:
+    """One row per module and side; ``layer`` is the module path less the prefix all modules share."""
+    explained = (config.compression_stats or {}).get("per_layer_explained_variance", {}) or {}
+    modules = sorted({split_group_key(k)[0] for k in explained}, key=_natural)
+    prefix = os.path.commonprefix(modules) if len(modules) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]  # cut at a dot
+    while prefix and any(m[len(prefix):][:1].isdigit() for m in modules):  # "layer.0.query", not "0.query"
+        prefix = prefix[: prefix[:-1].rfind(".") + 1]
+    rows = [
+        {"layer": split_group_key(k)[0][len(prefix):], "module": split_group_key(k)[0],
+         "side": split_group_key(k)[1], "explained variance": float(v)}
+        for k, v in sorted(explained.items(), key=lambda kv: _natural(kv[0]))
+    ]
+    return pd.DataFrame(rows, columns=["layer", "module", "side", "explained variance"])
+
+
+def explained_plot(config: Any) -> gr.LinePlot:
+    frame = explained_frame(config)
+    order = list(dict.fromkeys(frame["layer"]))
+    return gr.LinePlot(frame, sort=order, x_label_angle=-30 if len(order) > 2 else 0,
+                       x_axis_labels_visible=len(order) <= 64)
+
+
+def bytes_frame(config: Any) -> pd.DataFrame:
+    st = config.compression_stats or {}
+    rows = [
+        {"checkpoint": "original LoRA", "part": "LoRA factors", "bytes": int(st.get("original_lora_bytes") or 0)},
+        {"checkpoint": "SHARE", "part": "shared bases", "bytes": int(st.get("shared_bytes") or 0)},
+        {"checkpoint": "SHARE", "part": "loadings", "bytes": int(st.get("loadings_bytes") or 0)},
+    ]
+    return pd.DataFrame(rows, columns=["checkpoint", "part", "bytes"])
+
+
+# ------------------------------------------------------------------------------ endpoints
+
+
+def compress(
+    adapter_ids: str,
+    k_mode: str,
+    k: Optional[float],
+    variance_threshold: Optional[float],
+    token_text: str,
+    oauth_token: gr.OAuthToken | None,
+    progress: gr.Progress = gr.Progress(),
+):
+    """Compress Hub adapters (one id per line) into a SHARE checkpoint.
+
+    Yields once, when done: the outputs are copied to Gradio's cache before the request's temporary
+    folder is removed.
+    """
+    token = _token(token_text, oauth_token)
+    with _readable_errors(token):
+        items = parse_ids(adapter_ids)
+        if len(items) < 2:
+            raise UserError(f"Give at least 2 adapter ids, one per line ({ID_FORMS}); got {len(items)}.")
+        if len(items) > LIMITS.max_adapters:
+            raise UserError(
+                f"{len(items)} adapters given; this Space compresses at most {LIMITS.max_adapters} at once "
+                "(LORASHARE_SPACE_MAX_ADAPTERS)."
+            )
+        if k_mode == "auto":
+            num_components: Any = "auto"
+        else:
+            if k is None or float(k) != int(k) or int(k) < 1:
+                raise UserError(f"k = {k!r}: give a whole number of components ≥ 1, or choose auto.")
+            num_components = int(k)
+        threshold = 0.95 if variance_threshold is None else float(variance_threshold)
+
+        n = len(items)
+        total = 0
+        for i, (_name, text, ref) in enumerate(items):
+            progress(i / n, desc=f"Checking {text} ({i + 1}/{n})")
+            prefix = f"{ref.subfolder}/" if ref.subfolder else ""
+            sizes = _remote_sizes(ref.repo_id, [prefix + f for f in ADAPTER_FILES], ref.revision, token,
+                                  probe=prefix + ADAPTER_FILES[-1])
+            total += sum(sizes.values())
+            _check_budget(total, f"These adapters are {'at least ' if i + 1 < n else ''}")
+        for i, (_name, text, ref) in enumerate(items):
+            progress(i / n, desc=f"Downloading {text} ({i + 1}/{n})")
+            hub.fetch_adapter(ref, token=token)  # into the HF cache; from_adapters below reuses it
+
+        progress(0.0, desc=f"Fitting shared bases for {n} adapters")
+        if any(name for name, _t, _r in items):
+            sources: Any = {name or derive_name(ref.subfolder or ref.repo_id): text for name, text, ref in items}
+        else:
+            sources = [text for _n, text, _r in items]
+        share = SHAREModel.from_adapters(
+            sources, num_components=num_components, variance_threshold=threshold, token=token, progress=True,
+        )
+
+        with _workdir() as work:
+            progress(0.9, desc="Writing the checkpoint")
+            folder = os.path.join(work, "share_checkpoint")
+            share.save_pretrained(folder)
+            progress(0.95, desc="Zipping")
+            archive = shutil.make_archive(
+                os.path.join(work, f"share-checkpoint-{n}-adapters"), "zip", root_dir=work, base_dir="share_checkpoint"
+            )
+            cfg = share.config
+            status = (
+                f"Compressed **{n} adapters** of `{cfg.base_model_name_or_path or '?'}`: "
+                f"{_size(cfg.compression_stats.get('original_lora_bytes'))} → "
+                f"{_size(cfg.compression_stats.get('compressed_bytes'))} "
+                f"(**{cfg.compression_stats.get('compression_ratio', 0):.2f}×**).\n\n{RATIO_NOTE}"
+            )
+            # Gradio copies the zip into its cache when it receives this; the folder goes after.
+            yield (status, stats_table(cfg), fidelity_table(share), explained_plot(cfg), bytes_frame(cfg),
+                   archive, share)
+
+
+def push(
+    share: Optional[SHAREModel],
+    repo_id: str,
+    private: bool,
+    license_id: str,
+    token_text: str,
+    oauth_token: gr.OAuthToken | None,
+    profile: gr.OAuthProfile | None,
+    progress: gr.Progress = gr.Progress(),
+) -> str:
+    """Push the last compressed checkpoint of this session to a Hub repo, with its model card."""
+    token = _token(token_text, oauth_token)
+    with _readable_errors(token):
+        if share is None:
+            raise UserError("Nothing to push yet: compress adapters first (the result is kept for this session).")
+        if not token:
+            raise UserError("Sign in with Hugging Face, or paste a token with write access, to push.")
+        repo_id = (repo_id or "").strip()
+        if repo_id and "/" not in repo_id and profile is not None:
+            repo_id = f"{profile.username}/{repo_id}"
+        repo_id = _repo_arg(repo_id, "target repo")
+        progress(0.1, desc=f"Pushing to {repo_id}")
+        info = share.push_to_hub(
+            repo_id, private=bool(private), token=token, license=(license_id or "").strip() or None,
+        )
+        base = hub.endpoint()
+        repo_url = str(getattr(info, "repo_url", "") or f"{base}/{repo_id}")
+        card_url = f"{base}/{repo_id}/blob/{info.oid}/README.md"
+        return (
+            f"Pushed {len(share.adapter_names)} adapters to **[{repo_id}]({repo_url})** "
+            f"({'private' if private else 'public'}).\n\n"
+            f"- repo and model card: {repo_url}\n- model card file: {card_url}\n"
+            f"- commit: {getattr(info, 'commit_url', '') or info.oid}"
+        )
+
+
+def _checkpoint_config(repo_id: str, revision: Optional[str], token: Optional[str]) -> Tuple[Any, Optional[str]]:
+    """``(SHAREConfig, commit)`` of a Hub checkpoint; reads no adapter loadings."""
+    sizes = _remote_sizes(repo_id, [CONFIG_FILE, COMPONENTS_FILE], revision, token, probe=CONFIG_FILE)
+    if CONFIG_FILE not in sizes:
+        raise UserError(f"{repo_id}@{revision or 'main'} has no {CONFIG_FILE}: not a SHARE checkpoint.")
+    if not revision or "revision" in inspect.signature(hub.fetch_config).parameters:
+        kwargs = {"revision": revision} if revision else {}
+        config, sha = hub.fetch_config(repo_id, token=token, **kwargs)
+        if config is None:
+            raise UserError(f"{repo_id}: no SHARE checkpoint there (or no access to it).")
+        return config, sha
+    # fetch_config reads main only; a revision costs the bases too (never the loadings).
+    _check_budget(sum(sizes.values()), f"{repo_id}@{revision}'s config and bases are")
+    folder, jail = hub.fetch_checkpoint(repo_id, revision=revision, token=token, adapters=[])
+    base = os.path.basename(os.path.normpath(folder))
+    return read_config(folder, jail=jail), base if re.fullmatch(r"[0-9a-f]{40}", base) else revision
+
+
+def explore(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthToken | None,
+            progress: gr.Progress = gr.Progress()):
+    """A SHARE checkpoint's card data, adapters, ranks, stats and plots (no adapter loadings read)."""
+    token = _token(token_text, oauth_token)
+    with _readable_errors(token):
+        repo_id = _repo_arg(repo_id)
+        revision = (revision or "").strip() or None
+        progress(0.2, desc=f"Reading {repo_id}")
+        config, sha = _checkpoint_config(repo_id, revision, token)
+        card = (config.compression_stats or {}).get("card") or {}
+        meta = card_metadata(SHAREModel(config, {}, {}, {}), license=card.get("license"))
+        base = hub.endpoint()
+        names = list(config.adapter_names or config.adapters)
+        lines = [
+            f"### [{repo_id}]({base}/{repo_id})" + (f" @ `{revision}`" if revision else ""),
+            "",
+            f"- commit: `{sha or '?'}`",
+            f"- base model: `{config.base_model_name_or_path or '?'}`",
+            f"- adapters: {len(names)}, LoRA rank {config.lora_rank}, target modules "
+            f"{', '.join(config.target_modules) or '?'}",
+            f"- storage: {config.dtype}, k {config.component_selection}",
+            f"- card data: library `{meta.get('library_name')}`, license `{meta.get('license', 'not set')}`, "
+            f"tags {', '.join(meta.get('tags', []))}",
+            f"- written by lorashare {config.lorashare_version or config.share_version or '?'} "
+            f"(format v{config.format_version})",
+            "",
+            RATIO_NOTE,
+        ]
+        choice = names[0] if names else None
+        return ("\n".join(lines), adapters_table(config), stats_table(config), explained_plot(config),
+                bytes_frame(config), gr.Dropdown(choices=names, value=choice))
+
+
+TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def reconstruct(repo_id: str, revision: str, adapter: str, token_text: str, oauth_token: gr.OAuthToken | None,
+                progress: gr.Progress = gr.Progress()):
+    """Rebuild one adapter of a Hub checkpoint as a standard PEFT adapter (.zip).
+
+    Downloads the bases and that adapter's loadings only.
+    """
+    token = _token(token_text, oauth_token)
+    with _readable_errors(token):
+        repo_id = _repo_arg(repo_id)
+        revision = (revision or "").strip() or None
+        adapter = (adapter or "").strip()
+        if not adapter:
+            raise UserError("Pick an adapter to reconstruct (Explore the checkpoint first).")
+        check_name(adapter)
+        progress(0.1, desc="Checking sizes")
+        wanted = [CONFIG_FILE, COMPONENTS_FILE] + [f"adapters/{adapter}/{f}" for f in (LOADINGS_FILE, HEAD_FILE, META_FILE)]
+        sizes = _remote_sizes(repo_id, wanted, revision, token, probe=CONFIG_FILE)
+        if CONFIG_FILE not in sizes:
+            raise UserError(f"{repo_id}@{revision or 'main'} has no {CONFIG_FILE}: not a SHARE checkpoint.")
+        _check_budget(sum(sizes.values()), f"{adapter!r} and the shared bases are")
+        progress(0.3, desc=f"Downloading {adapter}")
+        share = SHAREModel.from_pretrained(repo_id, revision=revision, token=token, adapters=[adapter])
+        with _workdir() as work:
+            progress(0.7, desc=f"Reconstructing {adapter}")
+            share.reconstruct(adapter, output_dir=os.path.join(work, adapter))
+            archive = shutil.make_archive(os.path.join(work, f"{adapter}-peft-adapter"), "zip",
+                                          root_dir=work, base_dir=adapter)
+            err = share.reconstruction_error(adapter)
+            peft_cfg = share.adapter_configs.get(adapter, {})
+            auto = TASK_CLASSES.get(str(peft_cfg.get("task_type") or ""), "AutoModel")
+            base_model = peft_cfg.get("base_model_name_or_path") or share.config.base_model_name_or_path or "BASE_MODEL"
+            rev = f", revision={revision!r}" if revision else ""
+            text = (
+                f"Rebuilt **{adapter}** (ΔW relative error mean {err['mean']:.4f}, max {err['max']:.4f}). "
+                "Unzip it and load it like any PEFT adapter:\n\n"
+                "```python\n"
+                f"from peft import PeftModel\nfrom transformers import {auto}\n\n"
+                f"base = {auto}.from_pretrained({base_model!r})\n"
+                f"model = PeftModel.from_pretrained(base, {adapter!r})  # the unzipped folder\n"
+                "```\n\nOr straight from the Hub, without the zip:\n\n"
+                "```python\n"
+                "from lorashare import SHAREModel\n\n"
+                f"model = SHAREModel.from_pretrained({repo_id!r}{rev}, adapters=[{adapter!r}]).apply(base, {adapter!r})\n"
+                "```"
+            )
+            yield archive, text
+
+
+# ------------------------------------------------------------------------------------- UI
+
+INTRO = """# lorashare: many LoRA adapters, one shared basis
+
+Compress LoRA adapters of **one base model** from the Hugging Face Hub into shared low-rank bases
+plus a tiny loading per adapter (SHARE), explore SHARE checkpoints, and rebuild any adapter as a
+standard PEFT adapter. Powered by [lorashare](https://pypi.org/project/lorashare/) {version}.
+"""
+
+ID_PLACEHOLDER = "acme/billing-lora\nacme/refunds-lora@v2\nacme/multi-lora/legal\nlegal2=bob/legal-lora"
+
+
+def _toggle_k(mode: str):
+    return gr.Number(interactive=mode != "auto"), gr.Slider(interactive=mode == "auto")
+
+
+def oauth_enabled() -> bool:
+    """Sign-in works on a Space with ``hf_oauth: true`` (which sets ``OAUTH_CLIENT_ID``) only.
+
+    Anywhere else Gradio would mock the login with the machine's own Hugging Face login, and fail
+    without one, so the token field stands in for it.
+    """
+    return os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("SPACE_ID")) and bool(
+        os.environ.get("OAUTH_CLIENT_ID"))
+
+
+def build_demo() -> gr.Blocks:
+    on_space = oauth_enabled()
+    with gr.Blocks(title="lorashare: SHARE for LoRA adapters", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(INTRO.format(version=lorashare.__version__))
+        with gr.Row(equal_height=True):
+            if on_space:
+                # OAuth only works on a Space; locally the login button would need a machine login.
+                gr.LoginButton(scale=0, min_width=240)
+            token_box = gr.Textbox(
+                label="Hugging Face token (optional)", type="password", scale=3, elem_id="hf-token",
+                placeholder="hf_… — for private or gated repos, and to push" + (" (or sign in)" if on_space else ""),
+                info="Used for this request only; never logged or stored.",
+            )
+        result = gr.State(None, time_to_live=LIMITS.state_ttl)
+
+        with gr.Tab("Compress", id="compress"):
+            ids = gr.Textbox(
+                label="Adapter ids, one per line", lines=6, placeholder=ID_PLACEHOLDER, elem_id="adapter-ids",
+                info=f"{ID_FORMS}; `name=owner/name` names one. 2–{LIMITS.max_adapters} adapters, "
+                     f"at most {_size(LIMITS.max_bytes)} downloaded.",
+            )
+            with gr.Row():
+                k_mode = gr.Radio(["auto", "number"], value="auto", label="Components per module (k)",
+                                  info="auto: the fewest that keep the variance threshold")
+                k = gr.Number(value=32, label="k", precision=0, minimum=1, interactive=False)
+                threshold = gr.Slider(0.5, 0.999, value=0.95, step=0.001, label="Variance threshold (auto)")
+            compress_btn = gr.Button("Compress", variant="primary", elem_id="compress-btn")
+            status = gr.Markdown(elem_id="compress-status")
+            stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True, elem_id="stats")
+            fidelity = gr.Dataframe(label="Fidelity per adapter", interactive=False, wrap=True, elem_id="fidelity")
+            with gr.Row():
+                ev_plot = gr.LinePlot(x="layer", y="explained variance", color="side",
+                                      tooltip=["module", "side", "explained variance"],
+                                      title="Explained variance per module and side", height=320)
+                bytes_plot = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
+                                        y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"])
+            checkpoint_zip = gr.File(label="SHARE checkpoint (.zip)", interactive=False, elem_id="checkpoint-zip")
+            with gr.Accordion("Push to the Hub", open=True):
+                gr.Markdown("Sign in (on the Space) or paste a token with write access above."
+                            if on_space else "Paste a token with write access above (sign-in works on a Space).")
+                with gr.Row():
+                    repo_box = gr.Textbox(label="Repo (owner/name)", placeholder="you/support-share", scale=3,
+                                          elem_id="push-repo")
+                    private = gr.Checkbox(value=True, label="Private", scale=1)
+                    license_box = gr.Textbox(label="License (optional)", placeholder="apache-2.0", scale=1)
+                push_btn = gr.Button("Push to the Hub", elem_id="push-btn")
+                push_result = gr.Markdown(elem_id="push-result")
+
+        with gr.Tab("Explore", id="explore"):
+            with gr.Row():
+                repo_id = gr.Textbox(label="SHARE checkpoint repo (owner/name)", scale=3, elem_id="explore-repo")
+                revision = gr.Textbox(label="Revision (optional)", placeholder="main", scale=1)
+            explore_btn = gr.Button("Explore", variant="primary", elem_id="explore-btn")
+            card = gr.Markdown(elem_id="explore-card")
+            adapters = gr.Dataframe(label="Adapters", interactive=False, wrap=True, elem_id="explore-adapters")
+            explore_stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True)
+            with gr.Row():
+                explore_ev = gr.LinePlot(x="layer", y="explained variance", color="side",
+                                         tooltip=["module", "side", "explained variance"],
+                                         title="Explained variance per module and side", height=320)
+                explore_bytes = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
+                                           y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"])
+            with gr.Row():
+                adapter_pick = gr.Dropdown(label="Adapter", choices=[], allow_custom_value=True, scale=3)
+                rebuild_btn = gr.Button("Reconstruct as a PEFT adapter", scale=1, elem_id="reconstruct-btn")
+            adapter_zip = gr.File(label="PEFT adapter (.zip)", interactive=False, elem_id="adapter-zip")
+            snippet = gr.Markdown(elem_id="reconstruct-snippet")
+
+        gr.Markdown(
+            f"Limits: {LIMITS.max_adapters} adapters and {_size(LIMITS.max_bytes)} of downloads per request; "
+            "one job at a time, others wait in the queue. Also scriptable: "
+            "`gradio_client.Client(...).predict(..., api_name=\"/compress\")` (and `/push`, `/explore`, `/reconstruct`)."
+        )
+
+        k_mode.change(_toggle_k, k_mode, [k, threshold], api_visibility="private", queue=False)
+        compress_btn.click(
+            compress, [ids, k_mode, k, threshold, token_box],
+            [status, stats, fidelity, ev_plot, bytes_plot, checkpoint_zip, result], api_name="compress",
+        )
+        push_btn.click(push, [result, repo_box, private, license_box, token_box], push_result, api_name="push")
+        explore_btn.click(
+            explore, [repo_id, revision, token_box],
+            [card, adapters, explore_stats, explore_ev, explore_bytes, adapter_pick], api_name="explore",
+        )
+        rebuild_btn.click(reconstruct, [repo_id, revision, adapter_pick, token_box], [adapter_zip, snippet],
+                          api_name="reconstruct")
+    demo.queue(default_concurrency_limit=1, max_size=LIMITS.queue_size)
+    return demo
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    demo = build_demo()
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+        share=False,
+        ssr_mode=False,
+        show_error=False,
+        state_session_capacity=LIMITS.max_sessions,
+        footer_links=["api"],
+        run_history=False,  # the run history would keep inputs (tokens too) in the browser
+        max_file_size="1mb",  # nothing here takes uploads
+        mcp_server=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
