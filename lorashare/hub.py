@@ -369,8 +369,10 @@ def resolve_revision(ref: HubRef, *, token: Optional[str] = None) -> str:
     return str(info.sha)
 
 
-def fetch_config(repo_id: str, *, token: Optional[str] = None) -> Tuple[Optional[Any], Optional[str]]:
-    """The published ``share_config.json`` of ``repo_id`` (main) and the commit it was read at.
+def fetch_config(
+    repo_id: str, *, token: Optional[str] = None, revision: Optional[str] = None
+) -> Tuple[Optional[Any], Optional[str]]:
+    """The published ``share_config.json`` of ``repo_id`` (at ``revision``, default main) and its commit.
 
     Only that one JSON file is downloaded (no weights).  Returns ``(None, None)`` when the repo
     does not exist (or is private and the token cannot see it), ``(None, sha)`` when it exists
@@ -382,9 +384,9 @@ def fetch_config(repo_id: str, *, token: Optional[str] = None) -> Tuple[Optional
 
     check_repo_id(repo_id)
     api = _api(token)
-    what = f"{repo_id}@main"
+    what = f"{repo_id}@{revision or 'main'}"
     try:
-        info = _retry(lambda: api.model_info(repo_id), what)
+        info = _retry(lambda: api.model_info(repo_id, revision=revision), what)
     except HubNotFoundError as exc:
         if isinstance(exc.__cause__, hfe.RevisionNotFoundError):
             raise

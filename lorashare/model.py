@@ -459,6 +459,11 @@ class SHAREModel:
         if "card" in old:
             stats["card"] = old["card"]
         cfg.compression_stats = stats
+        for n in self.adapter_names:  # per-adapter fidelity in the config: readable without loadings
+            e = list(self.delta_w_errors.get(n, {}).values())
+            if e and n in cfg.adapters:
+                cfg.adapters[n]["delta_w_error_mean"] = sum(e) / len(e)
+                cfg.adapters[n]["delta_w_error_max"] = max(e)
         cfg.num_adapters = len(self.all_loadings)
         cfg.adapter_names = self.adapter_names
         cfg.k_per_group = {k: int(U.shape[1]) for k, U in self.components.items()}
