@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import torch
 
 from .atomic import atomic_folder
-from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError, LoraShareError
+from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .names import check_name
 from .tensorfile import TensorFile, save_bytes
 

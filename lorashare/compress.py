@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -50,7 +49,7 @@ class CompressOptions:
     budget_bytes: Optional[int] = None
     dtype: str = "float32"
     device: Optional[str] = None
-    chunk_bytes: int = 64 * 1024 * 1024
+    chunk_bytes: int = 32 * 1024 * 1024  # raw factors per batch: peak memory is a few times this
     power_iters: int = 2
     progress: bool = True
     weighting: str = "delta_w"  # "delta_w" (gauge-free, per-adapter normalised) or "factors" (plain PCA of A, B)
@@ -148,8 +147,9 @@ def _read_chunk(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> Tupl
         torch.cat([t[i.a_key].float() for t, i in infos], 0, out=FA[g])
         torch.cat([t[i.b_key].float().T for t, i in infos], 0, out=FB[g])
     del read
-    # A NaN/Inf anywhere makes the float64 sum non-finite: one cheap reduction per side.
-    if not (math.isfinite(float(FA.sum(dtype=torch.float64))) and math.isfinite(float(FB.sum(dtype=torch.float64)))):
+    # A NaN/Inf anywhere makes the sum non-finite: one cheap reduction per side.  A sum that
+    # merely overflows is a false alarm, which the per-tensor check below clears.
+    if not (math.isfinite(float(FA.sum())) and math.isfinite(float(FB.sum()))):
         _raise_non_finite(chunk, adapters)  # re-read per tensor to name the culprit
     return FA, FB
 
@@ -189,6 +189,38 @@ def _fit_side(
     return S.basis_from_eigh(F, W, ranks, V, evals, k), evals[..., :k], evals
 
 
+def _stored_errors(FA, FB, UA_s, UB_s, LA, LB, GA, GB, ranks, work_bytes: int):
+    """Per-member ``(‖ΔW − ΔŴ‖², ‖ΔW‖²)`` (G, N) for what is stored, a few adapters at a time.
+
+    Reconstructing every factor at once would hold several copies of the chunk;
+    slicing by adapters keeps the temporaries within ``work_bytes``.
+    """
+    G, d_in, d_out = FA.shape[0], FA.shape[-1], FB.shape[-1]
+    r = ranks[0] if len(set(ranks)) == 1 else None
+    if r is None:  # mixed ranks: one adapter at a time
+        pairs = []
+        for sl in S._blocks(ranks):
+            pairs.append(S.delta_w_error_rows(
+                FA[..., sl, :], FB[..., sl, :], S.reconstruct_rows(UA_s, LA[..., sl]), S.reconstruct_rows(UB_s, LB[..., sl])))
+        return torch.stack([p[0] for p in pairs], -1), torch.stack([p[1] for p in pairs], -1)
+    N = len(ranks)
+    per = max(1, work_bytes // max(1, 4 * 4 * G * r * (d_in + d_out)))  # ~4 temporaries per factor row
+    gA, gB = torch.stack(GA, -3), torch.stack(GB, -3)
+    errs, origs = [], []
+    for i0 in range(0, N, per):
+        i1 = min(N, i0 + per)
+        sl = slice(i0 * r, i1 * r)
+        blk = lambda t: t.unflatten(-2, (i1 - i0, r))  # noqa: E731  (G, m, r, d)
+        e, o = S.delta_w_error_rows(
+            blk(FA[..., sl, :]), blk(FB[..., sl, :]),
+            blk(S.reconstruct_rows(UA_s, LA[..., sl])), blk(S.reconstruct_rows(UB_s, LB[..., sl])),
+            gA[..., i0:i1, :, :], gB[..., i0:i1, :, :],
+        )
+        errs.append(e)
+        origs.append(o)
+    return torch.cat(errs, -1), torch.cat(origs, -1)
+
+
 def _members_split(L: torch.Tensor, ranks: Tuple[int, ...]) -> List[torch.Tensor]:
     return list(torch.split(L, list(ranks), dim=-1))
 
@@ -205,27 +237,14 @@ def _finish_chunk(
     totals: Dict[str, torch.Tensor],
     kept: Dict[str, torch.Tensor],
     dtype: torch.dtype,
+    work_bytes: int = 16 * 1024 * 1024,
 ) -> List[GroupResult]:
     """Project onto the bases, round to the storage dtype, and measure the ΔW error."""
     ranks = chunk[0].ranks
     UA_s, UB_s = UA.to(dtype), UB.to(dtype)
     UAf, UBf = UA_s.float(), UB_s.float()
     LA, LB = S.project(UAf, FA).to(dtype), S.project(UBf, FB).to(dtype)  # (G, k, n)
-    # ΔW error on what is stored: reconstruct the factor rows from the (rounded) basis and loadings.
-    FA_hat = S.reconstruct_rows(UA_s, LA)
-    FB_hat = S.reconstruct_rows(UB_s, LB)
-    r = ranks[0] if len(set(ranks)) == 1 else None
-    if r is not None:
-        blk = lambda t: t.unflatten(-2, (len(ranks), r))  # noqa: E731  (G, N, r, d)
-        err, orig = S.delta_w_error_rows(
-            blk(FA), blk(FB), blk(FA_hat), blk(FB_hat), torch.stack(GA, -3), torch.stack(GB, -3)
-        )
-    else:
-        pairs = [
-            S.delta_w_error_rows(FA[..., s, :], FB[..., s, :], FA_hat[..., s, :], FB_hat[..., s, :])
-            for s in S._blocks(ranks)
-        ]
-        err, orig = torch.stack([p[0] for p in pairs], -1), torch.stack([p[1] for p in pairs], -1)
+    err, orig = _stored_errors(FA, FB, UA_s, UB_s, LA, LB, GA, GB, ranks, work_bytes)
     la, lb = _members_split(LA, ranks), _members_split(LB, ranks)
     rel = torch.where(orig > 0, (err / orig.clamp_min(1e-300)).sqrt(), torch.zeros_like(err))
     out = []

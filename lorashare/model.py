@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -17,11 +16,10 @@ import torch
 
 from . import __version__
 from . import subspace as S
-from .adapters import Adapter, check_compatible, lora_key, module_scale, open_adapter, open_adapters, parse_lora_key, write_peft_adapter
+from .adapters import Adapter, check_compatible, lora_key, open_adapter, open_adapters, parse_lora_key, write_peft_adapter
 from .checkpoint import CheckpointData, SHAREConfig, load_checkpoint, save_checkpoint
 from .compress import DTYPES, CompressOptions, GroupResult, compress, group_key, split_group_key
 from .errors import AdapterError, ConfigError, LoraShareError, UnknownAdapterError
-from .names import check_name
 
 logger = logging.getLogger(__name__)
 

@@ -334,7 +334,6 @@ def water_fill(spectra: Sequence[torch.Tensor], costs: Sequence[int], budget: fl
         for j in range(ks[g], int(s.numel())):
             cand.append((float(s[j]) / c, g, j))
     cand.sort(key=lambda t: -t[0])
-    taken = [set() for _ in spectra]
     for gain, g, j in cand:
         if gain <= 0:
             break

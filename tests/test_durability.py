@@ -10,7 +10,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -15,16 +15,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 import torch
-from huggingface_hub import HfApi, constants
+from huggingface_hub import constants
 from huggingface_hub.utils import _cache_manager
 
 import lorashare.hub
 from lorashare import LoraShareError, SHAREModel
-from lorashare.adapters import open_adapter
 from lorashare.cli import main
 from lorashare.errors import AdapterNotFoundError, HubError, HubNotFoundError, IntegrityError
 from tests.conftest import load_state
