@@ -3,7 +3,8 @@
 For every configuration (shape, number of adapters N, A-init variant) this
 runs, each in its own subprocess (``benchmarks/_worker.py``):
 
-* ``floor``     -- the I/O floor: best-of-3 time to ``load_file`` every adapter;
+* ``floor``     -- the I/O floor: best-of-3 time to ``load_file`` every adapter
+                   and read each of its bytes once;
 * ``reference`` -- lorashare 0.1.3 at k=32 (fp32), possibly on a subset of
                    module groups and extrapolated linearly per group;
 * ``ours``      -- at k=32 fp32 (same k), and at "equal bytes": ``budget_bytes``
@@ -29,12 +30,16 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import synth
+try:
+    import synth  # run as a script: benchmarks/ is sys.path[0]
+except ImportError:  # run as python -m benchmarks.run
+    from benchmarks import synth
 
 logger = logging.getLogger("benchmarks.run")
 
@@ -43,11 +48,20 @@ REPO_ROOT = BENCH_DIR.parent
 WORKER = BENCH_DIR / "_worker.py"
 REFERENCE_VERSION = "0.1.3"
 FP32_BYTES = 4
+# 1-minute load average above which a row is flagged: our worker alone is ~cpu_count.
+BUSY_LOAD = (os.cpu_count() or 1) + 1.0
 
 # Values the reference's numbers are scaled by when it ran on a subset of groups.
 EXTRAPOLATED_FIELDS = (
-    "from_adapters_s", "save_s", "compress_s", "load_s", "reconstruct_ms",
-    "rss_peak_over_baseline_mb", "ckpt_bytes", "ckpt_tensor_bytes",
+    "from_adapters_s",
+    "save_s",
+    "compress_s",
+    "compress_cpu_s",
+    "load_s",
+    "reconstruct_ms",
+    "rss_peak_over_baseline_mb",
+    "ckpt_bytes",
+    "ckpt_tensor_bytes",
 )
 
 
@@ -69,17 +83,25 @@ class BenchConfig:
         return synth.SHAPES[self.shape]
 
 
-def plan(quick: bool, shapes: list[str] | None, ns: list[int] | None,
-         variants: list[str], ref_modules_7b: int) -> list[BenchConfig]:
+def plan(
+    quick: bool,
+    shapes: list[str] | None,
+    ns: list[int] | None,
+    variants: list[str],
+    ref_modules_7b: int,
+) -> list[BenchConfig]:
     """The configurations of a quick or full run, filtered by the CLI."""
     if quick:
         # 7b-slice: one decoder layer (8 groups at d=4096); the reference's eigh
-        # on a 4096^2 covariance takes ~10 s per group here, so it gets one module.
+        # on a 4096^2 covariance takes 4-10 s per group on 2 cores, so it gets one module.
         table = {"roberta": ([6, 20], None), "7b-slice": ([10], 1)}
         default_shapes = ["roberta", "7b-slice"]
     else:
-        table = {"roberta": ([6, 20, 100], None), "7b": ([10, 100], ref_modules_7b),
-                 "7b-slice": ([10], 1)}
+        table = {
+            "roberta": ([6, 20, 100], None),
+            "7b": ([10, 100], ref_modules_7b),
+            "7b-slice": ([10], 1),
+        }
         default_shapes = ["roberta", "7b"]
     configs = []
     for shape in shapes or default_shapes:
@@ -104,31 +126,94 @@ def ensure_reference(ref_dir: Path) -> None:
     dist = ref_dir / f"lorashare-{REFERENCE_VERSION}.dist-info"
     if (ref_dir / "lorashare" / "__init__.py").exists() and dist.exists():
         return
-    logger.info("installing reference lorashare==%s into %s", REFERENCE_VERSION, ref_dir)
+    logger.info(
+        "installing reference lorashare==%s into %s", REFERENCE_VERSION, ref_dir
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-         str(ref_dir), f"lorashare=={REFERENCE_VERSION}"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(ref_dir),
+            f"lorashare=={REFERENCE_VERSION}",
+        ],
         check=True,
     )
 
 
-def run_worker(impl: str, adapter_dirs: list[Path], extra: list[str], timeout: float) -> dict[str, Any]:
+def worker_env(threads: int | None) -> dict[str, str]:
+    """Environment of the workers; ``threads`` pins torch's intra-op thread count."""
+    env = dict(os.environ)
+    if threads:
+        # On a shared host, fewer threads avoid OpenMP spin-waits on descheduled peers.
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_worker(
+    impl: str,
+    adapter_dirs: list[Path],
+    extra: list[str],
+    timeout: float,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Run one measurement subprocess and return its JSON line (or an error dict)."""
-    cmd = [sys.executable, str(WORKER), "--impl", impl, *extra, "--adapters", *map(str, adapter_dirs)]
+    partial = Path(tempfile.gettempdir()) / f"lorashare-bench-{os.getpid()}-{impl}.json"
+    partial.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        str(WORKER),
+        "--impl",
+        impl,
+        *extra,
+        "--partial-out",
+        str(partial),
+        "--adapters",
+        *map(str, adapter_dirs),
+    ]
+    # Other jobs on the host inflate wall times; the load average lets readers judge that.
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO_ROOT,
+            env=worker_env(threads),
+        )
     except subprocess.TimeoutExpired:
-        return {"impl": impl, "ok": False, "error": f"timed out after {timeout:.0f} s"}
+        # Keep what the worker had measured, and say in which phase it ran out of time.
+        result = json.loads(partial.read_text()) if partial.exists() else {"impl": impl}
+        result.update(
+            ok=False,
+            error=f"timed out after {timeout:.0f} s in {result.get('phase', '?')}",
+            loadavg_before=load_before,
+        )
+        partial.unlink(missing_ok=True)
+        return result
+    partial.unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     try:
         result = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         tail = proc.stderr.strip().splitlines()[-3:]
-        return {"impl": impl, "ok": False, "returncode": proc.returncode,
-                "error": f"worker exited {proc.returncode} without a result: {' | '.join(tail)}"}
+        return {
+            "impl": impl,
+            "ok": False,
+            "returncode": proc.returncode,
+            "error": f"worker exited {proc.returncode} without a result: {' | '.join(tail)}",
+        }
     result["process_wall_s"] = wall
+    result["loadavg_before"] = load_before
+    result["loadavg_after"] = os.getloadavg()[0]
     if not result.get("ok"):
         logger.warning("%s failed: %s", impl, result.get("error"))
     return result
@@ -154,7 +239,7 @@ def bench_config(cfg: BenchConfig, args: argparse.Namespace) -> list[dict[str, A
     rows: list[dict[str, Any]] = []
 
     logger.info("[%s] I/O floor", cfg.label)
-    floor = run_worker("floor", dirs, [], args.timeout)
+    floor = run_worker("floor", dirs, [], args.timeout, args.threads)
     rows.append({**base, "impl": "floor", "op": "floor", "result": floor})
 
     full_groups = 2 * cfg.spec.num_modules
@@ -164,11 +249,28 @@ def bench_config(cfg: BenchConfig, args: argparse.Namespace) -> list[dict[str, A
         ref_dirs = synth.ensure_subset(dirs, cfg.ref_modules, sub)
         sub_groups = 2 * cfg.ref_modules
         factor = full_groups / sub_groups
-    logger.info("[%s] reference k=%d on %d/%d groups", cfg.label, args.k, sub_groups, full_groups)
-    ref = run_worker("reference", ref_dirs, common + [
-        "--k", str(args.k), "--ckpt-dir", str(cache / "ckpt" / "reference")], args.timeout)
-    row = {**base, "impl": "reference", "op": f"k={args.k}", "result": ref,
-           "measured_groups": sub_groups, "total_groups": full_groups}
+    logger.info(
+        "[%s] reference k=%d on %d/%d groups",
+        cfg.label,
+        args.k,
+        sub_groups,
+        full_groups,
+    )
+    ref = run_worker(
+        "reference",
+        ref_dirs,
+        common + ["--k", str(args.k), "--ckpt-dir", str(cache / "ckpt" / "reference")],
+        args.timeout,
+        args.threads,
+    )
+    row = {
+        **base,
+        "impl": "reference",
+        "op": f"k={args.k}",
+        "result": ref,
+        "measured_groups": sub_groups,
+        "total_groups": full_groups,
+    }
     if factor != 1.0 and ref.get("ok"):
         row["result"] = extrapolate(ref, factor)
         row["result_measured"] = ref
@@ -176,22 +278,66 @@ def bench_config(cfg: BenchConfig, args: argparse.Namespace) -> list[dict[str, A
     rows.append(row)
 
     logger.info("[%s] ours k=%d fp32", cfg.label, args.k)
-    ours = run_worker("ours", dirs, common + [
-        "--k", str(args.k), "--dtype", "float32", "--ckpt-dir", str(cache / "ckpt" / "ours")],
-        args.timeout)
+    ours = run_worker(
+        "ours",
+        dirs,
+        common
+        + [
+            "--k",
+            str(args.k),
+            "--dtype",
+            "float32",
+            "--ckpt-dir",
+            str(cache / "ckpt" / "ours"),
+        ],
+        args.timeout,
+        args.threads,
+    )
     rows.append({**base, "impl": "ours", "op": f"k={args.k}", "result": ours})
 
     budget = reference_tensor_bytes(cfg.spec, cfg.n, args.k)
     measured_ref = row.get("result_measured", ref)
-    if factor == 1.0 and measured_ref.get("ok") and measured_ref.get("ckpt_tensor_bytes") != budget:
-        logger.warning("reference tensor bytes %s != analytic %s",
-                       measured_ref.get("ckpt_tensor_bytes"), budget)
-    logger.info("[%s] ours equal bytes (budget %.2f MB, %s)", cfg.label, budget / 1e6, args.budget_dtype)
-    ours_b = run_worker("ours", dirs, common + [
-        "--budget-bytes", str(budget), "--dtype", args.budget_dtype,
-        "--ckpt-dir", str(cache / "ckpt" / "ours-budget")], args.timeout)
-    rows.append({**base, "impl": "ours", "op": "equal-bytes", "budget_bytes": budget,
-                 "dtype": args.budget_dtype, "result": ours_b})
+    if (
+        factor == 1.0
+        and measured_ref.get("ok")
+        and measured_ref.get("ckpt_tensor_bytes") != budget
+    ):
+        logger.warning(
+            "reference tensor bytes %s != analytic %s",
+            measured_ref.get("ckpt_tensor_bytes"),
+            budget,
+        )
+    logger.info(
+        "[%s] ours equal bytes (budget %.2f MB, %s)",
+        cfg.label,
+        budget / 1e6,
+        args.budget_dtype,
+    )
+    ours_b = run_worker(
+        "ours",
+        dirs,
+        common
+        + [
+            "--budget-bytes",
+            str(budget),
+            "--dtype",
+            args.budget_dtype,
+            "--ckpt-dir",
+            str(cache / "ckpt" / "ours-budget"),
+        ],
+        args.timeout,
+        args.threads,
+    )
+    rows.append(
+        {
+            **base,
+            "impl": "ours",
+            "op": "equal-bytes",
+            "budget_bytes": budget,
+            "dtype": args.budget_dtype,
+            "result": ours_b,
+        }
+    )
     return rows
 
 
@@ -212,7 +358,11 @@ def _mode(row: dict[str, Any]) -> str:
     res = row["result"]
     if row["op"] == "equal-bytes":
         # What the worker actually passed (it drops dtype if unsupported), else what was asked.
-        dtype = res.get("kwargs", {}).get("dtype", row.get("dtype", "?")) if res.get("ok") else row.get("dtype", "?")
+        dtype = (
+            res.get("kwargs", {}).get("dtype", row.get("dtype", "?"))
+            if res.get("ok")
+            else row.get("dtype", "?")
+        )
         return f"bytes≤{row['budget_bytes'] / 1e6:.3g}MB {dtype}"
     return f"{row['op']} fp32"
 
@@ -223,11 +373,21 @@ def _note(row: dict[str, Any]) -> str:
     if not res.get("ok"):
         notes.append("FAILED: " + str(res.get("error", "?"))[:90])
     if row.get("extrapolated_from_groups"):
-        notes.append(f"extrapolated from {row['extrapolated_from_groups']}/{row['total_groups']} groups"
-                     " (err: measured groups)")
+        notes.append(
+            f"extrapolated from {row['extrapolated_from_groups']}/{row['total_groups']} groups"
+            " (err: measured groups)"
+        )
+    load = res.get("loadavg_after")
+    if isinstance(load, float) and load > BUSY_LOAD:
+        # Our own worker accounts for ~torch_threads of the load; more means other jobs.
+        notes.append(f"host busy (load {load:.1f})")
     if res.get("budget_ok") is False:
         notes.append("OVER BUDGET")
-    if row["op"] == "equal-bytes" and res.get("ok") and res.get("k_reported") is not None:
+    if (
+        row["op"] == "equal-bytes"
+        and res.get("ok")
+        and res.get("k_reported") is not None
+    ):
         notes.append(f"k={res['k_reported']}")
     if res.get("err_missing_modules"):
         notes.append(f"{res['err_missing_modules']} modules missing")
@@ -236,25 +396,47 @@ def _note(row: dict[str, Any]) -> str:
 
 def results_table(rows: list[dict[str, Any]]) -> str:
     """The main Markdown table (one row per impl/operating point)."""
-    head = ("| config | impl | k/mode | compress s | floor s | ×floor | RSS MB | bytes MB "
-            "| ΔW err mean | ΔW err max | reconstruct ms | note |")
+    head = (
+        "| config | impl | k/mode | compress s | floor s | ×floor | RSS MB | bytes MB "
+        "| ΔW err mean | ΔW err max | reconstruct ms | note |"
+    )
     lines = [head, "|" + "---|" * 12]
-    floors = {r["config"]: r["result"].get("floor_s") for r in rows if r["impl"] == "floor"}
+    floors = {
+        r["config"]: r["result"].get("floor_s") for r in rows if r["impl"] == "floor"
+    }
     for row in rows:
         if row["impl"] == "floor":
             continue
         res = row["result"]
         floor = floors.get(row["config"])
         rss = res.get("rss_peak_over_baseline_mb")
-        lines.append("| " + " | ".join([
-            row["config"], row["impl"], _mode(row),
-            _num(res.get("compress_s"), ".3g"), _num(floor, ".3g"),
-            _ratio(res.get("compress_s"), floor),
-            _num(rss * 1024 * 1024 / 1e6 if isinstance(rss, (int, float)) else None, ".4g"),
-            _num(res["ckpt_bytes"] / 1e6 if "ckpt_bytes" in res else None, ".4g"),
-            _num(res.get("err_mean"), ".2e"), _num(res.get("err_max"), ".2e"),
-            _num(res.get("reconstruct_ms"), ".3g"), _note(row),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["config"],
+                    row["impl"],
+                    _mode(row),
+                    _num(res.get("compress_s"), ".3g"),
+                    _num(floor, ".3g"),
+                    _ratio(res.get("compress_s"), floor),
+                    _num(
+                        rss * 1024 * 1024 / 1e6
+                        if isinstance(rss, (int, float))
+                        else None,
+                        ".4g",
+                    ),
+                    _num(
+                        res["ckpt_bytes"] / 1e6 if "ckpt_bytes" in res else None, ".4g"
+                    ),
+                    _num(res.get("err_mean"), ".2e"),
+                    _num(res.get("err_max"), ".2e"),
+                    _num(res.get("reconstruct_ms"), ".3g"),
+                    _note(row),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -270,30 +452,54 @@ def ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, label in ((k, k.split(":", 1)[1]) for k in d if k.startswith("ours:")):
             ours = d[key]
             entry = {"config": cfg, "op": label}
-            for name, field in (("time", "compress_s"), ("rss", "rss_peak_over_baseline_mb"),
-                                ("bytes", "ckpt_bytes"), ("err_mean", "err_mean"),
-                                ("err_max", "err_max")):
+            for name, field in (
+                ("time", "compress_s"),
+                ("cpu", "compress_cpu_s"),
+                ("rss", "rss_peak_over_baseline_mb"),
+                ("bytes", "ckpt_bytes"),
+                ("err_mean", "err_mean"),
+                ("err_max", "err_max"),
+            ):
                 a, b = ours.get(field), ref.get(field)
-                ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0
+                ok = (
+                    isinstance(a, (int, float))
+                    and isinstance(b, (int, float))
+                    and b > 0
+                )
                 entry[f"{name}_ours_over_ref"] = a / b if ok else None
             for name, res in (("ours", ours), ("ref", ref)):
                 t = res.get("compress_s")
-                entry[f"{name}_over_floor"] = t / floor if isinstance(t, (int, float)) and floor else None
+                entry[f"{name}_over_floor"] = (
+                    t / floor if isinstance(t, (int, float)) and floor else None
+                )
             out.append(entry)
     return out
 
 
 def ratios_table(ratios: list[dict[str, Any]]) -> str:
     """Markdown table of ours/reference ratios (<1 means ours is smaller/faster)."""
-    head = ("| config | ours op (vs ref k=32) | time ours/ref | RSS ours/ref | bytes ours/ref "
-            "| ΔW err mean ours/ref | ΔW err max ours/ref | ours ×floor | ref ×floor |")
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| config | ours op (vs ref k=32) | time ours/ref | CPU time ours/ref | RSS ours/ref "
+        "| bytes ours/ref | ΔW err mean ours/ref | ΔW err max ours/ref | ours ×floor | ref ×floor |"
+    )
+    lines = [head, "|" + "---|" * 10]
     for e in ratios:
-        lines.append("| " + " | ".join([
-            e["config"], e["op"],
-            *(_num(e[f"{n}_ours_over_ref"], ".3g") for n in ("time", "rss", "bytes", "err_mean", "err_max")),
-            _num(e["ours_over_floor"], ".3g"), _num(e["ref_over_floor"], ".3g"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    e["config"],
+                    e["op"],
+                    *(
+                        _num(e[f"{n}_ours_over_ref"], ".3g")
+                        for n in ("time", "cpu", "rss", "bytes", "err_mean", "err_max")
+                    ),
+                    _num(e["ours_over_floor"], ".3g"),
+                    _num(e["ref_over_floor"], ".3g"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -319,12 +525,15 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu_model": cpu or platform.processor(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus_usable": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else None,
         "mem_total_gb": mem_kb / 1024**2 if mem_kb else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "loadavg_at_start": os.getloadavg(),
     }
 
 
@@ -334,7 +543,10 @@ def impl_versions(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in rows:
         res = r["result"]
         if r["impl"] in out and out[r["impl"]] is None and res.get("impl_file"):
-            out[r["impl"]] = {"version": res.get("impl_version"), "file": res.get("impl_file")}
+            out[r["impl"]] = {
+                "version": res.get("impl_version"),
+                "file": res.get("impl_file"),
+            }
     for impl, v in out.items():
         if v is None:
             errs = [r["result"].get("error") for r in rows if r["impl"] == impl]
@@ -345,8 +557,13 @@ def impl_versions(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def git_revision() -> str | None:
     """HEAD commit of the repo, if any (the tree may be dirty)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -355,16 +572,36 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="benchmark ours vs lorashare 0.1.3")
     ap.add_argument("--quick", action="store_true", help="small configs only (< 2 min)")
     ap.add_argument("--shapes", nargs="+", choices=sorted(synth.SHAPES))
-    ap.add_argument("--ns", nargs="+", type=int, help="override the numbers of adapters")
-    ap.add_argument("--variants", nargs="+", choices=synth.VARIANTS, default=list(synth.VARIANTS))
+    ap.add_argument(
+        "--ns", nargs="+", type=int, help="override the numbers of adapters"
+    )
+    ap.add_argument(
+        "--variants", nargs="+", choices=synth.VARIANTS, default=list(synth.VARIANTS)
+    )
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--budget-dtype", default="float16", help="ours' dtype at equal bytes")
-    ap.add_argument("--ref-modules-7b", type=int, default=8,
-                    help="7B shape: the reference runs on this many modules (x2 groups) and is "
-                         "extrapolated; 8 = two decoder layers = 16 groups")
-    ap.add_argument("--max-eval-adapters", type=int, default=None,
-                    help="ΔW error on at most this many (evenly spaced) adapters")
+    ap.add_argument(
+        "--budget-dtype", default="float16", help="ours' dtype at equal bytes"
+    )
+    ap.add_argument(
+        "--ref-modules-7b",
+        type=int,
+        default=4,
+        help="7B shape: the reference runs on this many modules (x2 groups) and is "
+        "extrapolated; 4 = one decoder layer = 8 groups (~10 s per group)",
+    )
+    ap.add_argument(
+        "--max-eval-adapters",
+        type=int,
+        default=None,
+        help="ΔW error on at most this many (evenly spaced) adapters",
+    )
     ap.add_argument("--timeout", type=float, default=None, help="per-worker seconds")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP/MKL threads per worker (default: torch's choice, all cores)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reference-dir", type=Path, default=BENCH_DIR / ".reference")
     ap.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
@@ -380,12 +617,17 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     t_start = time.perf_counter()
     ensure_reference(args.reference_dir)
     configs = plan(args.quick, args.shapes, args.ns, args.variants, args.ref_modules_7b)
-    logger.info("%d configurations: %s", len(configs), ", ".join(c.label for c in configs))
+    logger.info(
+        "%d configurations: %s", len(configs), ", ".join(c.label for c in configs)
+    )
 
     rows: list[dict[str, Any]] = []
     for cfg in configs:
@@ -399,11 +641,14 @@ def main() -> None:
         "machine": machine_info(),
         "versions": impl_versions(rows),
         "git_revision": git_revision(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+        },
         "configs": [asdict(c) | {"label": c.label} for c in configs],
         "rows": rows,
         "ratios": ratios,
         "total_wall_s": time.perf_counter() - t_start,
+        "loadavg_end": os.getloadavg(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -122,19 +122,38 @@ def _llama_modules(layers: int) -> tuple[str, ...]:
 
 SHAPES: dict[str, ShapeSpec] = {
     "roberta": ShapeSpec(
-        "roberta", _roberta_modules(12), 768, 768, 8, 16, ("query", "value"),
-        "FacebookAI/roberta-base", "FEATURE_EXTRACTION",
+        "roberta",
+        _roberta_modules(12),
+        768,
+        768,
+        8,
+        16,
+        ("query", "value"),
+        "FacebookAI/roberta-base",
+        "FEATURE_EXTRACTION",
     ),
     "7b": ShapeSpec(
-        "7b", _llama_modules(32), 4096, 4096, 16, 32,
+        "7b",
+        _llama_modules(32),
+        4096,
+        4096,
+        16,
+        32,
         ("q_proj", "k_proj", "v_proj", "o_proj"),
-        "meta-llama/Llama-2-7b-hf", "CAUSAL_LM",
+        "meta-llama/Llama-2-7b-hf",
+        "CAUSAL_LM",
     ),
     # One decoder layer of the 7B shape: per-group timing at d=4096 in seconds.
     "7b-slice": ShapeSpec(
-        "7b-slice", _llama_modules(1), 4096, 4096, 16, 32,
+        "7b-slice",
+        _llama_modules(1),
+        4096,
+        4096,
+        16,
+        32,
         ("q_proj", "k_proj", "v_proj", "o_proj"),
-        "meta-llama/Llama-2-7b-hf", "CAUSAL_LM",
+        "meta-llama/Llama-2-7b-hf",
+        "CAUSAL_LM",
     ),
 }
 
@@ -200,11 +219,17 @@ class _SetStructure:
     a_0: torch.Tensor | None  # (G, r, d_in), same-seed only
 
 
-def _set_structure(shape: ShapeSpec, p: GenParams, seed: int, same_seed: bool) -> _SetStructure:
+def _set_structure(
+    shape: ShapeSpec, p: GenParams, seed: int, same_seed: bool
+) -> _SetStructure:
     g = torch.Generator().manual_seed(seed)
     n_mod = shape.num_modules
-    u_s = torch.randn(n_mod, shape.d_out, p.shared_out_dims, generator=g) / math.sqrt(shape.d_out)
-    v_s = torch.randn(n_mod, shape.d_in, p.shared_in_dims, generator=g) / math.sqrt(shape.d_in)
+    u_s = torch.randn(n_mod, shape.d_out, p.shared_out_dims, generator=g) / math.sqrt(
+        shape.d_out
+    )
+    v_s = torch.randn(n_mod, shape.d_in, p.shared_in_dims, generator=g) / math.sqrt(
+        shape.d_in
+    )
     m_0 = torch.randn(n_mod, p.shared_out_dims, shape.r, generator=g)
     a_0 = None
     if same_seed:
@@ -224,7 +249,10 @@ def generate_adapter(
     else:
         a = _uniform(g, (n_mod, r, d_in), 1.0 / math.sqrt(d_in))
     c = torch.randn(n_mod, r, p.shared_in_dims, generator=g)
-    a.add_(torch.bmm(c, st.v_s.transpose(1, 2)), alpha=p.a_shared / math.sqrt(p.shared_in_dims))
+    a.add_(
+        torch.bmm(c, st.v_s.transpose(1, 2)),
+        alpha=p.a_shared / math.sqrt(p.shared_in_dims),
+    )
     a.add_(torch.randn(n_mod, r, d_in, generator=g), alpha=p.a_iso / math.sqrt(d_in))
 
     z = torch.randn(n_mod, p.shared_out_dims, r, generator=g)
@@ -286,7 +314,9 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def ensure_adapter_set(shape_name: str, n: int, variant: str, cache_dir: Path) -> list[Path]:
+def ensure_adapter_set(
+    shape_name: str, n: int, variant: str, cache_dir: Path
+) -> list[Path]:
     """Return the adapter folders of a set, generating (once) into the cache."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -309,7 +339,9 @@ def ensure_adapter_set(shape_name: str, n: int, variant: str, cache_dir: Path) -
         adir = out / nm
         adir.mkdir(exist_ok=True)
         state = generate_adapter(shape, p, st, seed, i)
-        save_file(state, str(adir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            state, str(adir / "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
         (adir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     manifest["files"] = names
     _write_json_atomic(out / "manifest.json", manifest)
@@ -324,7 +356,11 @@ def ensure_subset(full_dirs: list[Path], num_modules: int, dest: Path) -> list[P
     """
     names = [d.name for d in full_dirs]
     marker = dest / "subset.json"
-    want = {"num_modules": num_modules, "source": str(full_dirs[0].parent), "names": names}
+    want = {
+        "num_modules": num_modules,
+        "source": str(full_dirs[0].parent),
+        "names": names,
+    }
     if marker.exists() and json.loads(marker.read_text()) == want:
         return [dest / nm for nm in names]
     dest.mkdir(parents=True, exist_ok=True)
@@ -337,7 +373,11 @@ def ensure_subset(full_dirs: list[Path], num_modules: int, dest: Path) -> list[P
             keep = set(modules[:num_modules])
             state = {k: f.get_tensor(k) for k in keys if k.split(".lora_")[0] in keep}
         (dest / src.name).mkdir(exist_ok=True)
-        save_file(state, str(dest / src.name / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            state,
+            str(dest / src.name / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
         cfg = (src / "adapter_config.json").read_text()
         (dest / src.name / "adapter_config.json").write_text(cfg)
     _write_json_atomic(marker, want)
@@ -364,7 +404,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path(__file__).parent / ".cache")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    dirs = ensure_adapter_set(args.shape, args.num_adapters, args.variant, args.cache_dir)
+    dirs = ensure_adapter_set(
+        args.shape, args.num_adapters, args.variant, args.cache_dir
+    )
     print(dirs[0].parent)
 
 

