@@ -53,6 +53,7 @@ __all__ = [
     "water_fill",
     "delta_w_error",
     "delta_w_error_rows",
+    "delta_w_error_coords",
 ]
 
 Ranks = Sequence[int]
@@ -389,3 +390,30 @@ def delta_w_error(
     """
     t = lambda x: x.transpose(-1, -2).contiguous()  # noqa: E731
     return delta_w_error_rows(A.float(), t(B.float()), A_hat.float(), t(B_hat.float()))
+
+
+def delta_w_error_coords(
+    GA: torch.Tensor,
+    GB: torch.Tensor,
+    QA: torch.Tensor,
+    QB: torch.Tensor,
+    LA: torch.Tensor,
+    LB: torch.Tensor,
+    SA: torch.Tensor,
+    SB: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(‖ΔW − ΔŴ‖², ‖ΔW‖²)`` from coordinates only: O(k² r) instead of O(d k r).
+
+    ``GA = A Aᵀ``, ``GB = BᵀB`` (r × r); ``QA = Uᵀ_A Aᵀ``, ``QB = Uᵀ_B B`` (k × r) are
+    the exact coordinates, ``LA``, ``LB`` the stored (maybe rounded) loadings and
+    ``SA = Uᵀ_A U_A``, ``SB`` (k × k) the stored bases' Grams.  It expands the
+    square, so it loses precision when the error is below ~1e-3 of ‖ΔW‖: the
+    caller re-measures those with :func:`delta_w_error_rows`.
+    """
+    t = lambda x: x.transpose(-1, -2)  # noqa: E731
+    QA, QB, LA, LB, SA, SB = (x.double() for x in (QA, QB, LA, LB, SA, SB))
+    HA = t(LA) @ SA @ LA
+    HB = t(LB) @ SB @ LB
+    cross = ((t(QB) @ LB) * (t(QA) @ LA)).sum((-1, -2))
+    orig = delta_w_sqnorm(GA, GB)
+    return (orig + delta_w_sqnorm(HA, HB) - 2 * cross).clamp_min(0), orig
