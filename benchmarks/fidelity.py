@@ -8,7 +8,7 @@ reconstructed adapter is loaded with ``PeftModel.from_pretrained`` and scored
 on the task's held-out test split.
 
     python benchmarks/fidelity.py            # full: 9 tasks, ~2k train / ~1k test each
-    python benchmarks/fidelity.py --quick    # 3 tasks, 400/200 examples, 1 epoch, 4 operating points
+    python benchmarks/fidelity.py --quick    # 3 tasks, 500/250 examples, 4 operating points
     python benchmarks/fidelity.py --tasks polarity winowhy
 
 Everything is cached under ``benchmarks/.cache`` and the run is resumable:
@@ -521,25 +521,42 @@ from benchmarks import realtasks as rt
 hf_logging.set_verbosity_error()
 
 def status():
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
     out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            out[k] = int(v.split()[0]) * 1024
+    for path, keys in (("/proc/self/status", ("VmRSS", "VmHWM", "RssAnon", "RssFile")),
+                       ("/proc/self/smaps_rollup", ("Pss", "Anonymous"))):
+        try:
+            for line in open(path):
+                k, _, v = line.partition(":")
+                if k in keys:
+                    out[k] = int(v.split()[0]) * 1024
+        except OSError:
+            pass
     return out
 
 def base():
     return AutoModelForSequenceClassification.from_pretrained(rt.model_path(), num_labels=args["head"]).eval()
 
-gc.collect()
+tok = rt.tokenizer()
+enc = tok(["a short test sentence"], return_tensors="pt")
 before = status()
 mode, folders, names = args["mode"], args["folders"], args["names"]
 keep = []
 if mode == "base":
     keep.append(base())
-elif mode == "separate":
+elif mode in ("separate", "separate-copied"):
     for f in folders:
-        keep.append(PeftModel.from_pretrained(base(), f).eval())
+        b = base()
+        if mode == "separate-copied":  # private weights, as after moving each model to its own device memory
+            with torch.no_grad():
+                for p in b.parameters():
+                    p.data = p.data.clone()
+        keep.append(PeftModel.from_pretrained(b, f).eval())
 elif mode == "peft-multi":
     pm = PeftModel.from_pretrained(base(), folders[0], adapter_name=names[0])
     for n, f in zip(names[1:], folders[1:]):
@@ -550,29 +567,23 @@ elif mode == "share":
     pm = share.load_into(base(), share.adapter_names)
     del share
     keep.append(pm)
-gc.collect()
-try:
-    import ctypes
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-except Exception:
-    pass
-after = status()
 n_adapters = 0
 if keep and hasattr(keep[-1], "peft_config"):
     n_adapters = sum(len(m.peft_config) for m in keep)
 # one forward pass per adapter, to show the model serves
-tok = rt.tokenizer()
-enc = tok(["a short test sentence"], return_tensors="pt")
 with torch.no_grad():
     if mode == "share" or mode == "peft-multi":
-        for n in names:
+        for n in list(keep[0].peft_config):
             keep[0].set_adapter(n)
             keep[0](**enc)
     else:
         for m in keep:
             m(**enc)
-print(json.dumps({"mode": mode, "rss_before": before["VmRSS"], "rss_after": after["VmRSS"],
-                  "rss_added": after["VmRSS"] - before["VmRSS"], "peak": status()["VmHWM"],
+after = status()  # after one forward pass per adapter: every weight has been touched
+print(json.dumps({"mode": mode, "before": before, "after": after,
+                  "rss_added": after["VmRSS"] - before["VmRSS"],
+                  "anon_added": after.get("RssAnon", 0) - before.get("RssAnon", 0),
+                  "pss_added": after.get("Pss", 0) - before.get("Pss", 0),
                   "peft_adapters": n_adapters, "models": len(keep)}))
 """
 
@@ -580,7 +591,7 @@ print(json.dumps({"mode": mode, "rss_before": before["VmRSS"], "rss_after": afte
 def serving_memory(adapters: Dict[str, Path], ckpt: Path) -> Dict[str, Any]:
     names = list(adapters)
     res: Dict[str, Any] = {"n_adapters": len(names), "checkpoint": str(ckpt.relative_to(REPO))}
-    for mode in ("base", "separate", "peft-multi", "share"):
+    for mode in ("base", "separate", "separate-copied", "peft-multi", "share"):
         args = {"repo": str(REPO), "mode": mode, "folders": [str(adapters[n]) for n in names], "names": names,
                 "ckpt": str(ckpt), "head": HEAD_LABELS}
         proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, json.dumps(args)], capture_output=True,
@@ -588,7 +599,8 @@ def serving_memory(adapters: Dict[str, Path], ckpt: Path) -> Dict[str, Any]:
         if proc.returncode:
             raise RuntimeError(f"memory {mode} failed: {proc.stderr[-2000:]}")
         res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        log.info("serving memory %s: +%.1f MB", mode, res[mode]["rss_added"] / 2**20)
+        log.info("serving memory %s: RSS +%.1f MB, PSS +%.1f MB", mode, res[mode]["rss_added"] / 2**20,
+                 res[mode]["pss_added"] / 2**20)
     return res
 
 
@@ -674,7 +686,7 @@ def markdown(report: Dict[str, Any]) -> str:
             f"| {p['label']} | {p['bytes']['tensor_bytes'] / 1e3:.0f} kB ({_pct(p['fraction_of_lora_bytes'])}%) | "
             f"{k:.1f} | {_pct(s['retained_mean'])} / {_pct(s['retained_min'])} | "
             f"{_pct(s['agreement_mean'])} / {_pct(s['agreement_min'])} | {s['delta_w_error_mean']:.3f} | "
-            f"{p['compress_seconds']:.1f} |")
+            f"{p['compress_seconds']:.2f} |")
     lines.append("")
     lines.append(f"Original LoRA bytes (all {len(tasks)} adapters, lora_A + lora_B): "
                  f"{report['original_lora_bytes'] / 1e6:.2f} MB.")
@@ -687,10 +699,16 @@ def markdown(report: Dict[str, Any]) -> str:
                      f"({b['agreement_min_task']}).")
     mem = report.get("serving")
     if mem:
-        mb = lambda m: mem[m]["rss_added"] / 2**20  # noqa: E731
-        lines.append(f"Serving {mem['n_adapters']} adapters (RSS added): N separate PeftModels {mb('separate'):.0f} MB, "
-                     f"PEFT multi-adapter {mb('peft-multi'):.0f} MB, SHARE load_into {mb('share'):.0f} MB "
-                     f"(one base model alone: {mb('base'):.0f} MB).")
+        mb = lambda m, k="rss_added": mem[m][k] / 2**20  # noqa: E731
+        lines += ["", f"Serving {mem['n_adapters']} adapters, memory added to the process (MB, after one forward pass "
+                  "per adapter):", "", "| loaded as | RSS | PSS | anonymous |", "|---|---|---|---|"]
+        for m, what in (("base", "one base model, no adapter"),
+                        ("separate", f"{mem['n_adapters']} separate PeftModels (base weights mmapped from one file)"),
+                        ("separate-copied", f"{mem['n_adapters']} separate PeftModels, private weight copies"),
+                        ("peft-multi", "one PeftModel, PEFT load_adapter"),
+                        ("share", "one PeftModel, SHAREModel.load_into")):
+            if m in mem:
+                lines.append(f"| {what} | {mb(m):.0f} | {mb(m, 'pss_added'):.0f} | {mb(m, 'anon_added'):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -700,7 +718,10 @@ def plot(report: Dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     points = report["points"]
+    xs_all = [p["fraction_of_lora_bytes"] for p in points]
     fams: Dict[str, List[Dict[str, Any]]] = {}
     for p in points:
         fams.setdefault(p["family"], []).append(p)
@@ -717,9 +738,11 @@ def plot(report: Dict[str, Any], png: Path) -> None:
     for ax, key, title in ((axes[0], "retained_mean", "Mean accuracy retained (tasks that learned)"),
                            (axes[1], "agreement_mean", "Prediction agreement with the original adapter")):
         for fam, ps in fams.items():
-            ps = sorted(ps, key=lambda p: p["fraction_of_lora_bytes"])
+            ps = sorted((p for p in ps if p["summary"][key] is not None), key=lambda p: p["fraction_of_lora_bytes"])
+            if not ps:
+                continue
             xs = [p["fraction_of_lora_bytes"] for p in ps]
-            ys = [100 * (p["summary"][key] or 0) for p in ps]
+            ys = [100 * p["summary"][key] for p in ps]
             ax.plot(xs, ys, label=fam, **style.get(fam, {}))
             if fam == "0.1.3, k" or fam == "ours fp32, k":
                 for p, x, y in zip(ps, xs, ys):
@@ -731,10 +754,16 @@ def plot(report: Dict[str, Any], png: Path) -> None:
         ax.axhline(99 if key == "retained_mean" else 97, color="tab:green", lw=0.8, ls=":",
                    label="target (99% retained)" if key == "retained_mean" else "target (97% agreement)")
         ax.set_xscale("log")
-        ax.set_xlabel("checkpoint tensor bytes / original LoRA bytes (log; bases + loadings, heads excluded)")
+        ticks = [t for t in (0.02, 0.05, 0.1, TARGET_FRACTION, 0.25, 0.5, 1.0, 2.0)
+                 if min(xs_all) / 1.5 <= t <= max(xs_all) * 1.5]
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "1/6" if abs(v - TARGET_FRACTION) < 1e-9 else f"{100 * v:g}%"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("checkpoint size: bases + loadings, as a fraction of the original adapters' LoRA bytes (log)")
         ax.set_ylabel("%")
         ax.set_title(title)
-        lo = min(100 * (p["summary"][key] or 0) for p in points)
+        vals = [100 * p["summary"][key] for p in points if p["summary"][key] is not None]
+        lo = min(vals) if vals else 95
         ax.set_ylim(max(0, min(lo, 95) - 2), 101)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=8, loc="lower right")
@@ -750,7 +779,7 @@ def plot(report: Dict[str, Any], png: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 tasks, 400/200 examples, 1 epoch, 4 operating points")
+    ap.add_argument("--quick", action="store_true", help="3 tasks, 500/250 examples, 4 operating points")
     ap.add_argument("--tasks", nargs="+", choices=ALL_TASKS, help="a subset of the tasks")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/fidelity-<date>[-quick].json)")
     ap.add_argument("--png", type=Path, help=f"plot path (default {PNG.relative_to(REPO)}; quick runs: none)")
@@ -769,7 +798,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     date = datetime.date.today().isoformat()
     setup = Setup(tasks=args.tasks or (QUICK_TASKS if args.quick else ALL_TASKS), quick=args.quick)
     if args.quick:
-        setup.n_train, setup.n_test, setup.epochs = 400, 200, 1
+        setup.n_train, setup.n_test = 500, 250
 
     splits = load_splits(setup)
     adapters = {n: ensure_adapter(n, splits[n], setup) for n in setup.tasks}
