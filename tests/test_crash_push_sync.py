@@ -27,13 +27,15 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 import pytest
+
 from huggingface_hub import constants
 from huggingface_hub.utils import _cache_manager
 
 from lorashare import SHAREModel
+from tests.reliability_report import report
 from tests.hub_fixtures import HUB_TOKEN
 from tests.hubserver import HubServer
 
@@ -44,17 +46,6 @@ MAX_DELAY = 0.15  # seconds the server holds a commit / LFS upload (after readin
 RESULTS: Dict[str, Dict[str, int]] = {}
 
 
-def report(section: str, data: Dict) -> None:
-    """Merge ``{section: data}`` into the JSON file named by ``LORASHARE_RELIABILITY_REPORT``."""
-    path = os.environ.get("LORASHARE_RELIABILITY_REPORT")
-    if not path:
-        return
-    try:
-        current = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        current = {}
-    current[section] = data
-    Path(path).write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture(scope="module", autouse=True)

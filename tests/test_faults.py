@@ -17,14 +17,13 @@ Faults that fired are counted per kind; the totals are printed at the end of the
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
+
 import torch
 from huggingface_hub import constants
 from huggingface_hub.utils import _cache_manager
@@ -33,6 +32,7 @@ from huggingface_hub.utils import _http as hf_http
 import lorashare.hub
 from lorashare import LoraShareError, SHAREModel
 from lorashare.errors import CheckpointError, HubError, IntegrityError
+from tests.reliability_report import report
 from tests.hub_fixtures import HUB_TOKEN
 from tests.hubserver import HubServer
 
@@ -42,17 +42,6 @@ OUTCOMES: Counter = Counter()  # the fault storm: 'ok' or the LoraShareError sub
 
 
 # ------------------------------------------------------------------------------- reporting
-def report(section: str, data: Dict) -> None:
-    """Merge ``{section: data}`` into the JSON file named by ``LORASHARE_RELIABILITY_REPORT``."""
-    path = os.environ.get("LORASHARE_RELIABILITY_REPORT")
-    if not path:
-        return
-    try:
-        current = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        current = {}
-    current[section] = data
-    Path(path).write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,29 +23,20 @@ from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
+
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorashare import LoraShareError
 from lorashare import sync as S
+from tests.reliability_report import report
 
 CASES: Counter = Counter()
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def report(section: str, data: Dict) -> None:
-    """Merge ``{section: data}`` into the JSON file named by ``LORASHARE_RELIABILITY_REPORT``."""
-    path = os.environ.get("LORASHARE_RELIABILITY_REPORT")
-    if not path:
-        return
-    try:
-        current = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        current = {}
-    current[section] = data
-    Path(path).write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture(scope="module", autouse=True)
