@@ -55,8 +55,10 @@ multiemo-reviews, strategyqa, winowhy, sports_understanding and
 intent_recognition (see the table's n column).
 
 **Adapters.** LoRA r=8, alpha=16, on query/value, head saved through
-``modules_to_save``; 2 epochs, batch 16, AdamW, lr 3e-3 with warm-up and
-linear decay, dynamic padding, max length 64.  Every other task (0, 2, 4, ...)
+``modules_to_save``; 2 epochs, batch 16, AdamW at a constant lr of 5e-3
+(3e-3 with linear decay left fine_foods at the majority class and
+intent_recognition at 67%; 5e-3 constant: 73% and 94%), dynamic padding, max
+length 64.  Every other task (0, 2, 4, ...)
 uses the same LoRA init seed (0); the others each get their own seed.
 
 **Measures** per task and operating point: accuracy of the original and of
@@ -139,8 +141,8 @@ class Setup:
     n_train: int = 2000
     n_test: int = 1000
     epochs: int = 2
-    lr: float = 3e-3
-    schedule: str = "linear"
+    lr: float = 5e-3
+    schedule: str = "constant"
     r: int = 8
     batch_size: int = 16
     max_length: int = 64
