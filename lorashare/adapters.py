@@ -16,14 +16,17 @@ import logging
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 
-from .errors import AdapterError, AdapterNotFoundError, IncompatibleAdaptersError
-from .names import check_name, derive_name
-from .tensorfile import TensorFile, read_header
+from .atomic import atomic_folder, check_target
+from .errors import AdapterError, AdapterNotFoundError, IncompatibleAdaptersError, LoraShareError
+from .jsonfile import loads as json_loads
+from .names import check_name, derive_name, unique_name
+from .tensorfile import TensorFile, read_header, save_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +40,16 @@ __all__ = [
     "lora_key",
     "module_scale",
     "write_peft_adapter",
+    "check_adapter_target",
+    "foreign_adapter_content",
     "file_sha256",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
+#: Largest |value| accepted in a LoRA factor: past this, float32 products (Grams, B·A) overflow.
+MAX_FACTOR_ABS = 1e15
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -64,10 +71,18 @@ def lora_key(module: str, side: str) -> str:
     return f"base_model.model.{module}.lora_{side}.weight"
 
 
+def _pattern_regex(pat: str) -> "re.Pattern[str]":
+    """The regex PEFT builds from a ``rank_pattern`` / ``alpha_pattern`` key (``peft.utils.other.get_pattern_key``)."""
+    return re.compile(rf"(.*\.)?({pat})")
+
+
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module-path suffix."""
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module-path suffix.
+
+    The keys were checked by :func:`_check_config`, so each compiles.
+    """
     for pat, value in (patterns or {}).items():
-        if module == pat or re.fullmatch(rf"(.*\.)?{pat}", module):
+        if module == pat or _pattern_regex(pat).fullmatch(module):
             return value
     return default
 
@@ -147,6 +162,17 @@ class Adapter:
                 path=self.weights_path,
                 layer=module,
             )
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > MAX_FACTOR_ABS:
+            raise AdapterError(
+                f"adapter {self.name!r} ({self.source}): module {module}: {key} holds values up to {peak:.3g}, "
+                f"over the {MAX_FACTOR_ABS:.0e} that lorashare accepts (float32 products of such factors "
+                "overflow). The adapter is broken (diverged training, or scaled by mistake); retrain or rescale "
+                "it, or drop it (on_error='skip').",
+                adapter=self.name,
+                path=self.weights_path,
+                layer=module,
+            )
         return t
 
     def read_heads(self) -> Dict[str, torch.Tensor]:
@@ -188,40 +214,104 @@ def _load_config(path: str, who: str) -> Dict[str, Any]:
             adapter=who,
             path=path,
         ) from None
-    if len(raw) > 10 * 1024 * 1024:
-        raise AdapterError(f"adapter {who!r}: {path} is over 10 MB; not an adapter config.", adapter=who, path=path)
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:  # a folder named adapter_config.json, no permission...
         raise AdapterError(
-            f"adapter {who!r}: {path} is not valid JSON ({exc}). Re-save the adapter with PEFT.",
+            f"adapter {who!r}: cannot read {path}: {exc.strerror or exc}. Check the adapter folder.",
             adapter=who,
             path=path,
         ) from None
+    if len(raw) > 10 * 1024 * 1024:
+        raise AdapterError(f"adapter {who!r}: {path} is over 10 MB; not an adapter config.", adapter=who, path=path)
+    config = json_loads(
+        raw, path=path, what=f"adapter config ({CONFIG_NAME})", error=AdapterError, who=who,
+        label=f"adapter {who!r}: ", hint="Re-save the adapter with PEFT (PeftModel.save_pretrained).",
+    )
     if not isinstance(config, dict):
         raise AdapterError(f"adapter {who!r}: {path} must hold a JSON object.", adapter=who, path=path)
     return config
 
 
-def _check_config(config: Dict[str, Any], who: str, path: str) -> None:
+def _is_int(value: Any, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (``true`` is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_config(
+    config: Dict[str, Any],
+    who: str,
+    path: str,
+    *,
+    error: Type[LoraShareError] = AdapterError,
+    prefix: str = "",
+    require_r: bool = False,
+    fix: str = "Fix the value, or re-save the adapter with PEFT (LoraConfig validates it).",
+) -> None:
+    """Check the fields of a LoRA ``adapter_config.json`` that lorashare reads.
+
+    Also checks the copy kept in a checkpoint's ``adapter_meta.json`` (``error=CheckpointError``,
+    ``prefix="original_config."``, where ``r`` is required); ``fix`` ends each message.
+    """
+
+    def fail(key: str, value: Any, expected: str) -> LoraShareError:
+        return error(
+            f"adapter {who!r}: {prefix}{key} is {reprlib.repr(value)} in {path}, expected {expected}. {fix}",
+            adapter=who,
+            path=path,
+        )
+
     peft_type = config.get("peft_type")
     if str(peft_type).upper() != "LORA":
-        raise AdapterError(
-            f"adapter {who!r}: peft_type is {peft_type!r} in {path}, expected 'LORA'. "
+        raise error(
+            f"adapter {who!r}: {prefix}peft_type is {reprlib.repr(peft_type)} in {path}, expected 'LORA'. "
             "lorashare compresses LoRA adapters only.",
             adapter=who,
             path=path,
         )
+    for flag in ("use_dora", "use_rslora"):
+        if config.get(flag) is not None and not isinstance(config.get(flag), bool):
+            raise fail(flag, config[flag], "true or false")
     if config.get("use_dora"):
-        raise AdapterError(
+        raise error(
             f"adapter {who!r}: use_dora=True in {path}. DoRA's magnitude vectors make ΔW more than "
             "B·A, which a shared basis cannot represent; merge or retrain it as plain LoRA.",
             adapter=who,
             path=path,
         )
     r = config.get("r")
-    if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
-        raise AdapterError(f"adapter {who!r}: r={r!r} in {path}, expected an integer ≥ 1.", adapter=who, path=path)
+    if (r is not None or require_r) and not _is_int(r):
+        raise fail("r", r, "an integer ≥ 1 (the LoRA rank)")
+    alpha = config.get("lora_alpha")
+    if alpha is not None and not _is_number(alpha):
+        raise fail("lora_alpha", alpha, "a finite number")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise fail("base_model_name_or_path", base, "a string (a Hub model id or a folder)")
+    for key, is_value, expected in (
+        ("rank_pattern", _is_int, "an integer ≥ 1"),
+        ("alpha_pattern", _is_number, "a finite number"),
+    ):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise fail(key, patterns, 'an object {"<module regex>": value, ...} (or null)')
+        for pat, value in patterns.items():
+            try:
+                _pattern_regex(pat)
+            except (re.error, RecursionError, OverflowError, ValueError) as exc:
+                raise error(
+                    f"adapter {who!r}: {prefix}{key} key {reprlib.repr(pat)} in {path} is not a valid regular "
+                    f"expression ({exc}). PEFT matches these keys as regexes against module paths: fix the key, "
+                    "or escape it (re.escape) to match a name literally.",
+                    adapter=who,
+                    path=path,
+                ) from None
+            if not is_value(value):
+                raise fail(f"{key}[{pat!r}]", value, expected)
 
 
 def _scan_modules(infos: Mapping[str, Any], who: str, path: str) -> Tuple[Dict[str, LoraModule], List[str]]:
@@ -345,7 +435,12 @@ def open_adapter(source: str, name: Optional[str] = None, **hub_kwargs: Any) -> 
 def open_adapters(
     adapters: Sequence[str] | Mapping[str, str], *, on_error: str = "raise", **hub_kwargs: Any
 ) -> List[Adapter]:
-    """Open many adapters, naming them, refusing duplicates; with ``on_error='skip'`` log and skip bad ones."""
+    """Open many adapters and name them; with ``on_error='skip'`` log and skip bad ones.
+
+    Names derived from folders (or Hub ids) that clash get ``_1``, ``_2``, … as in
+    lorashare 0.1.x (``runs/v1/adapter``, ``runs/v2/adapter`` → ``adapter``, ``adapter_1``),
+    and the names given are logged; pass a dict ``{name: source}`` to choose them.
+    """
     items: List[Tuple[Optional[str], str]]
     if isinstance(adapters, Mapping):
         items = [(check_name(n), p) for n, p in adapters.items()]
@@ -366,13 +461,21 @@ def open_adapters(
                 continue
             raise
         if a.name in seen:
-            raise AdapterError(
-                f"duplicate adapter name {a.name!r}: from {seen[a.name]} and from {src}. "
-                "Names must be unique; pass a dict {name: source} (CLI: --name name=path).",
-                adapter=a.name,
+            if name is not None:  # an explicit name: never renamed behind the user's back
+                raise AdapterError(
+                    f"duplicate adapter name {a.name!r}: from {seen[a.name]} and from {src}. "
+                    "Names must be unique; pass a dict {name: source} (CLI: --name name=path).",
+                    adapter=a.name,
+                )
+            derived, a.name = a.name, unique_name(a.name, seen)
+            logger.warning(
+                "adapters %s and %s share the name %r: naming the second %r. Pass a dict {name: source} "
+                "(CLI: --name NAME=PATH) to choose names.", seen[derived], src, derived, a.name,
             )
         seen[a.name] = os.fspath(src)
         opened.append(a)
+    if items and items[0][0] is None:
+        logger.info("adapter names: %s", ", ".join(f"{n} ← {s}" for n, s in seen.items()))
     return opened
 
 
@@ -426,13 +529,53 @@ def _norm_base(base: Optional[str]) -> Optional[str]:
     return base.rstrip("/") if isinstance(base, str) and base else None
 
 
-def write_peft_adapter(folder: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
-    """Write a standard PEFT adapter folder atomically (``PeftModel.from_pretrained`` loads it)."""
-    from .atomic import atomic_folder
-    from .tensorfile import save_bytes
+#: ``__metadata__`` of the weights file of an adapter that lorashare rebuilt: how a later save
+#: knows the folder is its own to replace.
+REBUILT_METADATA = {"format": "pt", "lorashare": "rebuilt"}
 
-    with atomic_folder(folder) as tmp:
+
+def foreign_adapter_content(folder: str) -> Optional[str]:
+    """``None`` if ``folder`` is a PEFT adapter that lorashare rebuilt, and nothing else; else what is foreign.
+
+    Example:
+        >>> foreign_adapter_content("billing_adapter") is None  # doctest: +SKIP
+        True
+    """
+    for entry in sorted(os.listdir(folder)):
+        if entry not in (WEIGHTS_NAME, CONFIG_NAME) or not os.path.isfile(os.path.join(folder, entry)) \
+                or os.path.islink(os.path.join(folder, entry)):
+            return f"it holds {entry!r}"
+    try:
+        _, meta = read_header(os.path.join(folder, WEIGHTS_NAME), error=AdapterError)
+    except (AdapterError, OSError):
+        return f"it has no readable {WEIGHTS_NAME}"
+    if meta.get("lorashare") != REBUILT_METADATA["lorashare"]:
+        return "it is a PEFT adapter that lorashare did not rebuild"
+    return None
+
+
+def check_adapter_target(folder: str, *, inputs: Iterable[str] = (), overwrite: bool = False) -> str:
+    """Raise :class:`~lorashare.errors.OutputPathError` unless a rebuilt adapter may be written at ``folder``."""
+    return check_target(folder, what="rebuilt adapter", replaceable=foreign_adapter_content, inputs=inputs,
+                        overwrite=overwrite)
+
+
+def write_peft_adapter(
+    folder: str,
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    *,
+    inputs: Iterable[str] = (),
+    overwrite: bool = False,
+) -> None:
+    """Write a standard PEFT adapter folder atomically (``PeftModel.from_pretrained`` loads it).
+
+    ``folder`` may be new, empty or an adapter lorashare rebuilt before; see
+    :func:`lorashare.atomic.check_target` for what is never replaced.
+    """
+    with atomic_folder(folder, what="rebuilt adapter", replaceable=foreign_adapter_content, inputs=inputs,
+                       overwrite=overwrite) as tmp:
         with open(os.path.join(tmp, WEIGHTS_NAME), "wb") as f:
-            f.write(save_bytes(tensors, {"format": "pt"}))
+            f.write(save_bytes(tensors, REBUILT_METADATA))
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(dict(config), f, indent=2, sort_keys=True)

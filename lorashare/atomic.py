@@ -1,11 +1,27 @@
-"""Atomic writes: a folder or a file appears whole or not at all.
+"""Atomic saves that replace only what lorashare itself wrote.
 
-A checkpoint folder is written into a temporary sibling, flushed, then swapped
-in.  On Linux the swap of a non-empty folder uses ``renameat2(RENAME_EXCHANGE)``,
-which is atomic even when the target exists; elsewhere the old folder is
-renamed aside first, so a crash leaves it (as ``.<name>.old-*``) rather than
-a half-written one.  Temporary folders start with ``.`` and end with a random
-suffix, so they are never mistaken for a checkpoint.
+A folder is written into a temporary sibling, flushed, then swapped in.  On
+Linux the swap of an existing folder uses ``renameat2(RENAME_EXCHANGE)``, which
+is atomic; elsewhere the old folder is renamed aside first, so a crash leaves it
+(as ``.<name>.old-<hex>``) rather than a half-written one.
+
+What may be replaced is decided by :func:`check_target`, before any work and
+again just before the swap:
+
+* a path that does not exist, or an empty folder;
+* a folder that the caller's ``replaceable`` predicate recognises as lorashare's
+  own output (a SHARE checkpoint, a rebuilt adapter);
+* with ``overwrite=True``, any other folder.
+
+Never, even with ``overwrite``: a file, FIFO, device, socket or symlink; the
+current folder, the home folder or an ancestor of either (so never ``/``); an
+input, or an ancestor of one.  Refusals raise :class:`~lorashare.errors.OutputPathError`,
+and OS failures while saving (disk full, permissions) :class:`~lorashare.errors.SaveError`,
+with the previous content untouched.
+
+Temporary siblings are named ``.<name>.tmp-<8 hex>`` and locked (``flock``) while
+a save runs, so a later save of the same target removes those left by a killed
+process, and only those: never a path that lorashare did not name.
 """
 
 from __future__ import annotations
@@ -13,35 +29,51 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from typing import Iterator
+import stat
+import time
+from typing import Callable, Iterable, Iterator, Optional
 
-__all__ = ["atomic_folder", "atomic_write_bytes", "fsync_tree"]
+from .errors import LoraShareError, OutputPathError, SaveError
+
+try:  # POSIX only; without it stale temporaries are left alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["atomic_folder", "check_target", "fsync_tree"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+# An empty temporary folder this young may belong to a save that has not locked it yet.
+_GRACE_SECONDS = 10.0
+
+
+def _libc_fn(name: str):
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
 
 
 def _renameat2_exchange(a: str, b: str) -> bool:
     """Swap two paths atomically; False where the OS cannot."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
+    fn = _libc_fn("renameat2")
+    if fn is None:
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def _syncfs(path: str) -> bool:
     """Flush the whole filesystem holding ``path`` in one call (Linux ``syncfs``)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
+    fn = _libc_fn("syncfs")
+    if fn is None:
         return False
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -73,55 +105,214 @@ def _fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_folder(target: str, *, durable: bool = True) -> Iterator[str]:
-    """Yield a temporary folder; on success it replaces ``target`` atomically.
+def _is_within(path: str, folder: str) -> bool:
+    """True if ``path`` is ``folder`` or lies below it (both already resolved)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives
+        return False
 
-    On an exception the temporary folder is removed and ``target`` is untouched.
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a folder"
+
+
+def check_target(
+    target: str,
+    *,
+    what: str,
+    replaceable: Callable[[str], Optional[str]],
+    inputs: Iterable[str] = (),
+    overwrite: bool = False,
+) -> str:
+    """Return the absolute ``target`` if a save may write it, else raise :class:`OutputPathError`.
+
+    Args:
+        target: the folder to write.
+        what: what is being saved, for messages (``"SHARE checkpoint"``).
+        replaceable: given an existing non-empty folder, ``None`` if it is lorashare's own output of
+            this kind, else a short reason it is not (``"it holds notes.txt"``).
+        inputs: folders the data was read from: neither they nor their ancestors may be replaced.
+        overwrite: also replace a non-empty folder that ``replaceable`` refuses.
 
     Example:
-        >>> with atomic_folder("out/ckpt") as tmp:  # doctest: +SKIP
+        >>> check_target("out/ckpt", what="SHARE checkpoint", replaceable=lambda p: None)  # doctest: +SKIP
+        '/home/me/out/ckpt'
+    """
+    if not isinstance(target, (str, os.PathLike)) or not os.fspath(target).strip():
+        raise OutputPathError(f"will not write the {what} to {target!r}: the path is empty. Give a folder name, "
+                              "e.g. -o share_ckpt.", path=str(target))
+    given = os.fspath(target)
+    absolute = os.path.abspath(os.path.expanduser(given))
+    real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+    def refuse(why: str, fix: str = "Choose another path") -> OutputPathError:
+        return OutputPathError(f"will not write the {what} to {given!r}: {why}. {fix}.", path=given)
+
+    for name, place in (("the current folder", os.getcwd()), ("your home folder", os.path.expanduser("~"))):
+        place = os.path.realpath(place)
+        if _is_within(place, real):
+            rel = "is" if real == place else "is an ancestor of"
+            raise refuse(f"it {rel} {name} ({place})")
+    for src in inputs:
+        src_real = os.path.realpath(os.fspath(src))
+        if _is_within(src_real, real):
+            rel = "is the input" if src_real == real else "contains the input"
+            raise refuse(f"it {rel} {src}, which would be deleted", "Choose a path outside the inputs")
+    try:
+        st = os.lstat(absolute)
+    except FileNotFoundError:
+        return absolute
+    except OSError as exc:
+        raise refuse(f"it cannot be inspected ({exc.strerror or exc})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise refuse("it is a symlink", "Choose another path, or remove the link yourself")
+    if not stat.S_ISDIR(st.st_mode):
+        raise refuse(f"it is {_kind(st.st_mode)}, not a folder", "Choose another path, or remove it yourself")
+    try:
+        empty = not os.listdir(absolute)
+    except OSError as exc:
+        raise refuse(f"its contents cannot be listed ({exc.strerror or exc})") from None
+    if empty or overwrite:
+        return absolute
+    why = replaceable(absolute)
+    if why is not None:
+        raise refuse(
+            f"it is a folder that lorashare did not write as a {what} ({why})",
+            "Choose another path, remove it yourself, or pass overwrite=True (CLI: --overwrite) to replace it",
+        )
+    return absolute
+
+
+_STALE = re.compile(r"^\.(?P<base>.+)\.(?:tmp|old)-(?:[0-9a-f]{8}|[a-z0-9_]{8})$")
+
+
+def _lock(fd: int) -> bool:
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _clean_stale(parent: str, base: str) -> None:
+    """Remove temporaries of earlier, killed saves of ``parent/base`` (unlocked, named by us)."""
+    if fcntl is None:  # pragma: no cover - no way to tell a live save from a dead one
+        return
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        m = _STALE.match(name)
+        if not m or m.group("base") != base:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _lock(fd):
+                continue  # a save in progress
+            if not os.listdir(path) and time.time() - st.st_mtime < _GRACE_SECONDS:
+                continue  # just made by a save that has not locked it yet
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _make_temp(parent: str, base: str) -> str:
+    for _ in range(100):
+        path = os.path.join(parent, f".{base}.tmp-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(path, 0o777)  # the umask applies, as for any folder the user creates
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", parent)  # pragma: no cover
+
+
+@contextlib.contextmanager
+def atomic_folder(
+    target: str,
+    *,
+    what: str,
+    replaceable: Callable[[str], Optional[str]],
+    inputs: Iterable[str] = (),
+    overwrite: bool = False,
+    durable: bool = True,
+) -> Iterator[str]:
+    """Yield a temporary folder; on success it replaces ``target`` atomically.
+
+    ``target`` is checked with :func:`check_target` (same arguments) before and after the
+    work.  On an exception the temporary folder is removed and ``target`` is untouched.
+
+    Example:
+        >>> with atomic_folder("out/ckpt", what="SHARE checkpoint", replaceable=is_checkpoint) as tmp:  # doctest: +SKIP
         ...     open(os.path.join(tmp, "a.json"), "w").write("{}")
     """
-    target = os.path.abspath(target)
+    inputs = [os.fspath(p) for p in inputs]
+    check = dict(what=what, replaceable=replaceable, inputs=inputs, overwrite=overwrite)
+    target = check_target(target, **check)
     parent, base = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
     try:
+        os.makedirs(parent, exist_ok=True)
+        _clean_stale(parent, base)
+        tmp = _make_temp(parent, base)
+    except OSError as exc:
+        raise _save_error(exc, what, target) from None
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        _lock(fd)  # marks the folder as in use until this save ends
         yield tmp
+        check_target(target, **check)  # it may have changed during the work
         if durable:
             fsync_tree(tmp)
         if os.path.isdir(target) and not os.path.islink(target):
             if _renameat2_exchange(tmp, target):
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
             else:
-                old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-                os.rmdir(old)
+                old = os.path.join(parent, f".{base}.old-{secrets.token_hex(4)}")
                 os.rename(target, old)
                 os.rename(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
         else:
-            if os.path.lexists(target):
-                os.remove(target)  # a file or a symlink where the folder goes
             os.rename(tmp, target)
         _fsync_dir(parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, LoraShareError):
+            raise
+        raise _save_error(exc, what, target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and ``os.replace``."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+def _save_error(exc: OSError, what: str, target: str) -> SaveError:
+    reason = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: "Free some disk space, or save elsewhere",
+        errno.EDQUOT: "Free some quota, or save elsewhere",
+        errno.EFBIG: "The file size limit (ulimit -f) is too small; raise it or save elsewhere",
+        errno.EACCES: "Check the folder's permissions, or save elsewhere",
+        errno.EPERM: "Check the folder's permissions, or save elsewhere",
+        errno.EROFS: "The filesystem is read-only; save elsewhere",
+    }.get(exc.errno or 0, "Save elsewhere")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return SaveError(
+        f"could not save the {what} to {target}: {reason}{where}. Nothing was changed there. {hint}.",
+        path=target,
+    )

@@ -21,20 +21,27 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from .atomic import atomic_folder
+from .adapters import _check_config as check_lora_config  # one owner for what a LoRA config must hold
+from .atomic import atomic_folder, check_target
+from .compress import DTYPES
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
+from .jsonfile import loads as json_loads
 from .names import check_name
 from .tensorfile import TensorFile, save_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "SHAREConfig", "CheckpointData", "read_config", "load_checkpoint", "save_checkpoint", "checkpoint_files"]
+__all__ = ["FORMAT_VERSION", "SHAREConfig", "CheckpointData", "read_config", "load_checkpoint", "save_checkpoint", "checkpoint_files",
+           "check_checkpoint_target", "foreign_content"]
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "share_config.json"
@@ -111,16 +118,15 @@ def _read_json(path: str, what: str) -> Any:
         if os.path.getsize(path) > _MAX_JSON:
             raise CheckpointError(f"{path} is over {_MAX_JSON} bytes; not a {what}.", path=path)
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+            raw = f.read()
     except FileNotFoundError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({exc}); the {what} is corrupt or truncated. Re-download or re-save it.",
-            path=path,
-        ) from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}", path=path) from exc
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", path=path) from exc
+    return json_loads(
+        raw, path=path, what=what, error=CheckpointError,
+        hint=f"The {what} is corrupt or truncated: re-download the checkpoint or re-save it.",
+    )
 
 
 def _inside(root: str, rel: str, jail: Optional[str] = None) -> str:
@@ -159,21 +165,203 @@ def read_config(folder: str, *, jail: Optional[str] = None) -> SHAREConfig:
         ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object.", path=path)
-    try:
-        cfg = SHAREConfig.from_dict(data)
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: {exc}", path=path) from None
-    if not isinstance(cfg.format_version, int) or cfg.format_version > FORMAT_VERSION:
+    _check_format_version(data, path)
+    return SHAREConfig.from_dict(_checked_config(data, path))
+
+
+# --------------------------------------------------------------------------- validation on load
+# Every field that lorashare reads back is checked here, with its type, so that an edited or
+# corrupt checkpoint fails on load naming the file and the field, never later with a TypeError.
+
+#: share_config.json keys that lorashare 0.1.x writes; every other field is format v1.
+_LEGACY_KEYS = frozenset({
+    "share_version", "num_components", "component_selection", "variance_threshold", "base_model_name_or_path",
+    "target_modules", "lora_rank", "lora_alpha", "adapter_names", "num_adapters", "layer_keys", "compression_stats",
+})
+_FIX = "The checkpoint was edited or is corrupt: re-download it, or re-save it with lorashare."
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_GROUP_KEY = re.compile(r"^.+:[AB]$")
+
+
+def _bad(path: str, name: str, value: Any, expected: str) -> CheckpointError:
+    return CheckpointError(f"{path}: field {name!r} is {reprlib.repr(value)}, expected {expected}. {_FIX}", path=path)
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_real(v: Any) -> bool:
+    """A JSON number; 0.1.x writes ``Infinity`` as a ratio, so it is one too."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return _is_real(v) and math.isfinite(v)
+
+
+def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _str_map(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, dict) and all(check(x) for x in v.values())
+
+
+#: share_config.json: field → (check, what it must be).  format_version is checked apart.
+_CONFIG_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "share_version": (_is_str, "a string"),
+    "num_components": (_is_int, "an integer ≥ 0"),
+    "component_selection": (lambda v: v in ("fixed", "auto", "budget"), "'fixed', 'auto' or 'budget'"),
+    "variance_threshold": (lambda v: _is_finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "base_model_name_or_path": (_opt(_is_str), "a string"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of module names"),
+    "lora_rank": (_is_int, "an integer ≥ 0"),
+    "lora_alpha": (_opt(_is_finite), "a number"),
+    "adapter_names": (_str_list, "a list of adapter names"),
+    "num_adapters": (_is_int, "an integer ≥ 0"),
+    "layer_keys": (_str_list, "a list of module names"),
+    "compression_stats": (lambda v: isinstance(v, dict), "an object"),
+    "lorashare_version": (_is_str, "a string"),
+    "dtype": (lambda v: isinstance(v, str) and v in DTYPES, f"one of {sorted(DTYPES)}"),
+    "budget_bytes": (_opt(lambda v: _is_int(v, 1)), "a positive integer or null"),
+    "requested_components": (lambda v: v is None or v == "auto" or _is_int(v, 1), "an integer ≥ 1, 'auto' or null"),
+    "k_per_group": (_str_map(_is_int), 'an object {"<module>:<A|B>": k}'),
+    "adapters": (_str_map(lambda v: isinstance(v, dict)), "an object {adapter name: {...}}"),
+    "files": (_str_map(lambda v: isinstance(v, str) and bool(_SHA256.match(v))),
+              'an object {"<relative path>": "<64 hex digits of sha256>"}'),
+}
+
+#: compression_stats: numbers that summary(), the card, the CLI and the Space format.
+_STAT_NUMBERS = (
+    "original_total_params", "compressed_total_params", "shared_component_params", "per_adapter_loading_params",
+    "mean_explained_variance", "min_explained_variance", "original_lora_bytes", "shared_bytes", "loadings_bytes",
+    "heads_bytes", "compressed_bytes", "compression_ratio", "compression_ratio_excluding_basis",
+    "delta_w_rel_error_mean", "delta_w_rel_error_max",
+)
+#: A stat that is set needs these too (summary() prints them together).
+_STAT_NEEDS = {
+    "original_lora_bytes": ("compressed_bytes", "shared_bytes", "loadings_bytes", "compression_ratio",
+                            "compression_ratio_excluding_basis"),
+    "delta_w_rel_error_mean": ("delta_w_rel_error_max",),
+    "per_layer_explained_variance": ("mean_explained_variance", "min_explained_variance"),
+}
+
+#: share_config.json "adapters" → each adapter's record.
+_ADAPTER_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "source": (_opt(_is_str), "a string (a folder or a Hub id)"),
+    "revision": (_opt(_is_str), "a string or null"),
+    "sha256": (_opt(lambda v: isinstance(v, str) and bool(_SHA256.match(v))), "64 hex digits or null"),
+    "rank": (_opt(_is_int), "an integer ≥ 0"),
+    "lora_alpha": (_opt(_is_finite), "a number or null"),
+    "lora_bytes": (_opt(_is_int), "an integer ≥ 0 or null"),
+    "delta_w_error_mean": (_opt(_is_finite), "a number or null"),
+    "delta_w_error_max": (_opt(_is_finite), "a number or null"),
+}
+
+#: adapter_meta.json (the adapter's original config is checked by adapters.py's own check).
+_META_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "adapter_name": (_opt(_is_str), "a string"),
+    "original_config": (lambda v: isinstance(v, dict), "an object (the adapter's adapter_config.json)"),
+    "original_adapter_path": (_opt(_is_str), "a string or null"),
+    "revision": (_opt(_is_str), "a string or null"),
+    "sha256": (_opt(_is_str), "a string or null"),
+    "delta_w_error": (_str_map(lambda v: _is_finite(v) and v >= 0), 'an object {"<module>": error ≥ 0}'),
+}
+
+
+def _check_fields(data: Mapping[str, Any], table: Mapping[str, Tuple[Callable[[Any], bool], str]], path: str,
+                  prefix: str = "") -> None:
+    for key, (check, expected) in table.items():
+        if key in data and not check(data[key]):
+            raise _bad(path, prefix + key, data[key], expected)
+
+
+def _check_format_version(data: Mapping[str, Any], path: str) -> None:
+    """Only a real 0.1.x layout (no format_version, no v1 field) may go without fingerprints."""
+    if "format_version" not in data:
+        v1 = sorted(set(data) & (set(_CONFIG_FIELDS) - _LEGACY_KEYS))
+        if v1:
+            raise IntegrityError(
+                f"{path} has format-v1 fields {v1} but no format_version, as if to pass for a 0.1.x checkpoint "
+                f"(which has no fingerprints). {_FIX}",
+                path=path,
+            )
+        return
+    fv = data["format_version"]
+    if isinstance(fv, bool) or not isinstance(fv, int):
+        raise _bad(path, "format_version", fv, f"the integer {FORMAT_VERSION}")
+    if fv > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format_version {cfg.format_version!r}; this lorashare reads up to {FORMAT_VERSION}. "
+            f"{path} has format_version {fv}; this lorashare reads up to {FORMAT_VERSION}. "
             "Upgrade lorashare (pip install -U lorashare).",
             path=path,
         )
-    if not isinstance(cfg.adapter_names, list) or not isinstance(cfg.files, dict) or not isinstance(cfg.adapters, dict):
-        raise CheckpointError(f"{path}: adapter_names/files/adapters have the wrong types.", path=path)
-    for name in cfg.adapter_names:
+    if fv < 1:
+        raise IntegrityError(
+            f"{path}: format_version is {fv}, which no lorashare writes (0.1.x writes none, v1 writes 1): "
+            f"it would turn off verification. {_FIX}",
+            path=path,
+        )
+
+
+def _checked_config(data: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``data`` with every known field checked; 0.1.x's loose values normalised (null → "", a string → [it])."""
+    _check_fields(data, _CONFIG_FIELDS, path)
+    data = dict(data)
+    if data.get("base_model_name_or_path", "") is None:
+        data["base_model_name_or_path"] = ""
+    tm = data.get("target_modules", [])
+    data["target_modules"] = [] if tm is None else [tm] if isinstance(tm, str) else tm
+    names = data.get("adapter_names", [])
+    for name in names:
         check_name(name)
-    return cfg
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise _bad(path, "adapter_names", names, f"unique names ({dup!r} is there twice)")
+    for name, info in data.get("adapters", {}).items():
+        _check_fields(info, _ADAPTER_FIELDS, path, prefix=f"adapters.{name}.")
+    st = data.get("compression_stats", {})
+    for key in _STAT_NUMBERS:
+        if key in st and not _opt(_is_real)(st[key]):
+            raise _bad(path, f"compression_stats.{key}", st[key], "a number or null")
+    per_layer = st.get("per_layer_explained_variance")
+    if per_layer is not None and not _str_map(_is_real)(per_layer):
+        raise _bad(path, "compression_stats.per_layer_explained_variance", per_layer, 'an object {"<module>:<A|B>": number}')
+    for key, needs in _STAT_NEEDS.items():
+        if st.get(key) is not None:
+            for need in needs:
+                if not _is_real(st.get(need)):
+                    raise _bad(path, f"compression_stats.{need}", st.get(need), f"a number (compression_stats.{key} is set)")
+    card = st.get("card")
+    if card is not None and not (isinstance(card, dict) and all(_opt(_is_str)(v) for v in card.values())):
+        raise _bad(path, "compression_stats.card", card, "an object of strings (repo_id, license, description)")
+    return data
+
+
+def _checked_meta(meta: Any, name: str, path: str) -> Dict[str, Any]:
+    """An ``adapter_meta.json``, checked; its ``original_config`` must be a LoRA config lorashare can rebuild."""
+    if not isinstance(meta, dict):
+        raise _bad(path, "(the whole file)", meta, "a JSON object")
+    if "original_config" not in meta:
+        raise CheckpointError(
+            f"{path}: field 'original_config' is missing, so adapter {name!r}'s LoRA config (lora_alpha, "
+            f"use_rslora, ...) is unknown and it cannot be rebuilt. {_FIX}",
+            adapter=name,
+            path=path,
+        )
+    _check_fields(meta, _META_FIELDS, path)
+    check_lora_config(meta["original_config"], name, path, error=CheckpointError, prefix="original_config.",
+                      require_r=True, fix=_FIX)
+    return meta
 
 
 def _sha256_file(path: str) -> str:
@@ -202,11 +390,22 @@ def _verify(folder: str, rel: str, cfg: SHAREConfig, path: str) -> None:
 def _read_tensors(folder: str, rel: str, cfg: SHAREConfig, verify: bool, jail: Optional[str]) -> Dict[str, torch.Tensor]:
     path = _inside(folder, rel, jail)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{rel} is missing from the checkpoint at {folder}.", path=path)
+        raise _missing(folder, rel, cfg, path)
     if verify:
         _verify(folder, rel, cfg, path)
     with TensorFile(path, error=CheckpointError) as tf:
         return tf.load_all()
+
+
+def _missing(folder: str, rel: str, cfg: SHAREConfig, path: str) -> CheckpointError:
+    """A needed file is not there: an :class:`IntegrityError` when ``files`` lists it."""
+    if rel in cfg.files:
+        return IntegrityError(
+            f"{rel} is listed in {CONFIG_FILE}'s files but is missing from the checkpoint at {folder} "
+            "(deleted, or an incomplete copy or download). Re-download the checkpoint or re-save it.",
+            path=path,
+        )
+    return CheckpointError(f"{rel} is missing from the checkpoint at {folder}. {_FIX}", path=path)
 
 
 def checkpoint_files(cfg: SHAREConfig, names: Optional[Iterable[str]] = None) -> List[str]:
@@ -231,6 +430,11 @@ def load_checkpoint(
     cfg = read_config(folder, jail=jail)
     if cfg.format_version == 0:
         cfg = _legacy_config(folder, cfg, jail)
+        if verify:
+            logger.warning(
+                "%s is a lorashare 0.1.x checkpoint: it has no fingerprints, so its files are not verified. "
+                "Re-save it (save_pretrained) to add them.", folder,
+            )
     names = list(cfg.adapter_names) if adapters is None else [check_name(n) for n in adapters]
     missing = [n for n in names if n not in cfg.adapter_names]
     if missing:
@@ -240,6 +444,14 @@ def load_checkpoint(
             f"adapter {missing[0]!r} is not in the checkpoint at {folder}; it has {cfg.adapter_names}.",
             adapter=missing[0],
         )
+    if verify and cfg.format_version >= 1:
+        for rel in [COMPONENTS_FILE] + [f"adapters/{n}/{f}" for n in names for f in (LOADINGS_FILE, META_FILE)]:
+            if rel not in cfg.files:
+                raise IntegrityError(
+                    f"{rel} in {folder} has no fingerprint in {CONFIG_FILE}'s files; the checkpoint was altered. "
+                    "Re-download it or re-save it.",
+                    path=os.path.join(folder, *rel.split("/")),
+                )
     components = _read_tensors(folder, COMPONENTS_FILE, cfg, verify, jail)
     loadings, heads, metas = {}, {}, {}
     for n in names:
@@ -248,13 +460,11 @@ def load_checkpoint(
         if os.path.exists(_inside(folder, f"{base}/{HEAD_FILE}", jail)) or f"{base}/{HEAD_FILE}" in cfg.files:
             heads[n] = _read_tensors(folder, f"{base}/{HEAD_FILE}", cfg, verify, jail)
         meta_path = _inside(folder, f"{base}/{META_FILE}", jail)
-        if os.path.exists(meta_path):
-            if verify:
-                _verify(folder, f"{base}/{META_FILE}", cfg, meta_path)
-            meta = _read_json(meta_path, "adapter meta")
-            metas[n] = meta if isinstance(meta, dict) else {}
-        else:
-            metas[n] = {}
+        if not os.path.isfile(meta_path):  # never invent a config: a wrong alpha would rescale the adapter
+            raise _missing(folder, f"{base}/{META_FILE}", cfg, meta_path)
+        if verify:
+            _verify(folder, f"{base}/{META_FILE}", cfg, meta_path)
+        metas[n] = _checked_meta(_read_json(meta_path, f"adapter meta ({META_FILE})"), n, meta_path)
     card = _inside(folder, CARD_FILE, jail)
     if verify and CARD_FILE in cfg.files and os.path.isfile(card):
         _verify(folder, CARD_FILE, cfg, card)  # the card is not used here, but a tampered one is reported
@@ -278,6 +488,11 @@ def _legacy_config(folder: str, cfg: SHAREConfig, jail: Optional[str]) -> SHAREC
 def _check_shapes(folder: str, components: Mapping[str, torch.Tensor], loadings: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Every loading must fit its basis before any matmul touches it."""
     for key, U in components.items():
+        if not _GROUP_KEY.match(key):
+            raise CheckpointError(
+                f"{COMPONENTS_FILE} in {folder}: tensor {key!r} is not named '<module>:A' or '<module>:B'. {_FIX}",
+                layer=key,
+            )
         if U.dim() != 2 or not U.dtype.is_floating_point:
             raise CheckpointError(f"{COMPONENTS_FILE} in {folder}: {key!r} is {tuple(U.shape)} {U.dtype}; expected a 2-D float basis.", layer=key)
     for name, ls in loadings.items():
@@ -296,14 +511,91 @@ def _check_shapes(folder: str, components: Mapping[str, torch.Tensor], loadings:
                     adapter=name,
                     layer=key,
                 )
+        for key, L in ls.items():
+            module, side = key[:-2], key[-1:]
+            other = ls.get(f"{module}:{'B' if side == 'A' else 'A'}")
+            if other is None or L.shape[1] != other.shape[1]:  # both are 2-D: checked above
+                raise CheckpointError(
+                    f"adapter {name!r}: {LOADINGS_FILE} has {key!r} " + (
+                        "without its other side" if other is None else
+                        f"of rank {L.shape[1]} but its other side has rank {other.shape[1]}") +
+                    f"; a module needs an A and a B loading of one rank. {_FIX}",
+                    adapter=name,
+                    layer=module,
+                )
 
 
-def save_checkpoint(folder: str, data: CheckpointData, *, card: Optional[str] = None) -> None:
+_TOP_LEVEL = {CONFIG_FILE: False, COMPONENTS_FILE: False, CARD_FILE: False, "adapters": True}  # name → is a folder
+_PER_ADAPTER = (LOADINGS_FILE, HEAD_FILE, META_FILE)
+
+
+def foreign_content(folder: str) -> Optional[str]:
+    """``None`` if ``folder`` holds a SHARE checkpoint and nothing else, else what is foreign in it.
+
+    Saves replace a non-empty folder only when this is ``None``, so that a folder of the
+    user's (or a git clone with ``.git``) is never swapped out.
+
+    Example:
+        >>> foreign_content("share_ckpt") is None  # doctest: +SKIP
+        True
+    """
+    config = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(config) or os.path.islink(config):
+        return f"it has no {CONFIG_FILE}"
+    try:
+        if os.path.getsize(config) > _MAX_JSON:
+            return f"its {CONFIG_FILE} is too large"
+        with open(config, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return f"its {CONFIG_FILE} is not readable JSON"
+    if not isinstance(data, dict) or "adapter_names" not in data:
+        return f"its {CONFIG_FILE} is not a SHARE config"
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if entry not in _TOP_LEVEL or os.path.islink(path) or os.path.isdir(path) != _TOP_LEVEL[entry]:
+            return f"it holds {entry!r}"
+    adir = os.path.join(folder, "adapters")
+    for name in sorted(os.listdir(adir)) if os.path.isdir(adir) else []:
+        sub = os.path.join(adir, name)
+        if os.path.islink(sub) or not os.path.isdir(sub):
+            return f"it holds adapters/{name!r}"
+        for entry in sorted(os.listdir(sub)):
+            if entry not in _PER_ADAPTER or os.path.islink(os.path.join(sub, entry)):
+                return f"it holds adapters/{name}/{entry!r}"
+    return None
+
+
+def check_checkpoint_target(folder: str, *, inputs: Iterable[str] = (), overwrite: bool = False) -> str:
+    """Raise :class:`~lorashare.errors.OutputPathError` unless a checkpoint may be saved at ``folder``.
+
+    Call it before long work, so that a bad ``-o`` fails at once; :func:`save_checkpoint` checks again.
+
+    Example:
+        >>> check_checkpoint_target("share_ckpt", inputs=["runs/a", "runs/b"])  # doctest: +SKIP
+        '/home/me/share_ckpt'
+    """
+    return check_target(folder, what="SHARE checkpoint", replaceable=foreign_content, inputs=inputs, overwrite=overwrite)
+
+
+def save_checkpoint(
+    folder: str,
+    data: CheckpointData,
+    *,
+    card: Optional[str] = None,
+    inputs: Iterable[str] = (),
+    overwrite: bool = False,
+) -> None:
     """Write a v1 checkpoint atomically: all of it appears at once, or nothing changes.
+
+    ``folder`` may be new, empty, or a SHARE checkpoint (see :func:`foreign_content`); with
+    ``overwrite`` any folder, but never a file, a symlink, ``.``, an ancestor of ``.``, of the
+    home folder or of ``inputs`` (the folders the data came from).
 
     Example:
         >>> save_checkpoint("out/ckpt", data, card="# My adapters")  # doctest: +SKIP
     """
+    check_checkpoint_target(folder, inputs=inputs, overwrite=overwrite)
     cfg = data.config
     payload: Dict[str, bytes] = {}
     payload[COMPONENTS_FILE] = save_bytes(data.components, {"format": "pt"})  # one key: Rust writes a map in random order
@@ -319,7 +611,8 @@ def save_checkpoint(folder: str, data: CheckpointData, *, card: Optional[str] = 
     cfg.format_version = FORMAT_VERSION
     cfg.files = {rel: hashlib.sha256(b).hexdigest() for rel, b in sorted(payload.items())}
     payload[CONFIG_FILE] = json.dumps(cfg.to_dict(), indent=2).encode()
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, what="SHARE checkpoint", replaceable=foreign_content, inputs=inputs,
+                       overwrite=overwrite) as tmp:
         for rel, blob in payload.items():
             path = os.path.join(tmp, *rel.split("/"))
             os.makedirs(os.path.dirname(path), exist_ok=True)

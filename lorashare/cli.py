@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import shlex
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
-from .errors import ConfigError, LoraShareError
+from .errors import ConfigError, DuplicateAdapterError, LoraShareError
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +28,26 @@ class UsageError(Exception):
     """Bad command-line usage (exit code 2)."""
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN/±Inf float replaced by ``None`` (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_line(args: argparse.Namespace, payload: Dict[str, Any]) -> str:
+    """The one versioned JSON object of a ``--json`` run: strict JSON, never NaN or Infinity."""
+    body = {"lorashare": JSON_SCHEMA_VERSION, "version": __version__, "command": args.command, **payload}
+    return json.dumps(_finite(body), default=str, allow_nan=False)
+
+
 def _emit(args: argparse.Namespace, payload: Dict[str, Any], text: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps({"lorashare": JSON_SCHEMA_VERSION, "version": __version__, "command": args.command, **payload}, default=str))
+        print(_json_line(args, payload))
     elif text:
         print(text)
 
@@ -63,13 +82,22 @@ def _sources(args: argparse.Namespace):
                 raise UsageError(f"duplicate adapter name {n!r}")
             named[n] = p
         positional = []
+    if len(named) + len(positional) < 2:
+        given = len(named) + len(positional)
+        raise UsageError(
+            f"compress needs at least 2 adapters (folders or Hub ids) to share a basis, got {given}. "
+            "Example: lorashare compress runs/a runs/b -o share_ckpt"
+        )
     if named and positional:
-        from .names import derive_name
+        from .names import derive_name, unique_name
 
         for p in positional:
-            n = derive_name(os.path.abspath(p) if os.path.exists(p) else p.split("@", 1)[0])
-            if n in named:
-                raise UsageError(f"duplicate adapter name {n!r}; name it with --name NAME={p}")
+            # Derived names that clash get _1, _2, … as the library gives them (0.1.x's scheme).
+            derived = derive_name(os.path.abspath(p) if os.path.exists(p) else p.split("@", 1)[0])
+            n = unique_name(derived, named)
+            if n != derived:
+                logger.warning("adapter %s: the name %r is taken, naming it %r (choose with --name NAME=%s)",
+                               p, derived, n, p)
             named[n] = p
         return named
     return named or positional
@@ -78,19 +106,35 @@ def _sources(args: argparse.Namespace):
 def cmd_compress(args: argparse.Namespace) -> int:
     from .model import SHAREModel
 
+    from .checkpoint import check_checkpoint_target
+
     k = "auto" if args.auto else args.num_components
+    sources = _sources(args)
+    local = [p for p in (sources.values() if isinstance(sources, dict) else sources) if os.path.exists(p)]
+    check_checkpoint_target(args.output, inputs=local, overwrite=args.overwrite)  # fail before the work
     share = SHAREModel.from_adapters(
-        _sources(args), num_components=k, variance_threshold=args.variance, device=args.device,
+        sources, num_components=k, variance_threshold=args.variance, device=args.device,
         on_error=args.on_error, dtype=args.dtype, budget_bytes=args.budget_bytes, strict=args.strict,
         target_ratio=args.target_ratio,
         progress=not args.json and not args.quiet, token=os.environ.get("HF_TOKEN"),
     )
-    share.save_pretrained(args.output)
+    share.save_pretrained(args.output, overwrite=args.overwrite)
     st = share.config.compression_stats
+    _note_if_larger(args, st)
     _emit(args, {"output": os.path.abspath(args.output), "adapters": share.adapter_names, "stats": _public_stats(st)},
           f"compressed {len(share.adapter_names)} adapters into {args.output}: "
           f"{st['compression_ratio']:.2f}x (bases counted), ΔW error mean {st['delta_w_rel_error_mean']:.4f}")
     return 0
+
+
+def _note_if_larger(args: argparse.Namespace, st: Dict[str, Any]) -> None:
+    """One line on stderr when the checkpoint is larger than its input, with the k that would help."""
+    if not st.get("original_lora_bytes") or st.get("compression_ratio", 1.0) >= 1.0:
+        return
+    k = st.get("largest_saving_k")
+    fix = f"-k {k} or lower would make it smaller" if k else "with so few adapters no k saves space"
+    print(f"lorashare {args.command}: note: the checkpoint is {1 / st['compression_ratio']:.2f}x the size of the "
+          f"adapters' LoRA weights (the shared bases cost more than they save); {fix}.", file=sys.stderr)
 
 
 def _public_stats(st: Dict[str, Any]) -> Dict[str, Any]:
@@ -127,7 +171,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     written = {}
     for n in names:
         out = os.path.join(args.output, n) if args.all else args.output
-        share.reconstruct(n, output_dir=out)
+        share.reconstruct(n, output_dir=out, overwrite=args.overwrite)
         written[n] = os.path.abspath(out)
         if not args.json:
             print(f"{n} -> {out}")
@@ -189,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", parents=[common], help="compress adapters into a SHARE checkpoint",
                        description="Compress PEFT LoRA adapters (folders or Hub ids user/repo[/sub][@rev]) into a SHARE checkpoint.")
     c.add_argument("adapters", nargs="*", help="adapter folders or Hub ids")
-    c.add_argument("-o", "--output", required=True, help="checkpoint folder to write (replaced atomically)")
+    c.add_argument("-o", "--output", required=True,
+                   help="checkpoint folder to write: new, empty, or a SHARE checkpoint (replaced atomically)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="also replace a non-empty folder that is not a SHARE checkpoint (never a file, '.', "
+                   "or a folder holding the inputs)")
     c.add_argument("-k", "--num-components", type=_k, default=32, help="components per module and side, or 'auto' (default 32)")
     c.add_argument("--auto", action="store_true", help="pick k per module from --variance")
     c.add_argument("--variance", type=float, default=0.95, help="energy share to keep with --auto (default 0.95)")
@@ -217,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_mutually_exclusive_group()
     g.add_argument("--adapter", help="the adapter to rebuild")
     g.add_argument("--all", action="store_true", help="rebuild every adapter into OUTPUT/<name>")
-    r.add_argument("-o", "--output", required=True, help="output folder")
+    r.add_argument("-o", "--output", required=True,
+                   help="output folder: new, empty, or an adapter lorashare rebuilt before (replaced atomically)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="also replace a non-empty folder that lorashare did not write (never a file, '.', "
+                   "or the checkpoint)")
     r.add_argument("--revision", help="Hub branch, tag or commit")
     r.set_defaults(func=cmd_reconstruct)
 
@@ -272,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
+        if getattr(args, "json", False):
+            print(_json_line(args, {"error": str(exc), "type": "UsageError"}))
         print(f"lorashare {args.command}: usage error: {exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:
@@ -285,10 +339,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def _duplicate_message(exc: LoraShareError, args: argparse.Namespace) -> str:
+    ckpt = getattr(args, "checkpoint", None) or "CHECKPOINT"
+    return (f"adapter {exc.adapter!r} is already in {ckpt}. Add it under another name with --name NAME, or "
+            f"remove the old one first: lorashare remove {shlex.quote(ckpt)} {shlex.quote(str(exc.adapter))}")
+
+
+#: Errors whose fix reads differently on the command line than in Python (flags, not arguments).
+CLI_MESSAGES: Dict[type, Callable[[LoraShareError, argparse.Namespace], str]] = {
+    DuplicateAdapterError: _duplicate_message,
+}
+
+
 def _fail(args: argparse.Namespace, exc: LoraShareError) -> None:
-    msg = str(exc).replace("\n", " ")
+    render = next((fn for cls, fn in CLI_MESSAGES.items() if isinstance(exc, cls)), None)
+    msg = (render(exc, args) if render else str(exc)).replace("\n", " ")
     if getattr(args, "json", False):
-        print(json.dumps({"lorashare": JSON_SCHEMA_VERSION, "version": __version__, "command": args.command, "error": msg, "type": type(exc).__name__}))
+        print(_json_line(args, {"error": msg, "type": type(exc).__name__}))
     print(f"lorashare {args.command}: error: {msg}", file=sys.stderr)
 
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import subspace as S
-from .adapters import Adapter
-from .errors import ConfigError
+from .adapters import MAX_FACTOR_ABS, Adapter
+from .errors import AdapterError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompressOptions", "GroupPlan", "GroupResult", "plan_groups", "compress", "group_key", "split_group_key"]
+__all__ = ["CompressOptions", "GroupPlan", "GroupResult", "plan_groups", "compress", "group_key", "split_group_key",
+           "check_storable", "check_number"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,6 +37,25 @@ def group_key(module: str, side: str) -> str:
 def split_group_key(key: str) -> Tuple[str, str]:
     module, _, side = key.rpartition(":")
     return module, side
+
+
+def check_storable(module: str, dtype: str, tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """Refuse loadings that rounding to the storage ``dtype`` made infinite: never store a non-finite value.
+
+    ``tensors`` are ``(adapter name, loading already in dtype)``; the error names every adapter at fault.
+    """
+    bad = list(dict.fromkeys(name for name, t in tensors if not bool(torch.isfinite(t).all())))
+    if not bad:
+        return
+    who = f"adapter {bad[0]!r}" if len(bad) == 1 else "adapters " + ", ".join(repr(n) for n in bad)
+    if dtype == "float16":
+        rule = (f"the loadings exceed float16's range (largest finite value {torch.finfo(torch.float16).max:g}), "
+                "so they would be stored as Inf")
+        fix = "Compress with dtype='float32' or 'bfloat16' (CLI: --dtype float32 or --dtype bfloat16), which hold the range."
+    else:
+        rule = f"the loadings are not finite in {dtype} (the factors are too large)"
+        fix = "Check the adapter's factors (diverged training?) and retrain or rescale it."
+    raise AdapterError(f"{who}, module {module}: {rule}. {fix}", adapter=bad[0], layer=module)
 
 
 @dataclass
@@ -61,14 +82,35 @@ class CompressOptions:
                 raise ConfigError(f"num_components={k!r}: expected an integer ≥ 1 or 'auto'.")
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"num_components={k!r}: expected an integer ≥ 1 or 'auto' (k < 1 keeps nothing).")
-        if not (0.0 < float(self.variance_threshold) <= 1.0):
-            raise ConfigError(f"variance_threshold={self.variance_threshold!r}: expected a number in (0, 1].")
-        if self.dtype not in DTYPES:
+        check_number("variance_threshold", self.variance_threshold, low=0.0, high=1.0,
+                      expected="a number in (0, 1] (the share of ΔW energy to keep, e.g. 0.95)")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}.")
-        if self.weighting not in ("delta_w", "factors"):
+        if not isinstance(self.weighting, str) or self.weighting not in ("delta_w", "factors"):
             raise ConfigError(f"weighting={self.weighting!r}: expected 'delta_w' or 'factors'.")
-        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
+        if self.budget_bytes is not None and (
+            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0
+        ):
             raise ConfigError(f"budget_bytes={self.budget_bytes!r}: expected a positive integer number of bytes.")
+
+
+def check_number(
+    name: str, value: Any, *, low: float = 0.0, high: float = math.inf, low_open: bool = True, expected: str
+) -> float:
+    """``value`` as a float if it is a real number in ``(low, high]`` (``[low, high]`` without
+    ``low_open``), else a :class:`ConfigError` naming ``name`` and saying what is ``expected``.
+
+    Example:
+        >>> check_number("target_ratio", 6, expected="a number > 0")
+        6.0
+    """
+    try:
+        x = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    except (OverflowError, ValueError):  # an int too large for a float
+        x = math.nan
+    if not (math.isfinite(x) and (low < x if low_open else low <= x) and x <= high):
+        raise ConfigError(f"{name}={value!r}: expected {expected}.")
+    return x
 
 
 @dataclass
@@ -115,15 +157,23 @@ def plan_groups(adapters: Sequence[Adapter]) -> List[GroupPlan]:
     return [plans[k] for k in sorted(plans)]
 
 
-def _chunks(plans: Sequence[GroupPlan], chunk_bytes: int) -> Iterator[List[GroupPlan]]:
-    """Batches of same-shape groups, each at most ``chunk_bytes`` of raw factors (or one group)."""
+def _chunks(
+    plans: Sequence[GroupPlan], chunk_bytes: int, where: Optional[List[GroupPlan]] = None
+) -> Iterator[List[GroupPlan]]:
+    """Batches of same-shape groups, each at most ``chunk_bytes`` of raw factors (or one group).
+
+    ``where`` is set to the batch being yielded, so an error can name its modules.
+    """
     buckets: Dict[tuple, List[GroupPlan]] = {}
     for p in plans:
         buckets.setdefault((p.d_in, p.d_out, p.ranks), []).append(p)
     for group in buckets.values():
         per = max(1, chunk_bytes // max(1, group[0].nbytes()))
         for at in range(0, len(group), per):
-            yield group[at : at + per]
+            chunk = group[at : at + per]
+            if where is not None:
+                where[:] = chunk
+            yield chunk
 
 
 def _read_chunk(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -147,11 +197,18 @@ def _read_chunk(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> Tupl
         torch.cat([t[i.a_key].float() for t, i in infos], 0, out=FA[g])
         torch.cat([t[i.b_key].float().T for t, i in infos], 0, out=FB[g])
     del read
-    # A NaN/Inf anywhere makes the sum non-finite: one cheap reduction per side.  A sum that
-    # merely overflows is a false alarm, which the per-tensor check below clears.
-    if not (math.isfinite(float(FA.sum())) and math.isfinite(float(FB.sum()))):
+    # One cheap reduction per side catches NaN/Inf (they propagate) and factors so large that
+    # float32 products overflow; read_factor then names the culprit.
+    if not (_in_range(FA) and _in_range(FB)):
         _raise_non_finite(chunk, adapters)  # re-read per tensor to name the culprit
     return FA, FB
+
+
+def _in_range(F: torch.Tensor) -> bool:
+    if F.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(F)
+    return bool(-MAX_FACTOR_ABS <= float(lo)) and bool(float(hi) <= MAX_FACTOR_ABS)
 
 
 def _raise_non_finite(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> None:
@@ -304,10 +361,13 @@ def _weights(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...], weighti
     return GA, GB, WA, WB, sq, {"A": tot_A, "B": tot_B}
 
 
-def _spectra(adapters: Sequence[Adapter], plans: Sequence[GroupPlan], opts: CompressOptions, bar) -> Dict[str, torch.Tensor]:
+def _spectra(
+    adapters: Sequence[Adapter], plans: Sequence[GroupPlan], opts: CompressOptions, bar,
+    where: Optional[List[GroupPlan]] = None,
+) -> Dict[str, torch.Tensor]:
     """Full weighted spectrum of every (module, side): pass 1 of the budget mode."""
     out: Dict[str, torch.Tensor] = {}
-    for chunk in _chunks(plans, opts.chunk_bytes):
+    for chunk in _chunks(plans, opts.chunk_bytes, where):
         FA, FB = _read_chunk(chunk, adapters)
         ranks = chunk[0].ranks
         _, _, WA, WB, _, _ = _weights(FA, FB, ranks, opts.weighting)
@@ -329,6 +389,31 @@ def compress(
     Example:
         >>> results = compress(open_adapters(["a", "b"]), CompressOptions(num_components=8))  # doctest: +SKIP
     """
+    where: List[GroupPlan] = []  # the batch of modules being fitted
+    try:
+        return _compress(adapters, opts, plans, where)
+    except torch.linalg.LinAlgError as exc:  # a last line of defence: read_factor's range check comes first
+        raise _linalg_error(exc, where, adapters) from None
+
+
+def _linalg_error(exc: Exception, where: Sequence[GroupPlan], adapters: Sequence[Adapter]) -> AdapterError:
+    """Name the module(s) and adapters whose factors made torch.linalg fail."""
+    module = where[0].module if where else "?"
+    more = f" (fitted together with {len(where) - 1} other modules of the same shape)" if len(where) > 1 else ""
+    names = sorted({adapters[i].name for p in where for i in p.members})
+    why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return AdapterError(
+        f"module {module}{more}: the linear algebra failed on the factors of adapters {names} ({why}). "
+        "Their values are extreme or degenerate (diverged training?): check those adapters' factors for this "
+        "module, and compress without the one at fault.",
+        adapter=names[0] if len(names) == 1 else None,
+        layer=module if where else None,
+    )
+
+
+def _compress(
+    adapters: Sequence[Adapter], opts: CompressOptions, plans: Optional[Sequence[GroupPlan]], where: List[GroupPlan]
+) -> List[GroupResult]:
     opts.validate()
     plans = list(plans) if plans is not None else plan_groups(adapters)
     dtype = DTYPES[opts.dtype]
@@ -338,7 +423,7 @@ def compress(
     fixed_k: Dict[str, int] = {}
     spectra: Dict[str, torch.Tensor] = {}
     if opts.budget_bytes is not None:
-        spectra = _spectra(adapters, plans, opts, bar)
+        spectra = _spectra(adapters, plans, opts, bar, where)
         keys, specs, costs = [], [], []
         for p in plans:
             for side, d in (("A", p.d_in), ("B", p.d_out)):
@@ -354,7 +439,7 @@ def compress(
 
     results: List[GroupResult] = []
     seed = 0
-    for chunk in _chunks(plans, opts.chunk_bytes):
+    for chunk in _chunks(plans, opts.chunk_bytes, where):
         FA, FB = _read_chunk(chunk, adapters)
         if opts.device:
             FA, FB = FA.to(opts.device), FB.to(opts.device)
@@ -384,7 +469,11 @@ def compress(
             else:
                 U, kv, _ = _fit_side(F, W, ranks, int(opts.num_components), opts, seed)
                 bases[side], kept[side] = list(U.unbind(0)), list(kv.unbind(0))
-        results.extend(_finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype))
+        finished = _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype)
+        for r in finished:
+            check_storable(r.plan.module, opts.dtype, [
+                (adapters[i].name, L) for side in "AB" for i, L in zip(r.plan.members, r.loadings[side])])
+        results.extend(finished)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:

@@ -52,6 +52,14 @@ class IncompatibleAdaptersError(AdapterError):
     """Adapters cannot share a basis (different base models, shapes...)."""
 
 
+class DuplicateAdapterError(AdapterError):
+    """An adapter of that name is already in the SHARE model.
+
+    A subclass of its own so that each front can give its own fix (the CLI
+    suggests ``--name`` and ``lorashare remove``, the API ``name=...``).
+    """
+
+
 class CheckpointError(LoraShareError, ValueError):
     """A SHARE checkpoint is missing, malformed, or fails verification."""
 
@@ -82,3 +90,11 @@ class HubError(LoraShareError):
 
 class HubNotFoundError(HubError, FileNotFoundError):
     """A repo, revision or file does not exist on the Hub."""
+
+
+class OutputPathError(LoraShareError, FileExistsError):
+    """An output path is one lorashare will not replace (a file, a foreign folder, ``.``, an input's ancestor)."""
+
+
+class SaveError(LoraShareError, OSError):
+    """The OS refused a write while saving (disk full, permissions...); the previous content is intact."""

@@ -21,7 +21,7 @@ from .errors import AdapterNotFoundError, CheckpointNotFoundError, HubError, Hub
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HubRef", "parse_adapter_id", "is_hub_id", "fetch_adapter", "fetch_checkpoint", "push_folder", "endpoint"]
+__all__ = ["HubRef", "parse_adapter_id", "is_hub_id", "is_local_path", "fetch_adapter", "fetch_checkpoint", "push_folder", "endpoint"]
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO = re.compile(rf"^{_NAME}/{_NAME}$")
@@ -55,6 +55,25 @@ def _offline() -> bool:
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def is_local_path(text: str) -> bool:
+    """True if ``text`` can only be a local path, never a Hub id.
+
+    Absolute paths, ``.``/``..``/``~`` and paths starting with ``./``, ``../`` or ``~``, and
+    paths with a separator a Hub id cannot hold (``\\`` on Windows).
+
+    Example:
+        >>> is_local_path("/data/share_ckpt"), is_local_path("./ckpt"), is_local_path("acme/share")
+        (True, True, False)
+    """
+    seps = {os.sep, os.altsep or os.sep} - {"/"}
+    return (
+        os.path.isabs(text)
+        or text in (".", "..")
+        or text.startswith(("~", "./", "../") + tuple(f"{d}{sep}" for d in (".", "..") for sep in seps))
+        or any(sep in text for sep in seps)
+    )
 
 
 def is_hub_id(text: str) -> bool:
@@ -263,6 +282,16 @@ def fetch_checkpoint(
     from .checkpoint import CONFIG_FILE, checkpoint_files, read_config
     from .names import check_name
 
+    if os.path.exists(repo_id):  # the caller found no folder there
+        raise CheckpointNotFoundError(
+            f"no SHARE checkpoint at {repo_id}: it is a file, not a folder. Give the checkpoint folder "
+            f"(the one that holds {CONFIG_FILE}).", path=repo_id,
+        )
+    if is_local_path(repo_id):
+        raise CheckpointNotFoundError(
+            f"no SHARE checkpoint at {repo_id}: the folder does not exist. Check the path "
+            "(a Hub repo id looks like owner/name).", path=repo_id,
+        )
     try:
         ref = parse_adapter_id(repo_id)
     except HubError:
@@ -270,7 +299,10 @@ def fetch_checkpoint(
             f"no SHARE checkpoint at {repo_id!r}: not a local folder and not a Hub repo id (owner/name).", path=repo_id
         ) from None
     if ref.subfolder:
-        raise CheckpointNotFoundError(f"{repo_id!r}: checkpoints live at a repo's root, not in a subfolder.", path=repo_id)
+        raise CheckpointNotFoundError(
+            f"no SHARE checkpoint at {repo_id!r}: there is no such local folder, and as a Hub id it names a "
+            "subfolder, but checkpoints live at a repo's root (owner/name).", path=repo_id,
+        )
     revision = revision or ref.revision
     what = f"{ref.repo_id}@{revision or 'main'}"
     snap = _retry(lambda: _snapshot(ref.repo_id, revision, [CONFIG_FILE], token), what)
@@ -312,6 +344,7 @@ def push_folder(
     check_repo_id(repo_id)
     if _offline():
         raise HubError(f"cannot push to {repo_id}: offline mode is on (HF_HUB_OFFLINE); unset it to push.", path=repo_id)
+    token = _push_token(token, repo_id)  # before any request: without one, every call would fail (after retries)
     api = _api(token)
     what = f"{repo_id}@{revision or 'main'}"
     _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"), repo_id)
@@ -328,6 +361,25 @@ def push_folder(
         what,
         attempts=2,  # parent_commit makes a retry after a lost response fail (412) instead of committing twice
     )
+
+
+def _push_token(token: Optional[str], repo_id: str) -> str:
+    """The token to push with: the argument, ``HF_TOKEN``, or huggingface_hub's stored login; else a clear error."""
+    from huggingface_hub import get_token
+
+    found = _token(token)
+    if not found:
+        try:
+            found = get_token()
+        except Exception as exc:  # noqa: BLE001 - e.g. an OIDC exchange the environment opted into failed
+            raise HubError(f"cannot push to {repo_id}: getting a Hub token failed ({_server_says(exc)}).", path=repo_id) from exc
+    if not found:
+        raise HubError(
+            f"cannot push to {repo_id}: no Hugging Face token. Set HF_TOKEN to a token with write access, log in "
+            "once with `hf auth login`, or pass token=... in Python.",
+            path=repo_id,
+        )
+    return found
 
 
 def _head(api: Any, repo_id: str, revision: Optional[str], *, create: bool) -> Any:
@@ -396,3 +448,115 @@ def fetch_config(
         return None, sha
     snap = _retry(lambda: _snapshot(repo_id, sha, [CONFIG_FILE], token), what)
     return read_config(snap, jail=_repo_cache_root(snap)), sha
+
+
+def remote_sizes(
+    repo_id: str, paths: Iterable[str], *, revision: Optional[str] = None, token: Optional[str] = None,
+    probe: Optional[str] = None,
+) -> Dict[str, int]:
+    """``{path: bytes}`` of the files among ``paths`` that exist at ``revision``; downloads nothing.
+
+    Also checks that ``token`` may download from the repo: listing the files refuses a private
+    repo, and a HEAD request of ``probe`` (if it exists) refuses a gated one.  A server that
+    shares one download cache between users needs this before every download, since
+    ``snapshot_download`` serves cached files without asking the Hub.  The check uses ``token``
+    (else ``HF_TOKEN``), or none at all: never a stored login, which would answer for someone else.
+
+    Example:
+        >>> remote_sizes("acme/billing-lora", ["adapter_model.safetensors"], probe="adapter_model.safetensors")  # doctest: +SKIP
+        {'adapter_model.safetensors': 1179928}
+    """
+    from huggingface_hub import HfApi, hf_hub_url
+
+    check_repo_id(repo_id)
+    wanted = list(paths)
+    token = _token(token)
+    api = HfApi(endpoint=endpoint(), token=token or False)  # False: anonymous, not the stored login
+    what = f"{repo_id}@{revision or 'main'}"
+    entries = _retry(lambda: api.get_paths_info(repo_id, wanted, revision=revision), what)
+    sizes = {e.path: int(getattr(e, "size", 0) or 0) for e in entries if hasattr(e, "size")}
+    if probe in sizes:
+        url = hf_hub_url(repo_id, probe, revision=revision, endpoint=endpoint())
+        _retry(lambda: api.get_hf_file_metadata(url=url, token=token or False), what)
+    return sizes
+
+
+def trusted_publishing_token(repo_id: str) -> str:
+    """A short-lived token scoped to ``repo_id``, from trusted publishing (OIDC) on a CI runner.
+
+    huggingface_hub's public route: with ``HF_OIDC_RESOURCE`` set, ``get_token()`` mints the CI
+    provider's id token (GitHub Actions: the job needs ``permissions: id-token: write``) and
+    exchanges it at the Hub for a repo-scoped token.  ``HF_OIDC_RESOURCE`` is set for this call
+    only, and ``HF_OIDC_ID_TOKEN`` (an id token minted elsewhere) is honoured.
+
+    Example:
+        >>> trusted_publishing_token("acme/support-share")  # doctest: +SKIP
+        'hf_jwt_...'
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from .errors import ConfigError
+
+    check_repo_id(repo_id)
+    if not hasattr(huggingface_hub, "get_token"):  # pragma: no cover - every supported release has it
+        raise ConfigError("this huggingface_hub has no get_token(); upgrade it (see lorashare's requirements).")
+    # huggingface_hub exchanges at the endpoint it read at import; it must be the one lorashare pushes to.
+    if constants.ENDPOINT.rstrip("/") != endpoint():
+        raise ConfigError(
+            f"HF_ENDPOINT is {endpoint()} but huggingface_hub was imported with {constants.ENDPOINT}: trusted "
+            "publishing would exchange the token at the wrong Hub. Set HF_ENDPOINT before Python starts.")
+    saved = os.environ.get("HF_OIDC_RESOURCE")
+    os.environ["HF_OIDC_RESOURCE"] = repo_id
+    try:
+        token = huggingface_hub.get_token()
+    except Exception as exc:  # noqa: BLE001 - any failure of the exchange, as one clear error
+        said = _redact(" ".join(str(getattr(exc, "server_message", "") or "").split()))[:200]
+        raise HubError(
+            f"trusted publishing (OIDC) failed for {repo_id}: {_server_says(exc)}{' ' + said if said else ''}. "
+            "Add this workflow as a "
+            "trusted publisher of the repo on the Hub (repo settings), give the job `permissions: id-token: "
+            "write`, or pass a token (HF_TOKEN).", path=repo_id) from None
+    finally:
+        if saved is None:
+            os.environ.pop("HF_OIDC_RESOURCE", None)
+        else:
+            os.environ["HF_OIDC_RESOURCE"] = saved
+    if not token:
+        raise HubError(f"trusted publishing (OIDC) gave no token for {repo_id}.", path=repo_id)
+    return str(token)
+
+
+def push_space(
+    folder: str, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+    commit_message: Optional[str] = None, sdk: str = "gradio",
+) -> Any:
+    """Create the Space ``repo_id`` if needed and make its files exactly ``folder``'s, in one commit.
+
+    Files of the Space that ``folder`` lacks are deleted in the same commit (except
+    ``.gitattributes``); ``private`` applies when the Space is created.  Returns the ``CommitInfo``.
+
+    Example:
+        >>> push_space("build/space", "acme/lorashare", private=True).commit_url  # doctest: +SKIP
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    check_repo_id(repo_id)
+    if _offline():
+        raise HubError(f"cannot deploy {repo_id}: offline mode is on (HF_HUB_OFFLINE); unset it.", path=repo_id)
+    api = _api(token)
+    what = f"spaces/{repo_id}"
+    _retry(lambda: api.create_repo(repo_id, repo_type="space", space_sdk=sdk, private=private, exist_ok=True), what)
+    head = _retry(lambda: api.space_info(repo_id, files_metadata=False), what)
+    local = _folder_files(folder)
+    remote = {s.rfilename for s in head.siblings or []}
+    ops: List[Any] = [CommitOperationDelete(path_in_repo=p) for p in sorted(remote - set(local)) if p != ".gitattributes"]
+    ops += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=path) for rel, path in sorted(local.items())]
+    return _retry(
+        lambda: api.create_commit(
+            repo_id, ops, commit_message=commit_message or "Deploy the lorashare Space", repo_type="space",
+            parent_commit=head.sha,
+        ),
+        what,
+        attempts=2,  # parent_commit makes a retry after a lost response fail (412) instead of committing twice
+    )

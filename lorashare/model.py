@@ -8,6 +8,7 @@ and loading many adapters into one ``PeftModel``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -17,9 +18,9 @@ import torch
 from . import __version__
 from . import subspace as S
 from .adapters import Adapter, check_compatible, lora_key, open_adapter, open_adapters, parse_lora_key, write_peft_adapter
-from .checkpoint import CheckpointData, SHAREConfig, load_checkpoint, save_checkpoint
-from .compress import DTYPES, CompressOptions, GroupResult, compress, group_key, split_group_key
-from .errors import AdapterError, ConfigError, LoraShareError, UnknownAdapterError
+from .checkpoint import CheckpointData, SHAREConfig, check_checkpoint_target, load_checkpoint, save_checkpoint
+from .compress import DTYPES, CompressOptions, GroupResult, check_number, check_storable, compress, group_key, split_group_key
+from .errors import AdapterError, CheckpointError, ConfigError, DuplicateAdapterError, LoraShareError, UnknownAdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,12 @@ class SHAREModel:
         self.adapter_sources = adapter_sources or {}
         #: Per-module ΔW relative errors measured at compression: {adapter: {module: error}}.
         self.delta_w_errors: Dict[str, Dict[str, float]] = {}
+        #: The adapters' own factor keys where they differ from PEFT's default
+        #: (``lora_key(module, side)``): {adapter: {"<module>:<A|B>": key}}.
+        self.lora_keys: Dict[str, Dict[str, str]] = {}
+        # Folders the data was read from: saves never replace them or their ancestors.
+        self._input_folders: List[str] = []
+        self._loaded_from: Optional[str] = None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -122,8 +129,8 @@ class SHAREModel:
             weighting=weighting,
         )
         opts.validate()
-        if target_ratio is not None and (isinstance(target_ratio, bool) or not float(target_ratio) > 0):
-            raise ConfigError(f"target_ratio={target_ratio!r}: expected a number > 0 (e.g. 6 for 1/6 of the size).")
+        if target_ratio is not None:
+            check_number("target_ratio", target_ratio, expected="a number > 0 (e.g. 6 for 1/6 of the size)")
         if layer_by_layer or chunk_size:
             logger.debug("layer_by_layer/chunk_size are accepted for compatibility; streaming is always on")
         hub_kwargs = {"token": token} if token else {}
@@ -131,18 +138,19 @@ class SHAREModel:
         try:
             if target_ratio is not None:
                 opts.budget_bytes = max(1, int(sum(_lora_bytes(a) for a in opened) / float(target_ratio)))
-            return cls._build(opened, opts, strict=strict)
+            given = len(adapters) if hasattr(adapters, "__len__") else len(opened)
+            return cls._build(opened, opts, strict=strict, skipped=given - len(opened))
         finally:
             for a in opened:
                 a.close()
 
     @classmethod
-    def _build(cls, opened: List[Adapter], opts: CompressOptions, *, strict: bool = False) -> "SHAREModel":
+    def _build(cls, opened: List[Adapter], opts: CompressOptions, *, strict: bool = False, skipped: int = 0) -> "SHAREModel":
         if len(opened) < 2:
             raise AdapterError(
                 f"need at least 2 adapters to share a basis, got {len(opened)}"
-                f"{' after skipping bad ones' if opened is not None else ''}. Add adapters, or keep a single "
-                "adapter as it is.",
+                f"{f' after skipping {skipped} bad one' + ('s' if skipped > 1 else '') if skipped else ''}. "
+                "Add adapters, or keep a single adapter as it is.",
             )
         check_compatible(opened, strict=strict)
         logger.info("compressing %d adapters", len(opened))
@@ -154,7 +162,9 @@ class SHAREModel:
             results = compress(opened, opts)
             heads = {a.name: a.read_heads() for a in opened if a.head_keys}
             fingerprints = list(shas)
-        return cls._assemble(opened, results, heads, fingerprints, opts)
+        model = cls._assemble(opened, results, heads, fingerprints, opts)
+        model._warn_if_larger()
+        return model
 
     @classmethod
     def _assemble(
@@ -208,6 +218,8 @@ class SHAREModel:
             adapter_sources={a.name: a.source for a in opened},
         )
         model.delta_w_errors = errors
+        model.lora_keys = {a.name: _own_keys(a) for a in opened}
+        model._input_folders = [a.folder for a in opened]
         original_bytes = {a.name: _lora_bytes(a) for a in opened}
         for a, sha in zip(opened, fingerprints):
             cfg.adapters[a.name] = {
@@ -244,14 +256,16 @@ class SHAREModel:
         Example:
             >>> share = SHAREModel.from_pretrained("acme/support-share", adapters=["billing"])  # doctest: +SKIP
         """
-        path = os.fspath(path)
+        path = os.path.expanduser(os.fspath(path))  # as open_adapter does: "~/ckpt" is never a Hub id
         jail = None
         if not os.path.isdir(path):
             from . import hub
 
             path, jail = hub.fetch_checkpoint(path, revision=revision, token=token, adapters=adapters)
         data = load_checkpoint(path, adapters=adapters, verify=verify, jail=jail)
-        return cls._from_data(data)
+        model = cls._from_data(data)
+        model._loaded_from = path
+        return model
 
     @classmethod
     def _from_data(cls, data: CheckpointData) -> "SHAREModel":
@@ -267,6 +281,7 @@ class SHAREModel:
             },
         )
         model.delta_w_errors = {n: dict(m.get("delta_w_error", {})) for n, m in data.metas.items()}
+        model.lora_keys = {n: _meta_lora_keys(n, m, data.loadings.get(n, {})) for n, m in data.metas.items()}
         # A partial load keeps only the named adapters.
         model.config.adapter_names = [n for n in data.config.adapter_names if n in data.loadings]
         model.config.num_adapters = len(model.config.adapter_names)
@@ -284,22 +299,33 @@ class SHAREModel:
                 "sha256": info.get("sha256"),
                 "delta_w_error": self.delta_w_errors.get(n, {}),
             }
+            if self.lora_keys.get(n):  # only when some key is not PEFT's default, to keep metas small
+                metas[n]["lora_keys"] = dict(sorted(self.lora_keys[n].items()))
         used = {k for ls in self.all_loadings.values() for k in ls}
         components = {k: v for k, v in self.components.items() if k in used}
         return CheckpointData(self.config, components, self.all_loadings, self.all_classifier_heads, metas)
 
-    def save_pretrained(self, output_dir: Union[str, os.PathLike], *, card: bool = True) -> None:
+    def save_pretrained(self, output_dir: Union[str, os.PathLike], *, card: bool = True, overwrite: bool = False) -> None:
         """Write the checkpoint (and its model card, README.md) atomically.
+
+        ``output_dir`` may be new, empty, or a SHARE checkpoint (this one, to save edits in
+        place).  Any other folder is refused unless ``overwrite=True``; a file, a symlink, ``.``,
+        an ancestor of ``.`` or of the home folder, and an input (or its ancestor) never are.
 
         Example:
             >>> share.save_pretrained("share_ckpt")  # doctest: +SKIP
         """
+        output_dir = os.fspath(output_dir)
+        inputs = list(self._input_folders)
+        if self._loaded_from and os.path.realpath(self._loaded_from) != os.path.realpath(output_dir):
+            inputs.append(self._loaded_from)
+        check_checkpoint_target(output_dir, inputs=inputs, overwrite=overwrite)
         text = None
         if card:
             from .card import render_card
 
             text = render_card(self)
-        save_checkpoint(os.fspath(output_dir), self._to_data(), card=text)
+        save_checkpoint(output_dir, self._to_data(), card=text, inputs=inputs, overwrite=overwrite)
 
     def push_to_hub(
         self,
@@ -347,36 +373,48 @@ class SHAREModel:
                 f"adapter {name!r} not found. Available: {self.adapter_names}.", adapter=name
             )
 
-    def reconstruct(self, adapter_name: str, output_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, torch.Tensor]:
+    def reconstruct(
+        self, adapter_name: str, output_dir: Optional[Union[str, os.PathLike]] = None, *, overwrite: bool = False
+    ) -> Dict[str, torch.Tensor]:
         """Rebuild one adapter as a PEFT state dict (LoRA factors + its heads).
 
         With ``output_dir``, also write a standard PEFT adapter folder that
-        ``PeftModel.from_pretrained`` loads.
+        ``PeftModel.from_pretrained`` loads.  It may be new, empty, or an adapter lorashare
+        rebuilt before; any other folder is refused unless ``overwrite=True``, and a file,
+        ``.``, the checkpoint or an ancestor of it never is.
 
         Example:
             >>> sd = share.reconstruct("billing", output_dir="billing_adapter")  # doctest: +SKIP
         """
         self._check(adapter_name)
+        out = self._state_dict(adapter_name)
+        if output_dir is not None:
+            inputs = self._input_folders + ([self._loaded_from] if self._loaded_from else [])
+            write_peft_adapter(os.fspath(output_dir), out, self._peft_config(adapter_name), inputs=inputs,
+                               overwrite=overwrite)
+        return out
+
+    def _state_dict(self, name: str, *, peft_keys: bool = False) -> Dict[str, torch.Tensor]:
+        """The rebuilt factors and heads, under the adapter's own keys, or PEFT's saved form with ``peft_keys``."""
+        own = {} if peft_keys else self.lora_keys.get(name, {})
         out: Dict[str, torch.Tensor] = {}
-        for key, L in self.all_loadings[adapter_name].items():
+        for key, L in self.all_loadings[name].items():
             module, side = split_group_key(key)
             W = S.reconstruct_rows(self.components[key], L)  # (r, d)
-            out[lora_key(module, side)] = (W if side == "A" else W.T).contiguous()
-        out.update(self.all_classifier_heads.get(adapter_name, {}))
-        if output_dir is not None:
-            write_peft_adapter(os.fspath(output_dir), out, self._peft_config(adapter_name))
+            out[own.get(key) or lora_key(module, side)] = (W if side == "A" else W.T).contiguous()
+        out.update(self.all_classifier_heads.get(name, {}))
         return out
 
     def _peft_config(self, name: str) -> Dict[str, Any]:
-        cfg = dict(self.adapter_configs.get(name, {}))
+        cfg = dict(self.adapter_configs.get(name) or {})
         if not cfg:
-            cfg = {
-                "peft_type": "LORA",
-                "r": self.config.lora_rank,
-                "lora_alpha": self.config.lora_alpha,
-                "target_modules": self.config.target_modules,
-                "base_model_name_or_path": self.config.base_model_name_or_path,
-            }
+            # Never invent one from checkpoint-wide values: a wrong lora_alpha or a lost
+            # use_rslora rescales the adapter without a word.
+            raise AdapterError(
+                f"adapter {name!r} has no LoRA config (its adapter_config.json), so it cannot be rebuilt as a "
+                "PEFT adapter. Give it in adapter_configs, or compress the adapter again from its folder.",
+                adapter=name,
+            )
         return cfg
 
     def apply(self, base_model: Any, adapter_name: str) -> Any:
@@ -402,6 +440,7 @@ class SHAREModel:
         names = self.adapter_names if names is None else list(names)
         for n in names:
             self._check(n)
+        self._check_fits(model, names)
         # PEFT cannot load a head-less adapter once another adapter has wrapped a head
         # (modules_to_save), so head-less adapters go in first; the active one is names[0].
         for n in sorted(names, key=lambda n: bool(self.all_classifier_heads.get(n))):
@@ -411,7 +450,9 @@ class SHAREModel:
                 model.add_adapter(n, cfg)
             else:
                 model = get_peft_model(model, cfg, adapter_name=n)
-            result = set_peft_model_state_dict(model, self.reconstruct(n), adapter_name=n)
+            # PEFT's saved key form, whatever keys the adapter had: set_peft_model_state_dict
+            # needs the base_model.model. prefix and no adapter-name infix.
+            result = set_peft_model_state_dict(model, self._state_dict(n, peft_keys=True), adapter_name=n)
             missing = [k for k in result.missing_keys if "lora_" in k and f".{n}." in k]
             if missing:
                 raise AdapterError(f"adapter {n!r}: the model has no weights for {missing[0]}", adapter=n)
@@ -419,6 +460,31 @@ class SHAREModel:
             model.set_adapter(names[0])
         model.eval()
         return model
+
+    def _check_fits(self, model: Any, names: Sequence[str]) -> None:
+        """Refuse a base model whose modules do not have the adapters' shapes, before PEFT touches it."""
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        modules = dict(base.named_modules())
+        this = getattr(base, "name_or_path", None) or type(base).__name__
+        for n in names:
+            trained = (self.adapter_configs.get(n) or {}).get("base_model_name_or_path") or self.config.base_model_name_or_path
+            hint = f"The adapters were trained on {trained!r}; load that base model." if trained else \
+                "Load the base model the adapters were trained on."
+            for key in self.all_loadings[n]:
+                module, side = split_group_key(key)
+                if side != "A" or group_key(module, "B") not in self.components:
+                    continue
+                want = (int(self.components[key].shape[0]), int(self.components[group_key(module, "B")].shape[0]))
+                if module not in modules:
+                    raise AdapterError(
+                        f"adapter {n!r}: module {module} is not in the model ({this}). {hint}", adapter=n, layer=module)
+                have = _features(modules[module])
+                if have is not None and have != want:
+                    raise AdapterError(
+                        f"adapter {n!r}: module {module} expects {want[0]} → {want[1]} features (lora_A (r, {want[0]}), "
+                        f"lora_B ({want[1]}, r)), but in the model ({this}) it maps {have[0]} → {have[1]}. {hint}",
+                        adapter=n, layer=module,
+                    )
 
     # ------------------------------------------------------------ statistics
     def _refresh_stats(self, explained: Optional[Dict[str, float]] = None) -> None:
@@ -453,6 +519,7 @@ class SHAREModel:
             "compression_ratio_excluding_basis": original / loadings if loadings else 0.0,
             "delta_w_rel_error_mean": sum(errs) / len(errs) if errs else None,
             "delta_w_rel_error_max": max(errs) if errs else None,
+            "largest_saving_k": self._largest_saving_k() if original else None,
         }
         if "card" in old:
             stats["card"] = old["card"]
@@ -466,6 +533,43 @@ class SHAREModel:
         cfg.adapter_names = self.adapter_names
         cfg.k_per_group = {k: int(U.shape[1]) for k, U in self.components.items()}
 
+    def _warn_if_larger(self) -> None:
+        """Say so when the bases cost more than they save (k too large for so few adapters)."""
+        st = self.config.compression_stats
+        if not st.get("original_lora_bytes") or st.get("compression_ratio", 1.0) >= 1.0:
+            return
+        k = st.get("largest_saving_k") or 0
+        fix = (f"use num_components={k} or less (CLI: -k {k}), or compress more adapters together" if k else
+               "no k saves space for so few adapters: compress more adapters together, or keep them as they are")
+        logger.warning(
+            "the checkpoint's bases and loadings (%d bytes) are larger than the adapters' LoRA factors (%d bytes): "
+            "the shared bases cost more than they save; %s.", st["compressed_bytes"], st["original_lora_bytes"], fix,
+        )
+
+    def _largest_saving_k(self) -> int:
+        """The largest k per module and side at which every module's bases + loadings are smaller than its factors.
+
+        Per module and side, a basis of k columns costs ``k·(d + n)`` values against the adapters'
+        ``n·d`` (n = the sum of their ranks), each value at its own byte size; 0 if no k saves.
+        """
+        storage = torch.empty(0, dtype=DTYPES.get(self.config.dtype, torch.float32)).element_size()
+        elem: Dict[str, float] = {}  # bytes per value of each adapter's original factors
+        for n, ls in self.all_loadings.items():
+            values = sum(int(L.shape[1]) * int(self.components[k].shape[0]) for k, L in ls.items() if k in self.components)
+            lora_bytes = int(self.config.adapters.get(n, {}).get("lora_bytes") or 0)
+            elem[n] = lora_bytes / values if lora_bytes and values else 4.0
+        best: Optional[int] = None
+        for key, U in self.components.items():
+            d = int(U.shape[0])
+            ranks = [(n, int(ls[key].shape[1])) for n, ls in self.all_loadings.items() if key in ls]
+            if not ranks:
+                continue
+            original = sum(r * d * elem[n] for n, r in ranks)
+            width = (d + sum(r for _, r in ranks)) * storage
+            k = max(0, math.ceil(original / width) - 1)  # k·width < original
+            best = k if best is None else min(best, k)
+        return best or 0
+
     def summary(self) -> Dict[str, Any]:
         """Print and return the compression statistics.
 
@@ -475,8 +579,11 @@ class SHAREModel:
         """
         cfg, st = self.config, self.config.compression_stats
         ks = sorted(set(cfg.k_per_group.values())) or [cfg.num_components]
+        rule = "=" * 60
         lines = [
-            "SHARE compression summary",
+            rule,
+            "  SHARE Compression Summary",  # lorashare 0.1.x's heading, which scripts match on
+            rule,
             f"  base model          {cfg.base_model_name_or_path or '?'}",
             f"  adapters            {cfg.num_adapters}: {', '.join(cfg.adapter_names)}",
             f"  modules             {len(cfg.layer_keys)} ({', '.join(cfg.target_modules)})",
@@ -489,6 +596,10 @@ class SHAREModel:
                 f"  compression ratio   {st['compression_ratio']:.2f}x (bases counted)",
                 f"  excluding bases     {st['compression_ratio_excluding_basis']:.2f}x (marginal cost per adapter, not the ratio)",
             ]
+            if st["compression_ratio"] < 1:
+                k = st.get("largest_saving_k")
+                lines.append("  note                larger than the adapters: the bases cost more than they save"
+                             + (f"; k ≤ {k} would save space" if k else "; compress more adapters together"))
         if st.get("delta_w_rel_error_mean") is not None:
             lines.append(
                 f"  ΔW relative error   mean {st['delta_w_rel_error_mean']:.4f}, max {st['delta_w_rel_error_max']:.4f}"
@@ -497,6 +608,7 @@ class SHAREModel:
             lines.append(
                 f"  explained energy    mean {st['mean_explained_variance']:.4f}, min {st['min_explained_variance']:.4f}"
             )
+        lines.append(rule)
         print("\n".join(lines))
         return dict(st)
 
@@ -558,11 +670,13 @@ class SHAREModel:
             >>> share.add_adapter("runs/legal")["method"]  # doctest: +SKIP
             'projection'
         """
-        threshold = self.config.variance_threshold if variance_threshold is None else float(variance_threshold)
+        threshold = self.config.variance_threshold if variance_threshold is None else check_number(
+            "variance_threshold", variance_threshold, low=0.0, high=1.0, low_open=False, expected="a number in [0, 1]")
+        device = _device(device)  # a bad device fails now, not after the projection test
         new = open_adapter(adapter, name, **({"token": token} if token else {}))
         try:
             if new.name in self.all_loadings:
-                raise AdapterError(
+                raise DuplicateAdapterError(
                     f"adapter {new.name!r} already exists. Pass name=... to add it under another name, "
                     "or remove_adapter() it first.",
                     adapter=new.name,
@@ -616,6 +730,7 @@ class SHAREModel:
             ka, kb = group_key(m, "A"), group_key(m, "B")
             UA, UB = self.components[ka].float(), self.components[kb].float()
             LA, LB = (UA.T @ A.T).to(dtype), (UB.T @ B).to(dtype)
+            check_storable(m, self.config.dtype, [(a.name, LA), (a.name, LB)])
             loads[ka], loads[kb] = LA, LB
             err, orig = S.delta_w_error(A, B, S.reconstruct_rows(UA, LA), S.reconstruct_rows(UB, LB).T)
             errs[m] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
@@ -624,7 +739,9 @@ class SHAREModel:
         if a.head_keys:
             self.all_classifier_heads[a.name] = a.read_heads()
         self.adapter_sources[a.name] = a.source
+        self._input_folders.append(a.folder)
         self.delta_w_errors[a.name] = errs
+        self.lora_keys[a.name] = _own_keys(a)
         self.config.adapters[a.name] = {
             "source": a.source, "revision": a.revision, "sha256": a.sha256(),
             "rank": max(m.rank for m in a.modules.values()), "lora_alpha": a.config.get("lora_alpha"),
@@ -661,7 +778,9 @@ class SHAREModel:
             rebuilt.adapter_sources[n] = self.adapter_sources.get(n, rebuilt.adapter_sources[n])
             rebuilt.config.adapters[n].update({k: v for k, v in self.config.adapters.get(n, {}).items() if k in ("source", "revision", "sha256", "lora_bytes")})
         card = self.config.compression_stats.get("card")
+        inputs, loaded_from = self._input_folders + ([extra.folder] if extra is not None else []), self._loaded_from
         self.__dict__.update(rebuilt.__dict__)
+        self._input_folders, self._loaded_from = inputs, loaded_from
         if card:
             self.config.compression_stats["card"] = card
 
@@ -682,32 +801,107 @@ class SHAREModel:
         return open_adapter(folder, name)
 
     def remove_adapter(self, adapter_name: str) -> None:
-        """Drop an adapter; the others are untouched (their loadings and the bases stay as they are)."""
+        """Drop an adapter; the others are untouched (their loadings and the bases stay as they are).
+
+        The last adapter cannot be removed (as in lorashare 0.1.x): a checkpoint holds at least one.
+        """
         self._check(adapter_name)
-        for d in (self.all_loadings, self.adapter_configs, self.all_classifier_heads, self.adapter_sources, self.delta_w_errors, self.config.adapters):
+        if len(self.all_loadings) <= 1:
+            raise CheckpointError(
+                f"cannot remove {adapter_name!r}: it is the last adapter, and a SHARE checkpoint holds at least one. "
+                "Add another adapter first, or delete the checkpoint itself if you no longer need it.",
+                adapter=adapter_name,
+            )
+        for d in (self.all_loadings, self.adapter_configs, self.all_classifier_heads, self.adapter_sources,
+                  self.delta_w_errors, self.lora_keys, self.config.adapters):
             d.pop(adapter_name, None)
-        if len(self.all_loadings) == 0:
-            self.components = {}
         self._refresh_stats()
 
     def __repr__(self) -> str:
         return f"SHAREModel(adapters={self.adapter_names}, k={self.config.num_components}, dtype={self.config.dtype})"
 
 
-def _device(device: Optional[str]) -> Optional[str]:
-    if device in (None, "cpu", "auto"):
-        if device == "auto" and torch.cuda.is_available():
-            return "cuda"
+_DEVICES = "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
+
+
+def _device(device: Any) -> Optional[str]:
+    """The device to compute on (``None`` = the CPU); a GPU that is not there falls back to the CPU with a warning."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is None or device == "cpu":
         return None
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("device=%r requested but CUDA is not available; using the CPU", device)
+    if not isinstance(device, str):
+        raise ConfigError(f"device={device!r}: expected a string, one of {_DEVICES}.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r}: expected {_DEVICES}.")
+    if dev.type == "cpu":
         return None
+    backend = torch.cuda if dev.type == "cuda" else torch.backends.mps
+    if not backend.is_available():
+        logger.warning("device=%r requested but %s is not available; using the CPU", device, dev.type.upper())
+        return None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+        )
     return device
 
 
 def _lora_bytes(a: Adapter) -> int:
     tf = a._tf()
     return sum(tf.infos[k].nbytes for m in a.modules.values() for k in (m.a_key, m.b_key))
+
+
+def _features(module: Any) -> Optional[tuple]:
+    """``(in, out)`` features of a linear-like module (PEFT-wrapped or not), ``None`` if not linear-like."""
+    getter = getattr(module, "get_base_layer", None)  # a PEFT LoRA layer wraps the original
+    m = getter() if callable(getter) else module
+    if isinstance(m, torch.nn.Linear):
+        return int(m.in_features), int(m.out_features)
+    w = getattr(m, "weight", None)
+    if type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:  # GPT-2's: weight is (in, out)
+        return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+def _own_keys(a: Adapter) -> Dict[str, str]:
+    """``{"<module>:<A|B>": key}`` for the factors whose key is not PEFT's default (``lora_key``)."""
+    out = {}
+    for m in a.modules.values():
+        for side, key in (("A", m.a_key), ("B", m.b_key)):
+            if key != lora_key(m.module, side):
+                out[group_key(m.module, side)] = key
+    return out
+
+
+def _meta_lora_keys(name: str, meta: Mapping[str, Any], loadings: Mapping[str, torch.Tensor]) -> Dict[str, str]:
+    """The ``lora_keys`` of an adapter_meta.json, checked: each names a factor of its own module and side."""
+    raw = meta.get("lora_keys")
+    if raw is None:
+        return {}
+    where = f"adapters/{name}/adapter_meta.json"
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{where}: lora_keys is a {type(raw).__name__}, expected an object {{\"<module>:<A|B>\": key}}. "
+            "The checkpoint is corrupt; re-save it from its adapters.", adapter=name, path=where,
+        )
+    out = {}
+    for gk, key in raw.items():
+        module, side = split_group_key(gk)
+        if gk not in loadings or not isinstance(key, str) or parse_lora_key(key) != (module, side):
+            raise CheckpointError(
+                f"{where}: lora_keys maps {gk!r} to {key!r}, expected the key of that module's lora_{side or '?'} "
+                "for one of the adapter's loadings. The checkpoint is corrupt; re-save it from its adapters.",
+                adapter=name, path=where, layer=module,
+            )
+        out[gk] = key
+    return out
 
 
 def _delta_w_errors(original: Mapping[str, torch.Tensor], rebuilt: Mapping[str, torch.Tensor]) -> Dict[str, float]:

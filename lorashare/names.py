@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import Collection
 
 from .errors import InvalidNameError
 
-__all__ = ["check_name", "derive_name"]
+__all__ = ["check_name", "derive_name", "unique_name"]
 
 _SAFE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -38,3 +39,18 @@ def derive_name(source: str) -> str:
     base = re.split(r"[/\\]", source.rstrip("/\\"))[-1]
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", base).strip(".") or "adapter"
     return cleaned[:128]
+
+
+def unique_name(name: str, taken: Collection[str]) -> str:
+    """``name``, or the first free ``name_1``, ``name_2``, … (lorashare 0.1.x's scheme for derived names).
+
+    Example:
+        >>> unique_name("adapter", {"adapter", "adapter_1"})
+        'adapter_2'
+    """
+    candidate, counter = name, 1
+    while candidate in taken:
+        suffix = f"_{counter}"
+        candidate = name[: 128 - len(suffix)] + suffix
+        counter += 1
+    return candidate

@@ -19,11 +19,12 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, Mapping, Optional, Type
+from typing import Callable, Dict, Iterable, Mapping, Optional, Type
 
 import torch
 
 from .errors import LoraShareError
+from .jsonfile import loads as json_loads
 
 __all__ = ["TensorInfo", "TensorFile", "read_header", "save_bytes", "MAX_TENSOR_BYTES"]
 
@@ -85,15 +86,20 @@ def read_header(
             if len(head) < 8:
                 raise fail(f"{size} bytes, too short for the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER_BYTES or 8 + n > size:
+            if n > _MAX_HEADER_BYTES:
+                raise fail(
+                    f"its header length is {n} bytes, over the safetensors limit of {_MAX_HEADER_BYTES} bytes "
+                    "(100 MB); the file is corrupt or not safetensors"
+                )
+            if 8 + n > size:
                 raise fail(f"header length {n} does not fit in a file of {size} bytes")
             raw = f.read(n)
     except OSError as exc:
         raise error(f"{label}cannot read {path}: {exc.strerror or exc}", adapter=who, path=path) from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise fail(f"header is not JSON ({exc})") from None
+    header = json_loads(
+        raw, path=path, what="safetensors file", error=error, who=who, label=label, subject="its header is",
+        hint="Re-save it with safetensors.torch.save_file, or re-download it.",
+    )
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -130,7 +136,33 @@ def read_header(
                 f"({nbytes} bytes) inside a file of {size} bytes (truncated?)"
             )
         infos[name] = TensorInfo(name, _DTYPES[dtype], tuple(shape), base + begin, nbytes)
+    _check_tiling(infos, base, size, fail)
     return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_tiling(
+    infos: Mapping[str, TensorInfo], base: int, size: int, fail: Callable[[str], LoraShareError]
+) -> None:
+    """The tensors, sorted by offset, must cover the data section exactly: no overlap, no hole, no tail.
+
+    This is the safetensors library's own rule (``Metadata::validate``), so offsets that
+    ``safetensors.safe_open`` refuses are refused here too; two tensors sharing bytes would
+    otherwise alias each other's data.
+    """
+    at = base
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.start + i.nbytes)):
+        if info.start != at:
+            how = "overlaps the previous tensor" if info.start < at else f"leaves {info.start - at} unused bytes before it"
+            raise fail(
+                f"tensor {info.name!r} starts at data offset {info.start - base}, but the tensors before it end "
+                f"at {at - base}: it {how}. The safetensors library refuses such a header"
+            )
+        at += info.nbytes
+    if at != size:
+        raise fail(
+            f"the tensors cover {at - base} bytes of data but the file holds {size - base} after its header "
+            f"({size - at} bytes unaccounted for). The safetensors library refuses such a file"
+        )
 
 
 class TensorFile:

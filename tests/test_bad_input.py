@@ -133,9 +133,10 @@ def test_nan_inf_weights(adapter_dirs, tmp_path, value):
 
 
 def test_duplicate_names(adapter_dirs, tmp_path):
+    # Derived names that clash get a suffix, as in 0.1.3 (issue 11); explicit names cannot clash.
     twin = _copy(adapter_dirs[1], tmp_path / os.path.basename(adapter_dirs[0]))
-    with pytest.raises(AdapterError, match="duplicate adapter name"):
-        SHAREModel.from_adapters([adapter_dirs[0], twin], progress=False)
+    share = SHAREModel.from_adapters([adapter_dirs[0], twin], num_components=4, progress=False)
+    assert share.adapter_names == ["task0", "task0_1"]
 
 
 @pytest.mark.parametrize("k", [0, -3, "five", 2.5, True])

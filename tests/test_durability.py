@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorashare import SHAREModel
+from lorashare import SHAREModel, atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def _snapshot(share: SHAREModel):
     return {n: share.reconstruct(n) for n in share.adapter_names}
 
 
-def test_sigkill_during_save_pretrained_leaves_a_loadable_checkpoint(adapter_dirs, tmp_path):
+def test_sigkill_during_save_pretrained_leaves_a_loadable_checkpoint(adapter_dirs, tmp_path, monkeypatch):
     """20+ SIGKILLs at random points of a save loop; after each the target is whole and loads."""
     target = tmp_path / "ck"
     a = SHAREModel.from_adapters(adapter_dirs, num_components=2, progress=False)
@@ -57,8 +57,16 @@ def test_sigkill_during_save_pretrained_leaves_a_loadable_checkpoint(adapter_dir
         for n, sd in want.items():
             assert all(torch.equal(sd[k], got[n][k]) for k in sd), (trial, n)
     leftovers = [p for p in os.listdir(tmp_path) if p.startswith(".ck.")]
-    # temp folders of killed saves may remain, but never under the checkpoint's name
+    # temp folders of killed saves may remain, but never under the checkpoint's name...
     assert all(p.startswith((".ck.tmp-", ".ck.old-")) for p in leftovers)
+    # ...and the next save of the same target removes them, except empty ones younger than the grace
+    # period (a concurrent save may not have locked its new folder yet), which a later save removes
+    a.save_pretrained(target)
+    left = [p for p in os.listdir(tmp_path) if p.startswith(".ck.")]
+    assert all(not os.listdir(tmp_path / p) for p in left), left
+    monkeypatch.setattr(atomic, "_GRACE_SECONDS", 0.0)
+    a.save_pretrained(target)
+    assert sorted(os.listdir(tmp_path)) == ["ck", "state_a", "state_b"]
 
 
 _ops = st.lists(

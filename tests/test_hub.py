@@ -113,7 +113,7 @@ def test_push_one_commit_then_load_in_fresh_cache_bit_exact(env, adapter_dirs, t
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     env.lfs_mode = True
     share = build(adapter_dirs)
-    info = share.push_to_hub(CKPT)
+    info = share.push_to_hub(CKPT, token=HUB_TOKEN)
 
     head = env.resolve(CKPT)
     assert info.oid == head and len(info.oid) == 40
@@ -147,11 +147,11 @@ def test_push_bad_repo_id_sends_nothing(env, adapter_dirs):
 
 def test_push_create_pr_then_remove_adapter_deletes_its_files_in_one_commit(env, adapter_dirs):
     share = build(adapter_dirs)
-    share.push_to_hub(CKPT)
+    share.push_to_hub(CKPT, token=HUB_TOKEN)
     main_sha = env.resolve(CKPT)
 
     share.remove_adapter("task3")
-    pr = share.push_to_hub(CKPT, create_pr=True)
+    pr = share.push_to_hub(CKPT, token=HUB_TOKEN, create_pr=True)
     assert pr.pr_num == 1 and pr.pr_url
     assert env.repo(CKPT).pull_requests == {1: pr.oid}
     assert env.resolve(CKPT) == main_sha  # main untouched
@@ -160,7 +160,7 @@ def test_push_create_pr_then_remove_adapter_deletes_its_files_in_one_commit(env,
     assert SHAREModel.from_pretrained(CKPT, revision="refs/pr/1").adapter_names == ["task0", "task1", "task2"]
 
     commits = env.count("POST", "commit", CKPT)
-    info = share.push_to_hub(CKPT)
+    info = share.push_to_hub(CKPT, token=HUB_TOKEN)
     assert env.count("POST", "commit", CKPT) == commits + 1
     assert env.history(CKPT)[:2] == [info.oid, main_sha]
     files = env.snapshot(CKPT)
@@ -170,7 +170,7 @@ def test_push_create_pr_then_remove_adapter_deletes_its_files_in_one_commit(env,
     assert cfg["adapter_names"] == ["task0", "task1", "task2"] and "task3" not in cfg["adapters"]
 
     # A branch that does not exist yet is created from main, and gets the one commit.
-    dev = share.push_to_hub(CKPT, revision="dev", commit_message="to dev")
+    dev = share.push_to_hub(CKPT, token=HUB_TOKEN, revision="dev", commit_message="to dev")
     assert env.resolve(CKPT, "dev") == dev.oid and env.resolve(CKPT) == info.oid
     # (safetensors' metadata order varies between saves: either one commit on top of main, or none
     # at all when every byte is unchanged: huggingface_hub then skips the empty commit.)
@@ -225,7 +225,7 @@ def test_hub_adapter_downloads_only_its_two_files(env, adapter_dirs):
 
 def test_partial_download_fetches_only_the_named_adapter(env, adapter_dirs, tmp_path, monkeypatch):
     share = build(adapter_dirs)
-    share.push_to_hub(CKPT)
+    share.push_to_hub(CKPT, token=HUB_TOKEN)
 
     fresh_cache(monkeypatch, tmp_path / "other")
     env.reset_log()
@@ -253,7 +253,7 @@ def test_offline_reload_from_cache(env, adapter_dirs, tmp_path, request):
     put_adapter(env, "tester/a", adapter_dirs[0])
     env.create_tag("tester/a", "v1")
     share = build(["tester/a@v1", adapter_dirs[1]])
-    share.push_to_hub(CKPT)
+    share.push_to_hub(CKPT, token=HUB_TOKEN)
     online = SHAREModel.from_pretrained(CKPT)
     partial = SHAREModel.from_pretrained("tester/share-ckpt", adapters=["a"])
 
@@ -269,7 +269,7 @@ def test_offline_reload_from_cache(env, adapter_dirs, tmp_path, request):
 
 
 def test_offline_partial_cache_is_a_clear_error(env, adapter_dirs, request):
-    build(adapter_dirs[:3]).push_to_hub(CKPT)
+    build(adapter_dirs[:3]).push_to_hub(CKPT, token=HUB_TOKEN)
     SHAREModel.from_pretrained(CKPT, adapters=["task1"])
     request.getfixturevalue("hf_offline")
     with pytest.raises(LoraShareError) as exc:
@@ -288,7 +288,7 @@ def test_offline_with_empty_cache_is_a_clear_error(hf_offline, adapter_dirs, mon
     msg = str(exc.value)
     assert "tester/nothing-cached" in msg and "offline" in msg.lower() and "cache" in msg
     with pytest.raises(HubError, match="offline"):
-        build(adapter_dirs[:2]).push_to_hub(CKPT)
+        build(adapter_dirs[:2]).push_to_hub(CKPT, token=HUB_TOKEN)
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -314,7 +314,7 @@ def test_error_revision_not_found(env, adapter_dirs):
     assert "revision not found" in msg and "tester/a@v9" in msg
     msg = _fails([f"tester/a@{'0' * 40}", adapter_dirs[1]], HubNotFoundError)
     assert "revision not found" in msg and "0" * 40 in msg
-    build(adapter_dirs[:2]).push_to_hub(CKPT)
+    build(adapter_dirs[:2]).push_to_hub(CKPT, token=HUB_TOKEN)
     with pytest.raises(HubNotFoundError, match=f"{CKPT}@nope"):
         SHAREModel.from_pretrained(CKPT, revision="nope")
 
@@ -384,7 +384,7 @@ def test_transient_5xx_is_retried(env, adapter_dirs, no_sleep):
     assert build(["tester/b", adapter_dirs[1]]).adapter_names == ["b", "task1"]
     assert api.fired == 2 and no_sleep == [0.5, 1.0]
 
-    share.push_to_hub(CKPT)
+    share.push_to_hub(CKPT, token=HUB_TOKEN)
     no_sleep.clear()
     loadings = env.inject_when(("status", 502), method="GET", path_regex=r"/resolve/.*/adapters/a/loadings\.safetensors$", times=2)
     assert SHAREModel.from_pretrained(CKPT).adapter_names == ["a", "task1"]
@@ -409,7 +409,7 @@ def test_persistent_5xx_fails_clearly_after_retries(env, adapter_dirs, no_sleep)
 
 
 def test_tampered_download_raises_integrity_error(env, adapter_dirs, tmp_path, monkeypatch):
-    build(adapter_dirs).push_to_hub(CKPT)
+    build(adapter_dirs).push_to_hub(CKPT, token=HUB_TOKEN)
     rel = "adapters/task1/loadings.safetensors"
     blob = bytearray(env.snapshot(CKPT)[rel])
     blob[-1] ^= 0x01  # a flipped bit in the last weight: still a valid safetensors file
@@ -429,7 +429,7 @@ def test_tampered_download_raises_integrity_error(env, adapter_dirs, tmp_path, m
 
 def test_cli_info_and_reconstruct_from_hub(env, adapter_dirs, tmp_path, capsys):
     share = build(adapter_dirs)
-    share.push_to_hub(CKPT)
+    share.push_to_hub(CKPT, token=HUB_TOKEN)
 
     assert main(["info", CKPT, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
