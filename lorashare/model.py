@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -24,9 +26,51 @@ from .errors import AdapterError, CheckpointError, ConfigError, DuplicateAdapter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAREModel"]
+__all__ = ["SHAREModel", "AdapterRecord"]
 
 AdapterSources = Union[Sequence[str], Mapping[str, str]]
+
+
+@dataclass
+class AdapterRecord:
+    """Everything a SHARE model keeps about one of its adapters.
+
+    Attributes:
+        loadings: ``{"<module>:<A|B>": loading (k × r)}`` on the model's shared bases.
+        config: the adapter's own ``adapter_config.json``.
+        heads: its non-LoRA tensors (classifier heads, ``modules_to_save``), bit-exact.
+        source: the folder or Hub id it came from.
+        revision: the resolved Hub commit of a Hub source.
+        sha256: the fingerprint of its ``adapter_model.safetensors``.
+        lora_bytes: the bytes of its LoRA factors before compression.
+        errors: ΔW relative error per module, measured at compression (or projection).
+        lora_keys: its own factor keys where they are not PEFT's default ``lora_key(module, side)``.
+    """
+
+    loadings: Dict[str, torch.Tensor]
+    config: Dict[str, Any]
+    heads: Dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str = ""
+    revision: Optional[str] = None
+    sha256: Optional[str] = None
+    lora_bytes: Optional[int] = None
+    errors: Dict[str, float] = field(default_factory=dict)
+    lora_keys: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max((int(L.shape[1]) for L in self.loadings.values()), default=0)
+
+    def info(self) -> Dict[str, Any]:
+        """Its entry in ``share_config.json``'s ``adapters`` (readable without any tensor)."""
+        out: Dict[str, Any] = {
+            "source": self.source, "revision": self.revision, "sha256": self.sha256, "rank": self.rank,
+            "lora_alpha": self.config.get("lora_alpha"), "lora_bytes": self.lora_bytes,
+        }
+        if self.errors:
+            out["delta_w_error_mean"] = sum(self.errors.values()) / len(self.errors)
+            out["delta_w_error_max"] = max(self.errors.values())
+        return out
 
 
 class SHAREModel:
@@ -57,18 +101,64 @@ class SHAREModel:
     ) -> None:
         self.config = config
         self.components = components
-        self.all_loadings = all_loadings
-        self.adapter_configs = adapter_configs
-        self.all_classifier_heads = all_classifier_heads or {}
-        self.adapter_sources = adapter_sources or {}
-        #: Per-module ΔW relative errors measured at compression: {adapter: {module: error}}.
-        self.delta_w_errors: Dict[str, Dict[str, float]] = {}
-        #: The adapters' own factor keys where they differ from PEFT's default
-        #: (``lora_key(module, side)``): {adapter: {"<module>:<A|B>": key}}.
-        self.lora_keys: Dict[str, Dict[str, str]] = {}
+        heads, sources = all_classifier_heads or {}, adapter_sources or {}
+        #: One :class:`AdapterRecord` per adapter, in order; the 0.1.x attributes are views of these.
+        self.records: Dict[str, AdapterRecord] = {}
+        for n, loadings in all_loadings.items():
+            info = config.adapters.get(n) if isinstance(config.adapters.get(n), dict) else {}
+            self.records[n] = AdapterRecord(
+                loadings=loadings, config=adapter_configs.get(n) or {}, heads=heads.get(n) or {},
+                source=sources.get(n) or info.get("source") or "", revision=info.get("revision"),
+                sha256=info.get("sha256"), lora_bytes=info.get("lora_bytes"),
+            )
         # Folders the data was read from: saves never replace them or their ancestors.
         self._input_folders: List[str] = []
         self._loaded_from: Optional[str] = None
+
+    # Read-only views, as lorashare 0.1.x exposed them; edit through the methods.
+    @property
+    def all_loadings(self) -> Mapping[str, Dict[str, torch.Tensor]]:
+        """``{adapter: {"<module>:<A|B>": loading (k × r)}}``."""
+        return MappingProxyType({n: r.loadings for n, r in self.records.items()})
+
+    @property
+    def adapter_configs(self) -> Mapping[str, Dict[str, Any]]:
+        """``{adapter: its adapter_config.json}``."""
+        return MappingProxyType({n: r.config for n, r in self.records.items()})
+
+    @property
+    def all_classifier_heads(self) -> Mapping[str, Dict[str, torch.Tensor]]:
+        """``{adapter: {key: tensor}}`` for the adapters that have non-LoRA tensors."""
+        return MappingProxyType({n: r.heads for n, r in self.records.items() if r.heads})
+
+    @property
+    def adapter_sources(self) -> Mapping[str, str]:
+        """``{adapter: the folder or Hub id it came from}``."""
+        return MappingProxyType({n: r.source for n, r in self.records.items()})
+
+    @property
+    def delta_w_errors(self) -> Mapping[str, Dict[str, float]]:
+        """Per-module ΔW relative errors measured at compression: ``{adapter: {module: error}}``."""
+        return MappingProxyType({n: r.errors for n, r in self.records.items()})
+
+    @property
+    def lora_keys(self) -> Mapping[str, Dict[str, str]]:
+        """The adapters' own factor keys where they differ from ``lora_key(module, side)``."""
+        return MappingProxyType({n: r.lora_keys for n, r in self.records.items()})
+
+    def set_source(self, adapter_name: str, source: str) -> None:
+        """Record where an adapter came from, as the card and ``share_config.json`` show it.
+
+        Useful when it was read from a path that means nothing elsewhere (a runner's checkout),
+        e.g. to keep the path relative to the repository that holds it.
+
+        Example:
+            >>> share.set_source("billing", "adapters/billing")  # doctest: +SKIP
+        """
+        self._check(adapter_name)
+        rec = self.records[adapter_name]
+        rec.source = str(source)
+        self.config.adapters[adapter_name] = rec.info()
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -209,27 +299,10 @@ class SHAREModel:
             requested_components=opts.num_components,
             k_per_group={k: int(U.shape[1]) for k, U in components.items()},
         )
-        model = cls(
-            config=cfg,
-            components=components,
-            all_loadings=loadings,
-            adapter_configs={a.name: dict(a.config) for a in opened},
-            all_classifier_heads={n: h for n, h in heads.items() if h},
-            adapter_sources={a.name: a.source for a in opened},
-        )
-        model.delta_w_errors = errors
-        model.lora_keys = {a.name: _own_keys(a) for a in opened}
-        model._input_folders = [a.folder for a in opened]
-        original_bytes = {a.name: _lora_bytes(a) for a in opened}
+        model = cls(config=cfg, components=components, all_loadings={}, adapter_configs={})
         for a, sha in zip(opened, fingerprints):
-            cfg.adapters[a.name] = {
-                "source": a.source,
-                "revision": a.revision,
-                "sha256": sha,
-                "rank": max(m.rank for m in a.modules.values()),
-                "lora_alpha": a.config.get("lora_alpha"),
-                "lora_bytes": original_bytes[a.name],
-            }
+            model.records[a.name] = _record(a, loadings[a.name], heads.get(a.name) or {}, errors[a.name], sha)
+        model._input_folders = [a.folder for a in opened]
         model._refresh_stats(explained)
         return model
 
@@ -275,13 +348,12 @@ class SHAREModel:
             all_loadings=data.loadings,
             adapter_configs={n: dict(m.get("original_config", {})) for n, m in data.metas.items()},
             all_classifier_heads=data.heads,
-            adapter_sources={
-                n: m.get("original_adapter_path") or data.config.adapters.get(n, {}).get("source", "")
-                for n, m in data.metas.items()
-            },
+            adapter_sources={n: m.get("original_adapter_path") or "" for n, m in data.metas.items()},
         )
-        model.delta_w_errors = {n: dict(m.get("delta_w_error", {})) for n, m in data.metas.items()}
-        model.lora_keys = {n: _meta_lora_keys(n, m, data.loadings.get(n, {})) for n, m in data.metas.items()}
+        for n, m in data.metas.items():
+            rec = model.records[n]
+            rec.errors = dict(m.get("delta_w_error") or {})
+            rec.lora_keys = _meta_lora_keys(n, m, data.loadings.get(n, {}))
         # A partial load keeps only the named adapters.
         model.config.adapter_names = [n for n in data.config.adapter_names if n in data.loadings]
         model.config.num_adapters = len(model.config.adapter_names)
@@ -289,21 +361,20 @@ class SHAREModel:
 
     def _to_data(self) -> CheckpointData:
         metas = {}
-        for n in self.adapter_names:
-            info = self.config.adapters.get(n, {})
+        for n, rec in self.records.items():
             metas[n] = {
                 "adapter_name": n,
-                "original_config": self.adapter_configs.get(n, {}),
-                "original_adapter_path": self.adapter_sources.get(n, info.get("source", "")),
-                "revision": info.get("revision"),
-                "sha256": info.get("sha256"),
-                "delta_w_error": self.delta_w_errors.get(n, {}),
+                "original_config": rec.config,
+                "original_adapter_path": rec.source,
+                "revision": rec.revision,
+                "sha256": rec.sha256,
+                "delta_w_error": rec.errors,
             }
-            if self.lora_keys.get(n):  # only when some key is not PEFT's default, to keep metas small
-                metas[n]["lora_keys"] = dict(sorted(self.lora_keys[n].items()))
-        used = {k for ls in self.all_loadings.values() for k in ls}
+            if rec.lora_keys:  # only when some key is not PEFT's default, to keep metas small
+                metas[n]["lora_keys"] = dict(sorted(rec.lora_keys.items()))
+        used = {k for rec in self.records.values() for k in rec.loadings}
         components = {k: v for k, v in self.components.items() if k in used}
-        return CheckpointData(self.config, components, self.all_loadings, self.all_classifier_heads, metas)
+        return CheckpointData(self.config, components, dict(self.all_loadings), dict(self.all_classifier_heads), metas)
 
     def save_pretrained(self, output_dir: Union[str, os.PathLike], *, card: bool = True, overwrite: bool = False) -> None:
         """Write the checkpoint (and its model card, README.md) atomically.
@@ -365,10 +436,10 @@ class SHAREModel:
     @property
     def adapter_names(self) -> List[str]:
         """Names of the adapters in this model."""
-        return list(self.all_loadings.keys())
+        return list(self.records)
 
     def _check(self, name: str) -> None:
-        if name not in self.all_loadings:
+        if name not in self.records:
             raise UnknownAdapterError(
                 f"adapter {name!r} not found. Available: {self.adapter_names}.", adapter=name
             )
@@ -396,17 +467,18 @@ class SHAREModel:
 
     def _state_dict(self, name: str, *, peft_keys: bool = False) -> Dict[str, torch.Tensor]:
         """The rebuilt factors and heads, under the adapter's own keys, or PEFT's saved form with ``peft_keys``."""
-        own = {} if peft_keys else self.lora_keys.get(name, {})
+        rec = self.records[name]
+        own = {} if peft_keys else rec.lora_keys
         out: Dict[str, torch.Tensor] = {}
-        for key, L in self.all_loadings[name].items():
+        for key, L in rec.loadings.items():
             module, side = split_group_key(key)
             W = S.reconstruct_rows(self.components[key], L)  # (r, d)
             out[own.get(key) or lora_key(module, side)] = (W if side == "A" else W.T).contiguous()
-        out.update(self.all_classifier_heads.get(name, {}))
+        out.update(rec.heads)
         return out
 
     def _peft_config(self, name: str) -> Dict[str, Any]:
-        cfg = dict(self.adapter_configs.get(name) or {})
+        cfg = dict(self.records[name].config)
         if not cfg:
             # Never invent one from checkpoint-wide values: a wrong lora_alpha or a lost
             # use_rslora rescales the adapter without a word.
@@ -443,7 +515,7 @@ class SHAREModel:
         self._check_fits(model, names)
         # PEFT cannot load a head-less adapter once another adapter has wrapped a head
         # (modules_to_save), so head-less adapters go in first; the active one is names[0].
-        for n in sorted(names, key=lambda n: bool(self.all_classifier_heads.get(n))):
+        for n in sorted(names, key=lambda n: bool(self.records[n].heads)):
             cfg = PeftConfig.from_peft_type(**self._peft_config(n))
             cfg.inference_mode = True
             if isinstance(model, PeftModel):
@@ -467,10 +539,10 @@ class SHAREModel:
         modules = dict(base.named_modules())
         this = getattr(base, "name_or_path", None) or type(base).__name__
         for n in names:
-            trained = (self.adapter_configs.get(n) or {}).get("base_model_name_or_path") or self.config.base_model_name_or_path
+            trained = self.records[n].config.get("base_model_name_or_path") or self.config.base_model_name_or_path
             hint = f"The adapters were trained on {trained!r}; load that base model." if trained else \
                 "Load the base model the adapters were trained on."
-            for key in self.all_loadings[n]:
+            for key in self.records[n].loadings:
                 module, side = split_group_key(key)
                 if side != "A" or group_key(module, "B") not in self.components:
                     continue
@@ -491,11 +563,11 @@ class SHAREModel:
         cfg = self.config
         elem = lambda t: t.numel() * t.element_size()  # noqa: E731
         shared = sum(elem(U) for U in self.components.values())
-        per_adapter = {n: sum(elem(L) for L in ls.values()) for n, ls in self.all_loadings.items()}
+        per_adapter = {n: sum(elem(L) for L in r.loadings.values()) for n, r in self.records.items()}
         loadings = sum(per_adapter.values())
-        original = sum(int(cfg.adapters.get(n, {}).get("lora_bytes") or 0) for n in self.adapter_names)
-        heads = sum(elem(t) for h in self.all_classifier_heads.values() for t in h.values())
-        errs = [e for n in self.adapter_names for e in self.delta_w_errors.get(n, {}).values()]
+        original = sum(int(r.lora_bytes or 0) for r in self.records.values())
+        heads = sum(elem(t) for r in self.records.values() for t in r.heads.values())
+        errs = [e for r in self.records.values() for e in r.errors.values()]
         old = cfg.compression_stats or {}
         explained = explained if explained is not None else old.get("per_layer_explained_variance", {})
         ev = list(explained.values())
@@ -524,12 +596,8 @@ class SHAREModel:
         if "card" in old:
             stats["card"] = old["card"]
         cfg.compression_stats = stats
-        for n in self.adapter_names:  # per-adapter fidelity in the config: readable without loadings
-            e = list(self.delta_w_errors.get(n, {}).values())
-            if e and n in cfg.adapters:
-                cfg.adapters[n]["delta_w_error_mean"] = sum(e) / len(e)
-                cfg.adapters[n]["delta_w_error_max"] = max(e)
-        cfg.num_adapters = len(self.all_loadings)
+        cfg.adapters = {n: r.info() for n, r in self.records.items()}
+        cfg.num_adapters = len(self.records)
         cfg.adapter_names = self.adapter_names
         cfg.k_per_group = {k: int(U.shape[1]) for k, U in self.components.items()}
 
@@ -554,14 +622,14 @@ class SHAREModel:
         """
         storage = torch.empty(0, dtype=DTYPES.get(self.config.dtype, torch.float32)).element_size()
         elem: Dict[str, float] = {}  # bytes per value of each adapter's original factors
-        for n, ls in self.all_loadings.items():
-            values = sum(int(L.shape[1]) * int(self.components[k].shape[0]) for k, L in ls.items() if k in self.components)
-            lora_bytes = int(self.config.adapters.get(n, {}).get("lora_bytes") or 0)
+        for n, r in self.records.items():
+            values = sum(int(L.shape[1]) * int(self.components[k].shape[0]) for k, L in r.loadings.items() if k in self.components)
+            lora_bytes = int(r.lora_bytes or 0)
             elem[n] = lora_bytes / values if lora_bytes and values else 4.0
         best: Optional[int] = None
         for key, U in self.components.items():
             d = int(U.shape[0])
-            ranks = [(n, int(ls[key].shape[1])) for n, ls in self.all_loadings.items() if key in ls]
+            ranks = [(n, int(r.loadings[key].shape[1])) for n, r in self.records.items() if key in r.loadings]
             if not ranks:
                 continue
             original = sum(r * d * elem[n] for n, r in ranks)
@@ -630,7 +698,7 @@ class SHAREModel:
         """
         self._check(adapter_name)
         if original_weights is None and original_path is None:
-            per = dict(self.delta_w_errors.get(adapter_name, {}))
+            per = dict(self.records[adapter_name].errors)
         else:
             if original_weights is None:
                 a = open_adapter(original_path, name=adapter_name)
@@ -675,7 +743,7 @@ class SHAREModel:
         device = _device(device)  # a bad device fails now, not after the projection test
         new = open_adapter(adapter, name, **({"token": token} if token else {}))
         try:
-            if new.name in self.all_loadings:
+            if new.name in self.records:
                 raise DuplicateAdapterError(
                     f"adapter {new.name!r} already exists. Pass name=... to add it under another name, "
                     "or remove_adapter() it first.",
@@ -734,19 +802,8 @@ class SHAREModel:
             loads[ka], loads[kb] = LA, LB
             err, orig = S.delta_w_error(A, B, S.reconstruct_rows(UA, LA), S.reconstruct_rows(UB, LB).T)
             errs[m] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
-        self.all_loadings[a.name] = loads
-        self.adapter_configs[a.name] = dict(a.config)
-        if a.head_keys:
-            self.all_classifier_heads[a.name] = a.read_heads()
-        self.adapter_sources[a.name] = a.source
+        self.records[a.name] = _record(a, loads, a.read_heads() if a.head_keys else {}, errs, a.sha256())
         self._input_folders.append(a.folder)
-        self.delta_w_errors[a.name] = errs
-        self.lora_keys[a.name] = _own_keys(a)
-        self.config.adapters[a.name] = {
-            "source": a.source, "revision": a.revision, "sha256": a.sha256(),
-            "rank": max(m.rank for m in a.modules.values()), "lora_alpha": a.config.get("lora_alpha"),
-            "lora_bytes": _lora_bytes(a),
-        }
         self._refresh_stats()
 
     def _ref_adapter_stub(self) -> Adapter:
@@ -773,20 +830,20 @@ class SHAREModel:
             finally:
                 for a in opened:
                     a.close()
-        # Sources of reconstructed copies stay the originals.
-        for n in self.adapter_names:
-            rebuilt.adapter_sources[n] = self.adapter_sources.get(n, rebuilt.adapter_sources[n])
-            rebuilt.config.adapters[n].update({k: v for k, v in self.config.adapters.get(n, {}).items() if k in ("source", "revision", "sha256", "lora_bytes")})
+        # A record rebuilt from a reconstructed copy keeps where the original came from.
+        for n, old in self.records.items():
+            new = rebuilt.records[n]
+            new.source, new.revision, new.sha256, new.lora_bytes = old.source, old.revision, old.sha256, old.lora_bytes
         card = self.config.compression_stats.get("card")
-        inputs, loaded_from = self._input_folders + ([extra.folder] if extra is not None else []), self._loaded_from
-        self.__dict__.update(rebuilt.__dict__)
-        self._input_folders, self._loaded_from = inputs, loaded_from
+        self.config, self.components, self.records = rebuilt.config, rebuilt.components, rebuilt.records
+        if extra is not None:
+            self._input_folders.append(extra.folder)
         if card:
             self.config.compression_stats["card"] = card
+        self._refresh_stats()
 
     def _best_copy(self, name: str, tmp: str) -> Adapter:
-        src = self.adapter_sources.get(name)
-        want = self.config.adapters.get(name, {}).get("sha256")
+        src, want = self.records[name].source, self.records[name].sha256
         if src and os.path.isdir(src):
             try:
                 a = open_adapter(src, name)
@@ -806,15 +863,13 @@ class SHAREModel:
         The last adapter cannot be removed (as in lorashare 0.1.x): a checkpoint holds at least one.
         """
         self._check(adapter_name)
-        if len(self.all_loadings) <= 1:
+        if len(self.records) <= 1:
             raise CheckpointError(
                 f"cannot remove {adapter_name!r}: it is the last adapter, and a SHARE checkpoint holds at least one. "
                 "Add another adapter first, or delete the checkpoint itself if you no longer need it.",
                 adapter=adapter_name,
             )
-        for d in (self.all_loadings, self.adapter_configs, self.all_classifier_heads, self.adapter_sources,
-                  self.delta_w_errors, self.lora_keys, self.config.adapters):
-            d.pop(adapter_name, None)
+        del self.records[adapter_name]
         self._refresh_stats()
 
     def __repr__(self) -> str:
@@ -851,6 +906,15 @@ def _device(device: Any) -> Optional[str]:
             f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
         )
     return device
+
+
+def _record(a: Adapter, loadings: Dict[str, torch.Tensor], heads: Dict[str, torch.Tensor],
+            errors: Dict[str, float], sha256: str) -> AdapterRecord:
+    """The record of a freshly compressed (or projected) adapter."""
+    return AdapterRecord(
+        loadings=loadings, config=dict(a.config), heads=heads, source=a.source, revision=a.revision, sha256=sha256,
+        lora_bytes=_lora_bytes(a), errors=errors, lora_keys=_own_keys(a),
+    )
 
 
 def _lora_bytes(a: Adapter) -> int:

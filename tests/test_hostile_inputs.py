@@ -624,11 +624,14 @@ def test_missing_meta_never_invents_a_config(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_in_memory_model_without_config_is_refused(adapter_dirs):
+def test_in_memory_model_without_config_is_refused(adapter_dirs, tmp_path):
     share = SHAREModel.from_adapters(adapter_dirs[:2], num_components=2, progress=False)
-    share.adapter_configs.pop("task1")
+    # lorashare 0.1.x's constructor, given no config for task1
+    bare = SHAREModel(share.config, share.components, dict(share.all_loadings), {"task0": share.adapter_configs["task0"]})
     with pytest.raises(AdapterError, match=r"adapter 'task1' has no LoRA config"):
-        share._peft_config("task1")
+        bare.reconstruct("task1", output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    bare.reconstruct("task0", output_dir=tmp_path / "out")
 
 
 # ============================================================================ 0.1.x checkpoints
