@@ -21,7 +21,19 @@ from .errors import AdapterNotFoundError, CheckpointNotFoundError, HubError, Hub
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HubRef", "parse_adapter_id", "is_hub_id", "is_local_path", "fetch_adapter", "fetch_checkpoint", "push_folder", "endpoint"]
+__all__ = [
+    "HubRef",
+    "parse_adapter_id",
+    "is_hub_id",
+    "is_local_path",
+    "fetch_adapter",
+    "fetch_checkpoint",
+    "push_folder",
+    "endpoint",
+    "remote_sizes",
+    "trusted_publishing_token",
+    "push_space",
+]
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO = re.compile(rf"^{_NAME}/{_NAME}$")
@@ -328,11 +340,14 @@ def push_folder(
     commit_message: Optional[str] = None,
     create_pr: bool = False,
     revision: Optional[str] = None,
+    parent_commit: Optional[str] = None,
 ) -> Any:
     """Create ``repo_id`` if needed and upload ``folder`` in one commit; return the ``CommitInfo``.
 
     Files under ``adapters/`` that the checkpoint no longer has are deleted in the same commit.
-    A missing ``revision`` branch is created from main.  One ``create_commit``, not
+    A missing ``revision`` branch is created from main.  With ``parent_commit``, nothing is
+    pushed unless the branch is still at that commit (the check and the commit are one: the
+    Hub refuses a commit whose parent is not the head).  One ``create_commit``, not
     ``upload_folder``: with ``hf_xet`` installed, ``upload_folder`` may split a large folder
     into several commits (and opens pull requests through the discussions API).
 
@@ -349,6 +364,12 @@ def push_folder(
     what = f"{repo_id}@{revision or 'main'}"
     _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"), repo_id)
     head = _retry(lambda: _head(api, repo_id, revision, create=not create_pr), what)
+    if parent_commit is not None and head.sha != parent_commit:
+        raise HubError(
+            f"{what} changed while syncing: it is now at {str(head.sha)[:8]}, not at {parent_commit[:8]} as when it "
+            "was read; nothing was pushed. Run again (in CI, use a concurrency group so runs do not overlap).",
+            path=repo_id,
+        )
     local = _folder_files(folder)
     remote = {s.rfilename for s in head.siblings or []}
     ops: List[Any] = [CommitOperationDelete(path_in_repo=p) for p in sorted(remote) if p.startswith("adapters/") and p not in local]
@@ -499,8 +520,6 @@ def trusted_publishing_token(repo_id: str) -> str:
     from .errors import ConfigError
 
     check_repo_id(repo_id)
-    if not hasattr(huggingface_hub, "get_token"):  # pragma: no cover - every supported release has it
-        raise ConfigError("this huggingface_hub has no get_token(); upgrade it (see lorashare's requirements).")
     # huggingface_hub exchanges at the endpoint it read at import; it must be the one lorashare pushes to.
     if constants.ENDPOINT.rstrip("/") != endpoint():
         raise ConfigError(
@@ -514,9 +533,8 @@ def trusted_publishing_token(repo_id: str) -> str:
         said = _redact(" ".join(str(getattr(exc, "server_message", "") or "").split()))[:200]
         raise HubError(
             f"trusted publishing (OIDC) failed for {repo_id}: {_server_says(exc)}{' ' + said if said else ''}. "
-            "Add this workflow as a "
-            "trusted publisher of the repo on the Hub (repo settings), give the job `permissions: id-token: "
-            "write`, or pass a token (HF_TOKEN).", path=repo_id) from None
+            "Add this workflow as a trusted publisher of the repo on the Hub (repo settings), give the job "
+            "`permissions: id-token: write`, or pass a token (HF_TOKEN).", path=repo_id) from None
     finally:
         if saved is None:
             os.environ.pop("HF_OIDC_RESOURCE", None)

@@ -408,8 +408,12 @@ class SHAREModel:
         revision: Optional[str] = None,
         *,
         license: Optional[str] = None,
+        parent_commit: Optional[str] = None,
     ):
         """Upload the checkpoint with its model card to a Hub repo, in one commit.
+
+        With ``parent_commit``, push only if the branch is still at that commit (else a
+        :class:`~lorashare.errors.HubError`, nothing pushed): for read-modify-write updates.
 
         Returns the ``CommitInfo`` (``.commit_url``, ``.oid``); ``str(info)`` is not the url,
         use ``info.repo_url`` for the repo.
@@ -430,6 +434,7 @@ class SHAREModel:
             return hub.push_folder(
                 folder, repo_id, private=private, token=token, commit_message=commit_message or
                 f"Upload SHARE checkpoint ({self.config.num_adapters} adapters)", create_pr=create_pr, revision=revision,
+                parent_commit=parent_commit,
             )
 
     # ----------------------------------------------------------- use adapters
@@ -723,13 +728,15 @@ class SHAREModel:
         force_recompute: bool = False,
         *,
         token: Optional[str] = None,
+        originals: Optional[Mapping[str, str]] = None,
     ) -> Dict[str, Any]:
         """Add an adapter: project it onto the bases if they explain it well enough, else recompute.
 
         The new adapter is projected when, in every module, the bases keep at least
         ``variance_threshold`` of its ΔW energy.  Otherwise every adapter is
-        recompressed: from its original source when that still has the recorded
-        fingerprint, else from its reconstruction.
+        recompressed: from its original (``originals[name]``, a folder or Hub id, else its
+        recorded source) when that still has the recorded fingerprint, else from its
+        reconstruction.
 
         Returns ``{"method": "projection" | "recompute", "adapter_name", "min_explained_variance",
         "mean_explained_variance", "reason"}``.
@@ -765,7 +772,7 @@ class SHAREModel:
                         "mean_explained_variance": mean, "reason": f"bases keep {lo:.1%} of its ΔW energy"}
         finally:
             new.close()
-        self._recompute(extra=new, device=device)
+        self._recompute(extra=new, device=device, originals=originals, token=token)
         return {"method": "recompute", "adapter_name": new.name, "min_explained_variance": lo,
                 "mean_explained_variance": mean, "reason": reason}
 
@@ -809,7 +816,8 @@ class SHAREModel:
     def _ref_adapter_stub(self) -> Adapter:
         return Adapter(name=self.adapter_names[0], source="", folder="", config={"base_model_name_or_path": self.config.base_model_name_or_path}, modules={}, head_keys=[])
 
-    def _recompute(self, extra: Optional[Adapter] = None, device: Optional[str] = None) -> None:
+    def _recompute(self, extra: Optional[Adapter] = None, device: Optional[str] = None, *,
+                   originals: Optional[Mapping[str, str]] = None, token: Optional[str] = None) -> None:
         """Recompress every adapter (plus ``extra``) from the best available copy of its weights."""
         opts = CompressOptions(
             num_components=self.config.requested_components or (
@@ -823,7 +831,7 @@ class SHAREModel:
             opened: List[Adapter] = []
             try:
                 for n in self.adapter_names:
-                    opened.append(self._best_copy(n, tmp))
+                    opened.append(self._best_copy(n, tmp, (originals or {}).get(n), token))
                 if extra is not None:
                     opened.append(open_adapter(extra.source, extra.name) if os.path.isdir(extra.folder) else extra)
                 rebuilt = type(self)._build(opened, opts)
@@ -842,12 +850,12 @@ class SHAREModel:
             self.config.compression_stats["card"] = card
         self._refresh_stats()
 
-    def _best_copy(self, name: str, tmp: str) -> Adapter:
-        src, want = self.records[name].source, self.records[name].sha256
-        if src and os.path.isdir(src):
+    def _best_copy(self, name: str, tmp: str, original: Optional[str] = None, token: Optional[str] = None) -> Adapter:
+        rec = self.records[name]
+        for src in ([original] if original else []) + ([rec.source] if os.path.isdir(rec.source) else []):
             try:
-                a = open_adapter(src, name)
-                if want and a.sha256() == want:
+                a = open_adapter(src, name, **({"token": token} if token else {}))
+                if rec.sha256 and a.sha256() == rec.sha256:
                     return a
                 a.close()
             except LoraShareError:
@@ -874,6 +882,22 @@ class SHAREModel:
 
     def __repr__(self) -> str:
         return f"SHAREModel(adapters={self.adapter_names}, k={self.config.num_components}, dtype={self.config.dtype})"
+
+    def serve(self, base_model: Any, *, adapters: Optional[Iterable[str]] = None, dtype: Any = None) -> Any:
+        """Serve the adapters (all, or ``adapters``) on ``base_model``, each row of a batch with its own.
+
+        Returns a :class:`lorashare.serve.ServedModel`: the base model's API plus
+        ``adapter_names=[...]`` (one per row, ``"__base__"`` for none) in ``forward`` and
+        ``generate``, ``set_adapter`` and ``refresh``.  It adds only the shared bases and the
+        loadings to the base model, which is changed in place (``unload()`` restores it).
+
+        Example:
+            >>> model = share.serve(base_model)  # doctest: +SKIP
+            >>> model(**batch, adapter_names=["billing", "refunds", "__base__"]).logits  # doctest: +SKIP
+        """
+        from .serve import serve
+
+        return serve(self, base_model, adapters=None if adapters is None else list(adapters), dtype=dtype)
 
 
 _DEVICES = "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"

@@ -702,10 +702,8 @@ def _build_source(src: AdapterSource, fingerprint: Optional[str]) -> str:
 def _restamp(share: Any, manifest: Manifest) -> None:
     """Record each adapter's source as the manifest wrote it (no runner paths, no pinned sha)."""
     for name, src in manifest.adapters.items():
-        if name in share.config.adapters:
-            share.config.adapters[name]["source"] = src.text
-        if name in share.adapter_sources:
-            share.adapter_sources[name] = src.text
+        if name in share.adapter_names:
+            share.set_source(name, src.text)
 
 
 def _compress_all(manifest: Manifest, fingerprints: Mapping[str, str], *, token: Optional[str], progress: bool) -> Any:
@@ -729,21 +727,22 @@ def _apply(manifest: Manifest, plan: Plan, fingerprints: Mapping[str, str], *, t
     reports: Dict[str, Dict[str, Any]] = {}
     if plan.action in ("add", "card"):
         share = SHAREModel.from_pretrained(manifest.repo_id, revision=plan.base_sha, token=token)
+        # A recompute re-reads every adapter from its source (exact), never from a reconstruction.
+        sources = {n: _build_source(s, fingerprints.get(n)) for n, s in manifest.adapters.items()}
         for name in plan.by_status("added"):
-            src = manifest.adapters[name]
-            rep = share.add_adapter(_build_source(src, fingerprints.get(name)), name=name,
-                                    variance_threshold=manifest.compression.variance_threshold, token=token)
+            rep = share.add_adapter(sources[name], name=name, variance_threshold=manifest.compression.variance_threshold,
+                                    token=token, originals=sources)
             reports[name] = rep
             say(f"{name}: {rep['method']} ({rep['reason']})")
-            if rep["method"] != "projection":
-                # Recompress from the sources themselves (exact), not from reconstructions.
-                plan.action = "recompute"
-                plan.reasons = [f"{name} added: {rep['reason']}"] + [
-                    f"{n} added" for n in plan.by_status("added") if n != name]
-                return _compress_all(manifest, fingerprints, token=token, progress=progress), reports
         _restamp(share, manifest)
-        plan.reasons = [f"{n} added by projection ({r['min_explained_variance']:.1%} of its ΔW energy explained)"
-                        for n, r in reports.items()] or plan.reasons
+        recomputed = [n for n, r in reports.items() if r["method"] != "projection"]
+        if recomputed:
+            plan.action = "recompute"
+            plan.reasons = [f"{n} added: {reports[n]['reason']}" for n in recomputed] + [
+                f"{n} added" for n in reports if n not in recomputed]
+        else:
+            plan.reasons = [f"{n} added by projection ({r['min_explained_variance']:.1%} of its ΔW energy explained)"
+                            for n, r in reports.items()] or plan.reasons
         return share, reports
     return _compress_all(manifest, fingerprints, token=token, progress=progress), reports
 
@@ -941,28 +940,16 @@ class SyncResult:
 
 
 def _credentials(repo_id: str, rep: _Reporter) -> Optional[str]:
-    """HF_TOKEN, else a short-lived token from trusted publishing (OIDC) on a GitHub runner, else None."""
+    """HF_TOKEN, else a short-lived token from trusted publishing (OIDC) on a CI runner, else None."""
     token = os.environ.get("HF_TOKEN") or None
     if token:
         return token
-    if not (os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL") and os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN")):
+    on_runner = bool(os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL") and os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN"))
+    if not (on_runner or os.environ.get("HF_OIDC_ID_TOKEN")):
         return None
-    try:
-        from huggingface_hub._oidc import oidc_login
-    except ImportError:
-        raise ConfigError(
-            "no Hugging Face token, and this huggingface_hub has no trusted publishing (OIDC): set the "
-            "hf-token input (hf-token: ${{ secrets.HF_TOKEN }}) or the HF_TOKEN environment variable.") from None
     from . import hub
 
-    try:
-        result = oidc_login(resource=repo_id, endpoint=hub.endpoint())
-        token = str(result["access_token"])
-    except Exception as exc:  # noqa: BLE001 - any failure of the exchange, as one clear error
-        raise HubError(
-            f"trusted publishing (OIDC) failed for {repo_id}: {rep.redact(str(exc)).splitlines()[0][:200] if str(exc) else type(exc).__name__}. "
-            "Add this workflow as a trusted publisher of the repo on the Hub, or set the hf-token input "
-            "(HF_TOKEN secret).", path=repo_id) from None
+    token = hub.trusted_publishing_token(repo_id)  # errors are redacted and reported by run_sync
     rep.mask(token)
     return token
 
@@ -1047,14 +1034,8 @@ def _run(config: str, *, dry_run: bool, force: bool, progress: bool, rep: _Repor
         _set_card(share, manifest)
         rep.group("lorashare sync: push")
         try:
-            head = _head_sha(manifest.repo_id, token)
-            if head != plan.base_sha:
-                raise HubError(
-                    f"{manifest.repo_id} changed while syncing (main is now {_short(head)}, was {_short(plan.base_sha)}); "
-                    "nothing was pushed. Run sync again (and use a concurrency group so runs do not overlap).",
-                    path=manifest.repo_id)
             info = share.push_to_hub(manifest.repo_id, private=manifest.private, token=token, commit_message=message,
-                                     license=manifest.card.license)
+                                     license=manifest.card.license, parent_commit=plan.base_sha)
         finally:
             rep.endgroup()
         result.commit_sha = getattr(info, "oid", None)
@@ -1080,15 +1061,3 @@ def _plan_json(plan: Plan) -> Dict[str, Dict[str, Any]]:
                      "previous": a.previous, "reason": a.reason} for a in plan.adapters}
 
 
-def _head_sha(repo_id: str, token: Optional[str]) -> Optional[str]:
-    """The current main commit of ``repo_id``, or ``None`` if the repo does not exist."""
-    from . import hub
-
-    from huggingface_hub import errors as hfe
-
-    try:
-        return hub.resolve_revision(hub.HubRef(repo_id), token=token)
-    except HubError as exc:
-        if isinstance(exc.__cause__, hfe.RepositoryNotFoundError) and not isinstance(exc.__cause__, hfe.RevisionNotFoundError):
-            return None
-        raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import pytest
+import torch
 
 from lorashare import sync as S
 from lorashare.checkpoint import SHAREConfig
@@ -408,6 +409,16 @@ def test_poorly_explained_addition_recompresses_from_sources(env, ws, capsys):
     cfg = json.loads(env.snapshot(REPO)["share_config.json"])
     assert cfg["adapter_names"] == ["billing", "refunds", "spare"] and cfg["requested_components"] == 1
     assert cfg["adapters"]["spare"]["source"] == "adapters/spare"
+    # the recompute read every adapter from its source, as a fresh compression does (not from reconstructions)
+    from safetensors.torch import load as load_bytes
+
+    from lorashare import SHAREModel
+
+    fresh = SHAREModel.from_adapters({n: str(ws / "adapters" / n) for n in ("billing", "refunds", "spare")},
+                                     num_components=1, variance_threshold=0.99, progress=False)
+    published = load_bytes(env.snapshot(REPO)["shared_components.safetensors"])
+    assert published.keys() == fresh.components.keys()
+    assert all(torch.allclose(published[k], fresh.components[k], atol=1e-6) for k in published)
     assert sync_json(capsys)["action"] == "none"
 
 
@@ -561,48 +572,58 @@ def test_json_mode_sends_workflow_commands_to_stderr(env, ws, gha, capsys, monke
     assert "**Dry run**" in gha["GITHUB_STEP_SUMMARY"].read_text()
 
 
-def test_trusted_publishing_oidc(env, ws, gha, capsys, monkeypatch):
-    import huggingface_hub._oidc as oidc
+@pytest.fixture
+def oidc(env: HubServer, hub_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """A GitHub runner with ``id-token: write`` (no HF_TOKEN), against the test Hub's token exchange."""
+    from huggingface_hub.utils import _auth
 
+    monkeypatch.setattr(_auth, "_OIDC_TOKEN_CACHE", None)  # huggingface_hub caches the exchanged token per process
     monkeypatch.delenv("HF_TOKEN")
-    calls = []
-    short_lived = "hf_jwt_ShortLivedOidcToken99"
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", env.url + "/__github/id-token")
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", env.github_request_token)
+    return env
 
-    def fake_login(**kwargs):
-        calls.append(kwargs)
-        return {"access_token": short_lived, "token_type": "bearer", "expires_in": 3600}
 
-    monkeypatch.setattr(oidc, "oidc_login", fake_login)
-    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", "http://127.0.0.1:9/token")
-    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "runner-request-token")
-    env.required_token = short_lived
+def test_trusted_publishing_oidc(oidc, ws, gha, capsys):
+    """No HF_TOKEN: the runner's id token is exchanged over HTTP (huggingface_hub's public route)."""
+    oidc.trusted_publishers[REPO] = oidc.github_id_token
+    oidc.required_token = oidc.oidc_access_token  # every Hub call must use the exchanged token
     write(ws, manifest_text(ABC))
     assert main(["sync"]) == 0
     cap = capsys.readouterr()
-    assert calls == [{"resource": REPO, "endpoint": env.url}]
+    assert oidc.id_token_audiences == [oidc.url]  # the id token is minted for this Hub
+    assert oidc.count("POST", "oidc-exchange") == 1
     masks = [line for line in cap.out.splitlines() if line.startswith("::add-mask::")]
-    assert masks == [f"::add-mask::{short_lived}"]
+    assert masks == [f"::add-mask::{oidc.oidc_access_token}"]
     rest = cap.out.replace(masks[0], "")
-    assert short_lived not in rest + cap.err + gha["GITHUB_STEP_SUMMARY"].read_text()
-    assert parse_output_file(gha["GITHUB_OUTPUT"].read_text())["commit-sha"] == env.resolve(REPO)
+    assert oidc.oidc_access_token not in rest + cap.err + gha["GITHUB_STEP_SUMMARY"].read_text()
+    assert parse_output_file(gha["GITHUB_OUTPUT"].read_text())["commit-sha"] == oidc.resolve(REPO)
+    assert "HF_OIDC_RESOURCE" not in os.environ  # set for the exchange only
 
 
-def test_oidc_failure_is_a_clear_error(env, ws, gha, capsys, monkeypatch):
-    import huggingface_hub._oidc as oidc
-
-    monkeypatch.delenv("HF_TOKEN")
-
-    def broken(**kwargs):
-        raise RuntimeError("exchange refused: no trusted publisher for this repo")
-
-    monkeypatch.setattr(oidc, "oidc_login", broken)
-    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", "http://127.0.0.1:9/token")
-    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "runner-request-token")
+def test_oidc_failure_is_a_clear_error(oidc, ws, gha, capsys):
+    oidc.trusted_publishers["tester/some-other-repo"] = oidc.github_id_token  # not this repo
     write(ws, manifest_text(ABC))
     assert main(["sync"]) == 1
     out = capsys.readouterr().out
     assert "::error title=lorashare sync::trusted publishing (OIDC) failed for tester/support-share" in out
-    assert env.count("POST") == 0
+    assert "invalid_grant" in out and "trusted publisher" in out
+    assert oidc.count("POST", "oidc-exchange") == 1 and oidc.count("POST") == 1  # nothing else was sent
+
+
+def test_oidc_refuses_an_endpoint_huggingface_hub_does_not_use(env, ws, gha, capsys, monkeypatch):
+    """huggingface_hub exchanges at the endpoint it read at import: a later HF_ENDPOINT must not split the two."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_URL", env.url + "/__github/id-token")
+    monkeypatch.setenv("ACTIONS_ID_TOKEN_REQUEST_TOKEN", env.github_request_token)
+    write(ws, manifest_text(ABC))
+    assert main(["sync"]) == 2
+    out = capsys.readouterr().out
+    assert f"HF_ENDPOINT is {env.url} but huggingface_hub was imported with https://huggingface.co" in out
+    assert env.count("GET", "github-id-token") == 0 and env.count("POST") == 0
 
 
 def test_errors_never_leak_the_token(env, ws, capsys, monkeypatch):
