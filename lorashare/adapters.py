@@ -43,6 +43,7 @@ __all__ = [
     "check_adapter_target",
     "foreign_adapter_content",
     "file_sha256",
+    "check_lora_config",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -79,7 +80,7 @@ def _pattern_regex(pat: str) -> "re.Pattern[str]":
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module-path suffix.
 
-    The keys were checked by :func:`_check_config`, so each compiles.
+    The keys were checked by :func:`check_lora_config`, so each compiles.
     """
     for pat, value in (patterns or {}).items():
         if module == pat or _pattern_regex(pat).fullmatch(module):
@@ -240,7 +241,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_config(
+def check_lora_config(
     config: Dict[str, Any],
     who: str,
     path: str,
@@ -386,7 +387,7 @@ def open_local(folder: str, name: str, source: Optional[str] = None, revision: O
         )
     cfg_path = os.path.join(folder, CONFIG_NAME)
     config = _load_config(cfg_path, name)
-    _check_config(config, name, cfg_path)
+    check_lora_config(config, name, cfg_path)
     weights = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(weights):
         pickled = [p for p in _PICKLE_NAMES if os.path.exists(os.path.join(folder, p))]

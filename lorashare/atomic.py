@@ -39,6 +39,7 @@ import time
 from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import LoraShareError, OutputPathError, SaveError
+from .names import is_within
 
 try:  # POSIX only; without it stale temporaries are left alone
     import fcntl
@@ -105,14 +106,6 @@ def _fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def _is_within(path: str, folder: str) -> bool:
-    """True if ``path`` is ``folder`` or lies below it (both already resolved)."""
-    try:
-        return os.path.commonpath([path, folder]) == folder
-    except ValueError:  # different drives
-        return False
-
-
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
@@ -155,12 +148,12 @@ def check_target(
 
     for name, place in (("the current folder", os.getcwd()), ("your home folder", os.path.expanduser("~"))):
         place = os.path.realpath(place)
-        if _is_within(place, real):
+        if is_within(place, real):
             rel = "is" if real == place else "is an ancestor of"
             raise refuse(f"it {rel} {name} ({place})")
     for src in inputs:
         src_real = os.path.realpath(os.fspath(src))
-        if _is_within(src_real, real):
+        if is_within(src_real, real):
             rel = "is the input" if src_real == real else "contains the input"
             raise refuse(f"it {rel} {src}, which would be deleted", "Choose a path outside the inputs")
     try:

@@ -30,12 +30,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from .adapters import _check_config as check_lora_config  # one owner for what a LoRA config must hold
+from .adapters import check_lora_config
 from .atomic import atomic_folder, check_target
 from .compress import DTYPES
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .jsonfile import loads as json_loads
-from .names import check_name
+from .names import check_name, is_within
 from .tensorfile import TensorFile, save_bytes
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,9 @@ def _read_json(path: str, what: str) -> Any:
 def _inside(root: str, rel: str, jail: Optional[str] = None) -> str:
     """``root/rel``, refusing anything that would resolve outside ``jail`` (default ``root``)."""
     path = os.path.join(root, *rel.split("/"))
-    real = os.path.realpath(path)
-    jail_real = os.path.realpath(jail or root)
-    if os.path.isabs(rel) or ".." in rel.split("/") or os.path.commonpath([real, jail_real]) != jail_real:
+    if os.path.isabs(rel) or ".." in rel.split("/") or not is_within(path, jail or root):
         raise CheckpointError(
-            f"{rel!r} in {root} resolves to {real}, outside the checkpoint. Refusing to read it "
+            f"{rel!r} in {root} resolves to {os.path.realpath(path)}, outside the checkpoint. Refusing to read it "
             "(a symlink or '..' in a downloaded repo?).",
             path=path,
         )
@@ -302,7 +300,7 @@ def _check_format_version(data: Mapping[str, Any], path: str) -> None:
     if fv > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {fv}; this lorashare reads up to {FORMAT_VERSION}. "
-            "Upgrade lorashare (pip install -U lorashare).",
+            'Upgrade lorashare: pip install -U "lorashare @ git+https://github.com/lorashare/lorashare" (PyPI has only the older 0.1.x).',
             path=path,
         )
     if fv < 1:

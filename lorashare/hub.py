@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from .errors import AdapterNotFoundError, CheckpointNotFoundError, HubError, HubNotFoundError, LoraShareError
+from .names import is_within
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +278,8 @@ def fetch_adapter(ref: HubRef, *, token: Optional[str] = None) -> Tuple[str, Opt
 
 
 def _check_within(path: str, root: str, what: str) -> None:
-    if os.path.lexists(path):
-        real, root_real = os.path.realpath(path), os.path.realpath(root)
-        if os.path.commonpath([real, root_real]) != root_real:
-            raise HubError(f"{what}: {path} resolves outside the cache ({real}); refusing it.", path=path)
+    if os.path.lexists(path) and not is_within(path, root):
+        raise HubError(f"{what}: {path} resolves outside the cache ({os.path.realpath(path)}); refusing it.", path=path)
 
 
 def fetch_checkpoint(

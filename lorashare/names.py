@@ -1,13 +1,14 @@
-"""Adapter names: single safe path components, so no name escapes its folder."""
+"""Names and paths: adapter names are single safe path components, and no path escapes its folder."""
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Collection
+from typing import Collection, Union
 
 from .errors import InvalidNameError
 
-__all__ = ["check_name", "derive_name", "unique_name"]
+__all__ = ["check_name", "derive_name", "unique_name", "is_within"]
 
 _SAFE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -54,3 +55,21 @@ def unique_name(name: str, taken: Collection[str]) -> str:
         candidate = name[: 128 - len(suffix)] + suffix
         counter += 1
     return candidate
+
+
+def is_within(path: Union[str, "os.PathLike[str]"], folder: Union[str, "os.PathLike[str]"], *, resolve: bool = True) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it: after following symlinks, or with
+    ``resolve=False`` as written (``..`` folded, links not followed).
+
+    Example:
+        >>> is_within("/srv/ckpt/adapters/a", "/srv/ckpt", resolve=False)
+        True
+        >>> is_within("/srv/ckpt/../etc", "/srv/ckpt", resolve=False)
+        False
+    """
+    norm = os.path.realpath if resolve else os.path.abspath
+    inner, outer = norm(os.fspath(path)), norm(os.fspath(folder))
+    try:
+        return os.path.commonpath([inner, outer]) == outer
+    except ValueError:  # different drives on Windows
+        return False

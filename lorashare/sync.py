@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError, HubError, LoraShareError
+from .names import is_within
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def load_manifest(path: str, *, root: Optional[str] = None) -> Manifest:
         apath = os.path.abspath(shown)
         root = os.path.abspath(root) if root else workspace_root(apath)
         file = _display(apath, root, shown)
-        if not _within(os.path.realpath(apath), os.path.realpath(root)):
+        if not is_within(apath, root):
             raise ManifestError(
                 f"{file}: the manifest is outside the workspace ({root}); put it in the repository.", file=file)
         if not os.path.isfile(apath):
@@ -467,10 +468,9 @@ def _folder_source(w: _Walker, node: Any, key: str, name: str, text: str, folder
     from .adapters import CONFIG_NAME, WEIGHTS_NAME
 
     shown = text[:100]
-    if not folder or not _within(folder, root):
+    if not folder or not is_within(folder, root, resolve=False):
         raise w.error(node, key, f"{shown!r} is outside the workspace ({root}); adapter folders must be in the repository")
-    real_root = os.path.realpath(root)
-    if not _within(os.path.realpath(folder), real_root):
+    if not is_within(folder, root):
         raise w.error(node, key, f"{shown!r} resolves outside the workspace (a symlink to "
                       f"{os.path.realpath(folder)}); refusing it")
     if not os.path.isdir(folder):
@@ -481,7 +481,7 @@ def _folder_source(w: _Walker, node: Any, key: str, name: str, text: str, folder
         if not os.path.lexists(p):
             raise w.error(node, key, f"{shown!r} has no {fname}: not a PEFT adapter folder "
                           "(save it with PeftModel.save_pretrained, safetensors)")
-        if not _within(os.path.realpath(p), real_root):
+        if not is_within(p, root):
             raise w.error(node, key, f"{shown!r}: {fname} is a symlink that resolves outside the workspace; refusing it")
         if not os.path.isfile(p):
             raise w.error(node, key, f"{shown!r}: {fname} is not a regular file")
@@ -489,15 +489,8 @@ def _folder_source(w: _Walker, node: Any, key: str, name: str, text: str, folder
     return AdapterSource(name=name, text=rel, kind="folder", line=_line(node), folder=folder)
 
 
-def _within(path: str, root: str) -> bool:
-    try:
-        return os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == os.path.abspath(root)
-    except ValueError:  # different drives on Windows
-        return False
-
-
 def _display(apath: str, root: str, given: str) -> str:
-    if _within(apath, root):
+    if is_within(apath, root, resolve=False):
         return os.path.relpath(apath, root).replace(os.sep, "/")
     return given
 
