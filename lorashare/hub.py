@@ -143,7 +143,7 @@ def _status(exc: BaseException) -> Optional[int]:
 
 def _server_says(exc: BaseException) -> str:
     """The first line of an error, tokens redacted: ``HTTP 503: Server error '503 Service Unavailable' for url …``."""
-    first = _redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"HTTP {_status(exc)}: {first[:200]}" if _status(exc) is not None else f"{type(exc).__name__}: {first[:200]}"
 
 
@@ -197,7 +197,7 @@ def _cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _redact(text: str) -> str:
+def redact(text: str) -> str:
     """Hide anything that looks like a Hugging Face token (``hf_…``) in ``text``."""
     return re.sub(r"hf_[A-Za-z0-9]{6,}", "hf_***", text)
 
@@ -529,7 +529,7 @@ def trusted_publishing_token(repo_id: str) -> str:
     try:
         token = huggingface_hub.get_token()
     except Exception as exc:  # noqa: BLE001 - any failure of the exchange, as one clear error
-        said = _redact(" ".join(str(getattr(exc, "server_message", "") or "").split()))[:200]
+        said = redact(" ".join(str(getattr(exc, "server_message", "") or "").split()))[:200]
         raise HubError(
             f"trusted publishing (OIDC) failed for {repo_id}: {_server_says(exc)}{' ' + said if said else ''}. "
             "Add this workflow as a trusted publisher of the repo on the Hub (repo settings), give the job "

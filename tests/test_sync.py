@@ -497,14 +497,14 @@ def test_concurrent_change_is_detected(env, ws, capsys, monkeypatch):
     write(ws, manifest_text(ABC))
     sync_json(capsys)
     write(ws, manifest_text({"billing": "adapters/billing", "refunds": "adapters/refunds"}))
-    real = S._apply
+    real = S.apply_plan
 
     def racing(*args, **kwargs):
         result = real(*args, **kwargs)
         env.commit(REPO, {"notes.txt": "someone else"}, message="other run")
         return result
 
-    monkeypatch.setattr(S, "_apply", racing)
+    monkeypatch.setattr(S, "apply_plan", racing)
     assert main(["sync"]) == 1
     assert "changed while syncing" in capsys.readouterr().err
     assert head_title(env) == "other run"

@@ -1,0 +1,120 @@
+"""``lorashare sync``'s I/O: fingerprint the sources, read the published config, build the new checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from . import hub
+from .adapters import WEIGHTS_NAME, file_sha256
+from .errors import ConfigError, HubError, LoraShareError
+from .manifest import CARD_KEYS, AdapterSource, Manifest
+from .model import SHAREModel
+from .sync_plan import Plan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["fingerprint_sources", "read_published", "apply_plan", "set_card"]
+
+
+def fingerprint_sources(manifest: Manifest, *, token: Optional[str] = None) -> Dict[str, str]:
+    """``{name: fingerprint}``: sha256 of the weights for folders, the resolved commit sha for Hub ids."""
+    out: Dict[str, str] = {}
+    for name, src in manifest.adapters.items():
+        try:
+            if src.kind == "folder":
+                out[name] = file_sha256(os.path.join(src.folder, WEIGHTS_NAME))
+            else:
+                out[name] = hub.resolve_revision(src.ref, token=token)
+        except LoraShareError as exc:  # first: HubNotFoundError is also an OSError
+            raise _locate(exc, manifest, name) from None
+        except OSError as exc:
+            raise _locate(ConfigError(f"cannot read {src.text}: {exc.strerror or exc}"), manifest, name) from None
+    return out
+
+
+def _locate(exc: LoraShareError, manifest: Manifest, name: str) -> LoraShareError:
+    """Prefix ``file:line: adapters.name:`` to an error about one adapter, keeping its type."""
+    line = manifest.adapters[name].line if name in manifest.adapters else None
+    where = f"{manifest.file}:{line}" if line else manifest.file
+    msg = f"{where}: adapters.{name}: {exc}"
+    src = manifest.adapters.get(name)
+    if src is not None and src.kind == "hub" and isinstance(exc, HubError) and "not found" in str(exc):
+        head = src.text.split("/", 1)[0]
+        if os.path.isdir(os.path.join(os.path.dirname(manifest.path), head)):
+            msg += f" (if you meant a folder of this repository, {src.text!r} does not exist in it)"
+    try:
+        new = type(exc)(msg, adapter=name, path=exc.path, layer=exc.layer)
+    except TypeError:  # pragma: no cover - a subclass with another signature
+        new = LoraShareError(msg, adapter=name)
+    new.file, new.line = manifest.file, line  # type: ignore[attr-defined]
+    return new
+
+
+def read_published(repo_id: str, *, token: Optional[str] = None) -> Tuple[Any, Optional[str]]:
+    """``(SHAREConfig or None, commit sha or None)`` of the published checkpoint; only its JSON is read."""
+    return hub.fetch_config(repo_id, token=token)
+
+
+def _build_source(src: AdapterSource, fingerprint: Optional[str]) -> str:
+    """What to open: the absolute folder, or the Hub id pinned to the planned commit."""
+    if src.kind == "folder":
+        return str(src.folder)
+    sub = f"/{src.ref.subfolder}" if src.ref.subfolder else ""
+    return f"{src.ref.repo_id}{sub}@{fingerprint}" if fingerprint else src.text
+
+
+def _restamp(share: Any, manifest: Manifest) -> None:
+    """Record each adapter's source as the manifest wrote it (no runner paths, no pinned sha)."""
+    for name, src in manifest.adapters.items():
+        if name in share.adapter_names:
+            share.set_source(name, src.text)
+
+
+def _compress_all(manifest: Manifest, fingerprints: Mapping[str, str], *, token: Optional[str], progress: bool) -> Any:
+    c = manifest.compression
+    share = SHAREModel.from_adapters(
+        {n: _build_source(s, fingerprints.get(n)) for n, s in manifest.adapters.items()},
+        num_components=c.num_components, variance_threshold=c.variance_threshold, dtype=c.dtype,
+        budget_bytes=c.budget_bytes, progress=progress, token=token,
+    )
+    _restamp(share, manifest)
+    return share
+
+
+def apply_plan(manifest: Manifest, plan: Plan, fingerprints: Mapping[str, str], *, token: Optional[str],
+           progress: bool, say: Callable[[str], None]) -> Tuple[Any, Dict[str, Dict[str, Any]]]:
+    """Build the new checkpoint; may turn an ``add`` plan into ``recompute``.  Returns (share, add reports)."""
+    reports: Dict[str, Dict[str, Any]] = {}
+    if plan.action in ("add", "card"):
+        share = SHAREModel.from_pretrained(manifest.repo_id, revision=plan.base_sha, token=token)
+        # A recompute re-reads every adapter from its source (exact), never from a reconstruction.
+        sources = {n: _build_source(s, fingerprints.get(n)) for n, s in manifest.adapters.items()}
+        for name in plan.by_status("added"):
+            rep = share.add_adapter(sources[name], name=name, variance_threshold=manifest.compression.variance_threshold,
+                                    token=token, originals=sources)
+            reports[name] = rep
+            say(f"{name}: {rep['method']} ({rep['reason']})")
+        _restamp(share, manifest)
+        recomputed = [n for n, r in reports.items() if r["method"] != "projection"]
+        if recomputed:
+            plan.action = "recompute"
+            plan.reasons = [f"{n} added: {reports[n]['reason']}" for n in recomputed] + [
+                f"{n} added" for n in reports if n not in recomputed]
+        else:
+            plan.reasons = [f"{n} added by projection ({r['min_explained_variance']:.1%} of its ΔW energy explained)"
+                            for n, r in reports.items()] or plan.reasons
+        return share, reports
+    return _compress_all(manifest, fingerprints, token=token, progress=progress), reports
+
+
+def set_card(share: Any, manifest: Manifest) -> None:
+    card = share.config.compression_stats.setdefault("card", {})
+    card["repo_id"] = manifest.repo_id
+    for key in CARD_KEYS:
+        value = getattr(manifest.card, key)
+        if value:
+            card[key] = value
+        else:
+            card.pop(key, None)
