@@ -222,93 +222,93 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log more (to stderr)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="lorashare",
         description="Compress many PEFT LoRA adapters of one base model into shared bases (SHARE), and rebuild them.",
         epilog="Exit codes: 0 success, 1 error, 2 bad usage. HF_TOKEN is read from the environment for the Hub.",
     )
-    p.add_argument("--version", action="version", version=f"lorashare {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"lorashare {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("compress", parents=[common], help="compress adapters into a SHARE checkpoint",
-                       description="Compress PEFT LoRA adapters (folders or Hub ids user/repo[/sub][@rev]) into a SHARE checkpoint.")
-    c.add_argument("adapters", nargs="*", help="adapter folders or Hub ids")
-    c.add_argument("-o", "--output", required=True,
-                   help="checkpoint folder to write: new, empty, or a SHARE checkpoint (replaced atomically)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="also replace a non-empty folder that is not a SHARE checkpoint (never a file, '.', "
-                   "or a folder holding the inputs)")
-    c.add_argument("-k", "--num-components", type=_k, default=32, help="components per module and side, or 'auto' (default 32)")
-    c.add_argument("--auto", action="store_true", help="pick k per module from --variance")
-    c.add_argument("--variance", type=float, default=0.95, help="energy share to keep with --auto (default 0.95)")
-    c.add_argument("--name", action="append", metavar="NAME=PATH", help="a named adapter (repeatable)")
-    c.add_argument("--names", nargs="+", help="names for the positional adapters, in order (0.1.x style)")
-    c.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage dtype (default float32)")
-    c.add_argument("--budget-bytes", type=int, help="byte budget for bases+loadings; k chosen per module (overrides -k)")
-    c.add_argument("--target-ratio", type=float, help="compress to 1/R of the adapters' LoRA bytes; k chosen per module (overrides -k)")
-    c.add_argument("--device", default=None, help="cpu, cuda or auto")
-    c.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip unreadable adapters instead of failing")
-    c.add_argument("--strict", action="store_true", help="refuse mixed ranks or target modules")
-    c.add_argument("--layer-by-layer", action="store_true", help=argparse.SUPPRESS)
-    c.add_argument("--chunk-size", type=int, help=argparse.SUPPRESS)
-    c.set_defaults(func=cmd_compress)
+    compress = sub.add_parser("compress", parents=[common], help="compress adapters into a SHARE checkpoint",
+                              description="Compress PEFT LoRA adapters (folders or Hub ids user/repo[/sub][@rev]) into a SHARE checkpoint.")
+    compress.add_argument("adapters", nargs="*", help="adapter folders or Hub ids")
+    compress.add_argument("-o", "--output", required=True,
+                          help="checkpoint folder to write: new, empty, or a SHARE checkpoint (replaced atomically)")
+    compress.add_argument("--overwrite", action="store_true",
+                          help="also replace a non-empty folder that is not a SHARE checkpoint (never a file, '.', "
+                               "or a folder holding the inputs)")
+    compress.add_argument("-k", "--num-components", type=_k, default=32, help="components per module and side, or 'auto' (default 32)")
+    compress.add_argument("--auto", action="store_true", help="pick k per module from --variance")
+    compress.add_argument("--variance", type=float, default=0.95, help="energy share to keep with --auto (default 0.95)")
+    compress.add_argument("--name", action="append", metavar="NAME=PATH", help="a named adapter (repeatable)")
+    compress.add_argument("--names", nargs="+", help="names for the positional adapters, in order (0.1.x style)")
+    compress.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage dtype (default float32)")
+    compress.add_argument("--budget-bytes", type=int, help="byte budget for bases+loadings; k chosen per module (overrides -k)")
+    compress.add_argument("--target-ratio", type=float, help="compress to 1/R of the adapters' LoRA bytes; k chosen per module (overrides -k)")
+    compress.add_argument("--device", default=None, help="cpu, cuda or auto")
+    compress.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip unreadable adapters instead of failing")
+    compress.add_argument("--strict", action="store_true", help="refuse mixed ranks or target modules")
+    compress.add_argument("--layer-by-layer", action="store_true", help=argparse.SUPPRESS)
+    compress.add_argument("--chunk-size", type=int, help=argparse.SUPPRESS)
+    compress.set_defaults(func=cmd_compress)
 
-    i = sub.add_parser("info", parents=[common], help="show a checkpoint's adapters and stats",
-                       description="Show the adapters and compression stats of a SHARE checkpoint (folder or Hub id).")
-    i.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
-    i.add_argument("--revision", help="Hub branch, tag or commit")
-    i.set_defaults(func=cmd_info)
+    info = sub.add_parser("info", parents=[common], help="show a checkpoint's adapters and stats",
+                          description="Show the adapters and compression stats of a SHARE checkpoint (folder or Hub id).")
+    info.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    info.add_argument("--revision", help="Hub branch, tag or commit")
+    info.set_defaults(func=cmd_info)
 
-    r = sub.add_parser("reconstruct", parents=[common], help="rebuild adapters as standard PEFT folders",
-                       description="Rebuild one adapter (--adapter) or all (--all, one subfolder each) as PEFT adapter folders.")
-    r.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
-    g = r.add_mutually_exclusive_group()
-    g.add_argument("--adapter", help="the adapter to rebuild")
-    g.add_argument("--all", action="store_true", help="rebuild every adapter into OUTPUT/<name>")
-    r.add_argument("-o", "--output", required=True,
-                   help="output folder: new, empty, or an adapter lorashare rebuilt before (replaced atomically)")
-    r.add_argument("--overwrite", action="store_true",
-                   help="also replace a non-empty folder that lorashare did not write (never a file, '.', "
-                   "or the checkpoint)")
-    r.add_argument("--revision", help="Hub branch, tag or commit")
-    r.set_defaults(func=cmd_reconstruct)
+    reconstruct = sub.add_parser("reconstruct", parents=[common], help="rebuild adapters as standard PEFT folders",
+                                 description="Rebuild one adapter (--adapter) or all (--all, one subfolder each) as PEFT adapter folders.")
+    reconstruct.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    which = reconstruct.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="the adapter to rebuild")
+    which.add_argument("--all", action="store_true", help="rebuild every adapter into OUTPUT/<name>")
+    reconstruct.add_argument("-o", "--output", required=True,
+                             help="output folder: new, empty, or an adapter lorashare rebuilt before (replaced atomically)")
+    reconstruct.add_argument("--overwrite", action="store_true",
+                             help="also replace a non-empty folder that lorashare did not write (never a file, '.', "
+                                  "or the checkpoint)")
+    reconstruct.add_argument("--revision", help="Hub branch, tag or commit")
+    reconstruct.set_defaults(func=cmd_reconstruct)
 
-    a = sub.add_parser("add", parents=[common], help="add an adapter to a checkpoint (projection or recompute)",
-                       description="Add an adapter to a local checkpoint, by projection onto the bases when they explain it well enough, else by recomputing.")
-    a.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
-    a.add_argument("path", help="adapter folder or Hub id")
-    a.add_argument("--name", dest="adapter_name", help="name for the new adapter")
-    a.add_argument("--variance", type=float, help="projection threshold (default: the checkpoint's)")
-    a.add_argument("--force-recompute", action="store_true", help="always recompute the bases")
-    a.set_defaults(func=cmd_add)
+    add = sub.add_parser("add", parents=[common], help="add an adapter to a checkpoint (projection or recompute)",
+                         description="Add an adapter to a local checkpoint, by projection onto the bases when they explain it well enough, else by recomputing.")
+    add.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
+    add.add_argument("path", help="adapter folder or Hub id")
+    add.add_argument("--name", dest="adapter_name", help="name for the new adapter")
+    add.add_argument("--variance", type=float, help="projection threshold (default: the checkpoint's)")
+    add.add_argument("--force-recompute", action="store_true", help="always recompute the bases")
+    add.set_defaults(func=cmd_add)
 
-    m = sub.add_parser("remove", parents=[common], help="remove an adapter from a checkpoint",
-                       description="Remove an adapter from a local checkpoint; the others are untouched.")
-    m.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
-    m.add_argument("adapter_name", metavar="NAME", help="adapter to remove")
-    m.set_defaults(func=cmd_remove)
+    remove = sub.add_parser("remove", parents=[common], help="remove an adapter from a checkpoint",
+                            description="Remove an adapter from a local checkpoint; the others are untouched.")
+    remove.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
+    remove.add_argument("adapter_name", metavar="NAME", help="adapter to remove")
+    remove.set_defaults(func=cmd_remove)
 
-    u = sub.add_parser("push", parents=[common], help="upload a checkpoint to the Hub in one commit",
-                       description="Upload a checkpoint with its model card to a Hub repo in one commit (token from HF_TOKEN).")
-    u.add_argument("checkpoint", help="checkpoint folder")
-    u.add_argument("repo_id", help="target repo, owner/name")
-    u.add_argument("--private", action="store_true", help="create the repo private")
-    u.add_argument("--message", help="commit message")
-    u.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
-    u.add_argument("--branch", help="target branch")
-    u.add_argument("--license", help="license for the model card metadata")
-    u.set_defaults(func=cmd_push)
+    push = sub.add_parser("push", parents=[common], help="upload a checkpoint to the Hub in one commit",
+                          description="Upload a checkpoint with its model card to a Hub repo in one commit (token from HF_TOKEN).")
+    push.add_argument("checkpoint", help="checkpoint folder")
+    push.add_argument("repo_id", help="target repo, owner/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    push.add_argument("--branch", help="target branch")
+    push.add_argument("--license", help="license for the model card metadata")
+    push.set_defaults(func=cmd_push)
 
-    y = sub.add_parser("sync", parents=[common], help="recompress and republish when a manifest's adapters change",
-                       description="Compare the adapters named in a manifest (lorashare.yaml) with the checkpoint published "
-                       "on the Hub; when they differ, add (projection) or recompress, and push one commit. See "
-                       "lorashare.sync for the manifest schema. Token from HF_TOKEN (not needed with --dry-run).")
-    y.add_argument("--config", default="lorashare.yaml", help="the manifest (default lorashare.yaml)")
-    y.add_argument("--dry-run", action="store_true", help="decide and report; push nothing")
-    y.add_argument("--force", action="store_true", help="recompress and push even if nothing changed")
-    y.set_defaults(func=cmd_sync)
+    sync = sub.add_parser("sync", parents=[common], help="recompress and republish when a manifest's adapters change",
+                          description="Compare the adapters named in a manifest (lorashare.yaml) with the checkpoint published "
+                                      "on the Hub; when they differ, add (projection) or recompress, and push one commit. See "
+                                      "lorashare.sync for the manifest schema. Token from HF_TOKEN (not needed with --dry-run).")
+    sync.add_argument("--config", default="lorashare.yaml", help="the manifest (default lorashare.yaml)")
+    sync.add_argument("--dry-run", action="store_true", help="decide and report; push nothing")
+    sync.add_argument("--force", action="store_true", help="recompress and push even if nothing changed")
+    sync.set_defaults(func=cmd_sync)
 
-    return p
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
