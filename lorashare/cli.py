@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", parents=[common], help="recompress and republish when a manifest's adapters change",
                           description="Compare the adapters named in a manifest (lorashare.yaml) with the checkpoint published "
                                       "on the Hub; when they differ, add (projection) or recompress, and push one commit. See "
-                                      "lorashare.sync for the manifest schema. Token from HF_TOKEN (not needed with --dry-run).")
+                                      "lorashare.manifest for the manifest schema. Token from HF_TOKEN (not needed with --dry-run).")
     sync.add_argument("--config", default="lorashare.yaml", help="the manifest (default lorashare.yaml)")
     sync.add_argument("--dry-run", action="store_true", help="decide and report; push nothing")
     sync.add_argument("--force", action="store_true", help="recompress and push even if nothing changed")

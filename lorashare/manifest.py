@@ -218,14 +218,14 @@ def workspace_root(manifest_path: str) -> str:
     ws = os.environ.get("GITHUB_WORKSPACE")
     if ws:
         return os.path.abspath(ws)
-    d = here
+    folder = here
     while True:
-        if os.path.exists(os.path.join(d, ".git")):
-            return d
-        parent = os.path.dirname(d)
-        if parent == d:
+        if os.path.exists(os.path.join(folder, ".git")):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
             return here
-        d = parent
+        folder = parent
 
 
 def load_manifest(path: str, *, root: Optional[str] = None) -> Manifest:
@@ -300,150 +300,150 @@ def _parse(data: Union[str, bytes], apath: str, root: str, file: str) -> Manifes
     if root_node is None:
         raise ManifestError(f"{file}: the manifest is empty; it needs at least repo_id and adapters.", file=file)
 
-    w = _Walker(file)
-    top = w.mapping(root_node, "", TOP_KEYS)
+    walker = _Walker(file)
+    top = walker.mapping(root_node, "", TOP_KEYS)
     for required in ("repo_id", "adapters"):
         if required not in top:
-            raise w.error(root_node, "", f"missing {required!r} (required keys: repo_id, adapters)")
+            raise walker.error(root_node, "", f"missing {required!r} (required keys: repo_id, adapters)")
 
     if "version" in top:
         v_node = top["version"][1]
-        version = w.scalar(v_node, "version")
+        version = walker.scalar(v_node, "version")
         if version != MANIFEST_VERSION or isinstance(version, bool):
-            raise w.error(v_node, "version", f"unsupported manifest version {_show(version)}; this lorashare reads version 1")
+            raise walker.error(v_node, "version", f"unsupported manifest version {_show(version)}; this lorashare reads version 1")
 
     repo_node = top["repo_id"][1]
-    repo_id = w.string(repo_node, "repo_id")
+    repo_id = walker.string(repo_node, "repo_id")
     try:
         hub.check_repo_id(repo_id)
     except HubError:
-        raise w.error(repo_node, "repo_id", f"{repo_id[:100]!r} is not a Hub repo id (owner/name)") from None
+        raise walker.error(repo_node, "repo_id", f"{repo_id[:100]!r} is not a Hub repo id (owner/name)") from None
 
     private = False
     if "private" in top:
         p_node = top["private"][1]
-        private = w.scalar(p_node, "private")
+        private = walker.scalar(p_node, "private")
         if not isinstance(private, bool):
-            raise w.error(p_node, "private", f"expected true or false, got {_show(private)}")
+            raise walker.error(p_node, "private", f"expected true or false, got {_show(private)}")
 
-    compression = _compression(w, top["compression"][1]) if "compression" in top else Compression()
-    card = _card(w, top["card"][1]) if "card" in top else CardOptions()
-    adapters = _adapters(w, top["adapters"][1], os.path.dirname(apath), root)
+    compression = _compression(walker, top["compression"][1]) if "compression" in top else Compression()
+    card = _card(walker, top["card"][1]) if "card" in top else CardOptions()
+    adapters = _adapters(walker, top["adapters"][1], os.path.dirname(apath), root)
     return Manifest(file=file, path=apath, root=root, repo_id=repo_id, private=private, compression=compression,
-                    adapters=adapters, card=card, lines=dict(w.lines))
+                    adapters=adapters, card=card, lines=dict(walker.lines))
 
 
-def _compression(w: _Walker, node: Any) -> Compression:
+def _compression(walker: _Walker, node: Any) -> Compression:
     import yaml
 
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
         return Compression()
-    items = w.mapping(node, "compression", COMPRESSION_KEYS)
+    items = walker.mapping(node, "compression", COMPRESSION_KEYS)
     values: Dict[str, Any] = {}
     if "num_components" in items:
-        n = items["num_components"][1]
-        k = w.scalar(n, "compression.num_components")
+        item = items["num_components"][1]
+        k = walker.scalar(item, "compression.num_components")
         if k != "auto" and not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 1_000_000):
-            raise w.error(n, "compression.num_components", f"expected an integer ≥ 1 or 'auto', got {_show(k)}")
+            raise walker.error(item, "compression.num_components", f"expected an integer ≥ 1 or 'auto', got {_show(k)}")
         values["num_components"] = k
     if "variance_threshold" in items:
-        n = items["variance_threshold"][1]
-        v = w.scalar(n, "compression.variance_threshold")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= 1:
-            raise w.error(n, "compression.variance_threshold", f"expected a number in (0, 1], got {_show(v)}")
-        values["variance_threshold"] = float(v)
+        item = items["variance_threshold"][1]
+        value = walker.scalar(item, "compression.variance_threshold")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
+            raise walker.error(item, "compression.variance_threshold", f"expected a number in (0, 1], got {_show(value)}")
+        values["variance_threshold"] = float(value)
     if "dtype" in items:
-        n = items["dtype"][1]
-        d = w.scalar(n, "compression.dtype")
-        if d not in DTYPE_NAMES:
-            close = difflib.get_close_matches(str(d), DTYPE_NAMES, n=1, cutoff=0.6)
+        item = items["dtype"][1]
+        dtype = walker.scalar(item, "compression.dtype")
+        if dtype not in DTYPE_NAMES:
+            close = difflib.get_close_matches(str(dtype), DTYPE_NAMES, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise w.error(n, "compression.dtype", f"expected one of {', '.join(DTYPE_NAMES)}, got {_show(d)}{hint}")
-        values["dtype"] = d
+            raise walker.error(item, "compression.dtype", f"expected one of {', '.join(DTYPE_NAMES)}, got {_show(dtype)}{hint}")
+        values["dtype"] = dtype
     if "budget_bytes" in items:
-        n = items["budget_bytes"][1]
-        b = w.scalar(n, "compression.budget_bytes")
-        if b is not None and not (isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 2**62):
-            raise w.error(n, "compression.budget_bytes", f"expected a number of bytes ≥ 1, got {_show(b)}")
-        values["budget_bytes"] = b
+        item = items["budget_bytes"][1]
+        budget = walker.scalar(item, "compression.budget_bytes")
+        if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool) and 1 <= budget <= 2**62):
+            raise walker.error(item, "compression.budget_bytes", f"expected a number of bytes ≥ 1, got {_show(budget)}")
+        values["budget_bytes"] = budget
     return Compression(**values)
 
 
-def _card(w: _Walker, node: Any) -> CardOptions:
+def _card(walker: _Walker, node: Any) -> CardOptions:
     import yaml
 
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
         return CardOptions()
-    items = w.mapping(node, "card", CARD_KEYS)
+    items = walker.mapping(node, "card", CARD_KEYS)
     values: Dict[str, Optional[str]] = {}
     if "license" in items:
-        n = items["license"][1]
-        lic = w.string(n, "card.license")
+        item = items["license"][1]
+        lic = walker.string(item, "card.license")
         if len(lic) > 100 or any(c.isspace() for c in lic):
-            raise w.error(n, "card.license", f"expected a license id such as apache-2.0 or mit, got {lic[:40]!r}")
+            raise walker.error(item, "card.license", f"expected a license id such as apache-2.0 or mit, got {lic[:40]!r}")
         values["license"] = lic
     if "description" in items:
-        n = items["description"][1]
-        desc = w.string(n, "card.description", allow_empty=True)
+        item = items["description"][1]
+        desc = walker.string(item, "card.description", allow_empty=True)
         if len(desc) > 20_000:
-            raise w.error(n, "card.description", "over 20000 characters")
+            raise walker.error(item, "card.description", "over 20000 characters")
         values["description"] = desc or None
     return CardOptions(**values)
 
 
-def _adapters(w: _Walker, node: Any, base: str, root: str) -> Dict[str, AdapterSource]:
+def _adapters(walker: _Walker, node: Any, base: str, root: str) -> Dict[str, AdapterSource]:
 
-    items = w.mapping(node, "adapters", None)
+    items = walker.mapping(node, "adapters", None)
     if len(items) < 2:
-        raise w.error(node, "adapters", f"needs at least 2 adapters to share a basis, got {len(items)}")
+        raise walker.error(node, "adapters", f"needs at least 2 adapters to share a basis, got {len(items)}")
     out: Dict[str, AdapterSource] = {}
     for name, (k_node, v_node) in items.items():
         key = f"adapters.{name}"[:140]
         try:
             check_name(name)
         except LoraShareError:
-            raise w.error(k_node, key, "bad adapter name: use 1-128 characters from A-Z a-z 0-9 . _ - "
+            raise walker.error(k_node, key, "bad adapter name: use 1-128 characters from A-Z a-z 0-9 . _ - "
                           "(not '.' or '..')") from None
-        text = w.string(v_node, key)
-        out[name] = _source(w, v_node, key, name, text, base, root)
+        text = walker.string(v_node, key)
+        out[name] = _source(walker, v_node, key, name, text, base, root)
     return out
 
 
-def _source(w: _Walker, node: Any, key: str, name: str, text: str, base: str, root: str) -> AdapterSource:
+def _source(walker: _Walker, node: Any, key: str, name: str, text: str, base: str, root: str) -> AdapterSource:
 
     parts = text.split("@", 1)[0].split("/")
     explicit_path = text.startswith(("./", "../", "/")) or "\\" in text or any(p in (".", "..") for p in parts)
     candidate = os.path.normpath(os.path.join(base, text)) if "\x00" not in text else ""
     if explicit_path or (candidate and os.path.lexists(candidate)):
-        return _folder_source(w, node, key, name, text, candidate, base, root)
+        return _folder_source(walker, node, key, name, text, candidate, base, root)
     try:
         ref = hub.parse_adapter_id(text)
     except HubError:
-        raise w.error(node, key, f"{text[:100]!r} is not a folder and not a Hub id "
+        raise walker.error(node, key, f"{text[:100]!r} is not a folder and not a Hub id "
                       "(owner/name, owner/name@revision or owner/name/subfolder)") from None
     return AdapterSource(name=name, text=text, kind="hub", line=_line(node), ref=ref)
 
 
-def _folder_source(w: _Walker, node: Any, key: str, name: str, text: str, folder: str, base: str,
+def _folder_source(walker: _Walker, node: Any, key: str, name: str, text: str, folder: str, base: str,
                    root: str) -> AdapterSource:
     shown = text[:100]
     if not folder or not is_within(folder, root, resolve=False):
-        raise w.error(node, key, f"{shown!r} is outside the workspace ({root}); adapter folders must be in the repository")
+        raise walker.error(node, key, f"{shown!r} is outside the workspace ({root}); adapter folders must be in the repository")
     if not is_within(folder, root):
-        raise w.error(node, key, f"{shown!r} resolves outside the workspace (a symlink to "
+        raise walker.error(node, key, f"{shown!r} resolves outside the workspace (a symlink to "
                       f"{os.path.realpath(folder)}); refusing it")
     if not os.path.isdir(folder):
         what = "is a file, not an adapter folder" if os.path.exists(folder) else "not a folder (no such folder in the repository)"
-        raise w.error(node, key, f"{shown!r}: {what}")
+        raise walker.error(node, key, f"{shown!r}: {what}")
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         p = os.path.join(folder, fname)
         if not os.path.lexists(p):
-            raise w.error(node, key, f"{shown!r} has no {fname}: not a PEFT adapter folder "
+            raise walker.error(node, key, f"{shown!r} has no {fname}: not a PEFT adapter folder "
                           "(save it with PeftModel.save_pretrained, safetensors)")
         if not is_within(p, root):
-            raise w.error(node, key, f"{shown!r}: {fname} is a symlink that resolves outside the workspace; refusing it")
+            raise walker.error(node, key, f"{shown!r}: {fname} is a symlink that resolves outside the workspace; refusing it")
         if not os.path.isfile(p):
-            raise w.error(node, key, f"{shown!r}: {fname} is not a regular file")
+            raise walker.error(node, key, f"{shown!r}: {fname} is not a regular file")
     rel = os.path.relpath(folder, base).replace(os.sep, "/")
     return AdapterSource(name=name, text=rel, kind="folder", line=_line(node), folder=folder)
 
