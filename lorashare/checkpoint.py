@@ -30,12 +30,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from .adapters import check_lora_config
 from .atomic import atomic_folder, check_target
-from .compress import DTYPES
 from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .jsonfile import loads as json_loads
+from .loraconfig import check_lora_config
 from .names import check_name, is_within
+from .storage import DTYPES
 from .tensorfile import TensorFile, save_bytes
 
 logger = logging.getLogger(__name__)

@@ -20,13 +20,13 @@ import torch
 from . import subspace as S
 from .adapters import MAX_FACTOR_ABS, Adapter
 from .errors import AdapterError, ConfigError
+from .storage import DTYPES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompressOptions", "GroupPlan", "GroupResult", "plan_groups", "compress", "group_key", "split_group_key",
            "check_storable", "check_number"]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def group_key(module: str, side: str) -> str:

@@ -19,10 +19,40 @@ import torch
 
 from . import __version__
 from . import subspace as S
-from .adapters import Adapter, check_compatible, lora_key, open_adapter, open_adapters, parse_lora_key, write_peft_adapter
-from .checkpoint import CheckpointData, SHAREConfig, check_checkpoint_target, load_checkpoint, save_checkpoint
-from .compress import DTYPES, CompressOptions, GroupResult, check_number, check_storable, compress, group_key, split_group_key
-from .errors import AdapterError, CheckpointError, ConfigError, DuplicateAdapterError, LoraShareError, UnknownAdapterError
+from .adapters import (
+    Adapter,
+    check_compatible,
+    lora_key,
+    open_adapter,
+    open_adapters,
+    parse_lora_key,
+    write_peft_adapter,
+)
+from .checkpoint import (
+    CheckpointData,
+    SHAREConfig,
+    check_checkpoint_target,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .compress import (
+    CompressOptions,
+    GroupResult,
+    check_number,
+    check_storable,
+    compress,
+    group_key,
+    split_group_key,
+)
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DuplicateAdapterError,
+    LoraShareError,
+    UnknownAdapterError,
+)
+from .storage import DTYPES, bytes_per_value
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +542,12 @@ class SHAREModel:
             >>> pm = share.load_into(base_model, ["billing", "refunds"])  # doctest: +SKIP
             >>> pm.set_adapter("refunds")  # doctest: +SKIP
         """
-        from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+        from peft import (
+            PeftConfig,
+            PeftModel,
+            get_peft_model,
+            set_peft_model_state_dict,
+        )
 
         names = self.adapter_names if names is None else list(names)
         for n in names:
@@ -576,7 +611,7 @@ class SHAREModel:
         old = cfg.compression_stats or {}
         explained = explained if explained is not None else old.get("per_layer_explained_variance", {})
         ev = list(explained.values())
-        params = lambda b: b // torch.empty(0, dtype=DTYPES.get(cfg.dtype, torch.float32)).element_size()  # noqa: E731
+        params = lambda b: b // bytes_per_value(cfg.dtype)  # noqa: E731
         stats = {
             # 0.1.x keys (parameter counts)
             "original_total_params": original // 4 if original else 0,
@@ -625,7 +660,7 @@ class SHAREModel:
         Per module and side, a basis of k columns costs ``k·(d + n)`` values against the adapters'
         ``n·d`` (n = the sum of their ranks), each value at its own byte size; 0 if no k saves.
         """
-        storage = torch.empty(0, dtype=DTYPES.get(self.config.dtype, torch.float32)).element_size()
+        storage = bytes_per_value(self.config.dtype)
         elem: Dict[str, float] = {}  # bytes per value of each adapter's original factors
         for n, r in self.records.items():
             values = sum(int(L.shape[1]) * int(self.components[k].shape[0]) for k, L in r.loadings.items() if k in self.components)
