@@ -6,23 +6,105 @@ round-trips through ``huggingface_hub.ModelCard.load(...).data``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from importlib import resources
 from string import Template
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from . import __version__
-from .errors import LoraShareError
+from .errors import ConfigError, LoraShareError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import SHAREModel
 
-__all__ = ["render_card", "card_metadata", "load_template"]
+__all__ = ["render_card", "card_metadata", "load_template", "check_license", "model_class", "pipeline_tag",
+           "HUB_LICENSES", "TASK_MODEL_CLASSES", "INSTALL"]
 
 TEMPLATE = "model_card.md"
+
+INSTALL = 'pip install "lorashare @ git+https://github.com/lorashare/lorashare"'
+"""How to install this lorashare. 0.2.0 is not on PyPI yet: ``pip install lorashare`` gives 0.1.x,
+an older code base. Change this (and the README's Install section) when it is released."""
+
+# The transformers class that loads the base model for an adapter of each PEFT task type (the
+# head included), and the Hub's pipeline tag for it.  Other or missing task types: AutoModel.
+TASK_MODEL_CLASSES: Dict[str, str] = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+_PIPELINE_TAGS: Dict[str, str] = {
+    "SEQ_CLS": "text-classification",
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+
+# The license ids the Hub accepts in a card's metadata, from its documentation
+# (https://huggingface.co/docs/hub/repositories-licenses); anything else is `other` with a
+# `license_name` and a LICENSE file in the repo.
+HUB_LICENSES: Tuple[str, ...] = (
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd", "bsd-2-clause", "bsd-3-clause",
+    "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0",
+    "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0",
+    "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0",
+    "cdla-sharing-1.0", "cdla-permissive-1.0", "cdla-permissive-2.0", "wtfpl", "ecl-2.0", "epl-1.0", "epl-2.0",
+    "etalab-2.0", "eupl-1.1", "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1", "lgpl-3.0",
+    "isc", "lppl-1.3c", "ms-pl", "mpl-2.0", "odc-by", "odbl", "openrail++", "osl-3.0", "postgresql", "ofl-1.1",
+    "ncsa", "unlicense", "zlib", "pddl", "lgpl-lr", "deepfloyd-if-license", "llama2", "llama3", "llama3.1",
+    "llama3.2", "llama3.3", "llama4", "gemma", "unknown", "other",
+)
+
+
+def check_license(license: str) -> str:
+    """The Hub's id for ``license`` (case and surrounding blanks ignored); a :class:`ConfigError` otherwise.
+
+    Example:
+        >>> check_license("Apache-2.0")
+        'apache-2.0'
+    """
+    text = str(license).strip()
+    if text.lower() in HUB_LICENSES:
+        return text.lower()
+    # "MIT License" -> "mit", "Apache License 2.0" -> "apache-2.0": suggest from the words that matter.
+    words = [w for w in re.split(r"[\s_]+", text.lower()) if w not in ("license", "licence", "the", "")]
+    close = difflib.get_close_matches("-".join(words), HUB_LICENSES, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ConfigError(
+        f"license {text[:60]!r} is not one of the Hub's license ids: {hint}use an id such as apache-2.0, mit or "
+        "cc-by-4.0 (the list: https://huggingface.co/docs/hub/repositories-licenses), or `other` for a license "
+        "the Hub does not list."
+    )
+
+
+def model_class(task_type: Optional[str]) -> str:
+    """The transformers ``Auto*`` class that loads a base model for an adapter of ``task_type``.
+
+    Example:
+        >>> model_class("SEQ_CLS"), model_class(None)
+        ('AutoModelForSequenceClassification', 'AutoModel')
+    """
+    return TASK_MODEL_CLASSES.get(str(task_type or ""), "AutoModel")
+
+
+def pipeline_tag(task_type: Optional[str]) -> Optional[str]:
+    """The Hub's pipeline tag for adapters of ``task_type``, or None when the task type says none.
+
+    Example:
+        >>> pipeline_tag("CAUSAL_LM")
+        'text-generation'
+    """
+    return _PIPELINE_TAGS.get(str(task_type or ""))
 
 
 def load_template(name: str = TEMPLATE) -> str:
@@ -43,25 +125,43 @@ def load_template(name: str = TEMPLATE) -> str:
                 return f.read()
     raise FileNotFoundError(
         f"lorashare's template {name!r} is missing from lorashare/hub_templates: the install is incomplete. "
-        "Reinstall lorashare (pip install --force-reinstall lorashare)."
+        f"Reinstall lorashare: {INSTALL.replace('pip install', 'pip install --force-reinstall', 1)}."
     )
 
 
 def card_metadata(share: "SHAREModel", *, license: Optional[str] = None) -> Dict[str, Any]:
     """The card's YAML metadata as a dict.
 
-    ``base_model`` is only set when it is a Hub model id: the Hub rejects a card whose
-    ``base_model`` is a local path.
+    ``base_model`` (and the ``base_model:adapter:<id>`` tag PEFT's own cards carry) is only set
+    when it is a Hub model id: the Hub rejects a card whose ``base_model`` is a local path.
+    ``pipeline_tag`` is set when every adapter has the same PEFT task type.  A ``license`` that
+    is not a Hub license id is a :class:`ConfigError`.
     """
     meta: Dict[str, Any] = {"library_name": "lorashare"}
     base = share.config.base_model_name_or_path
+    tags = ["lora", "peft", "transformers", "share", "lorashare"]
     if _is_model_id(base):
         meta["base_model"] = base
         meta["base_model_relation"] = "adapter"
-    meta["tags"] = ["lora", "peft", "share", "lorashare"]
+        tags.append(f"base_model:adapter:{base}")
+    tasks = {str(share.adapter_configs.get(n, {}).get("task_type") or "") for n in share.adapter_names}
+    tag = pipeline_tag(tasks.pop()) if len(tasks) == 1 else None  # mixed tasks: no single pipeline
+    if tag:
+        meta["pipeline_tag"] = tag
+    meta["tags"] = tags
     if license:
-        meta["license"] = license
+        meta["license"] = check_license(license)
     return meta
+
+
+def _num_labels(share: "SHAREModel", name: str) -> Optional[int]:
+    """Outputs of ``name``'s classifier head (its last layer's rows), if it has one."""
+    heads = share.all_classifier_heads.get(name) or {}
+    for suffix in ("out_proj.weight", "classifier.weight", "score.weight"):
+        for key, tensor in sorted(heads.items()):
+            if key.endswith(suffix) and getattr(tensor, "ndim", 0) == 2:
+                return int(tensor.shape[0])
+    return None
 
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -126,6 +226,9 @@ def render_card(share: "SHAREModel", *, repo_id: Optional[str] = None, license: 
         rows.append(f"| {_cell(name)} | {src_cell} | {str(rev)[:10] if rev else '–'} | {info.get('rank', cfg.lora_rank)} | {err} |")
     ks = sorted(set(cfg.k_per_group.values())) or [cfg.num_components]
     base = cfg.base_model_name_or_path or "unknown"
+    first = share.adapter_names[0] if share.adapter_names else None
+    task = str(share.adapter_configs.get(first, {}).get("task_type") or "") if first else ""
+    labels = _num_labels(share, first) if first else None
     values = {
         "metadata": yaml.safe_dump(card_metadata(share, license=license), sort_keys=False).strip(),
         "title": f"SHARE checkpoint: {repo_id.split('/')[-1]}" if repo_id else "SHARE checkpoint",
@@ -143,7 +246,10 @@ def render_card(share: "SHAREModel", *, repo_id: Optional[str] = None, license: 
         "dtype": cfg.dtype,
         "heads": _size(st.get("heads_bytes")) if st.get("heads_bytes") else "none",
         "repo_id": repo_id or "path/to/share_checkpoint",
-        "first_adapter": share.adapter_names[0] if share.adapter_names else "adapter",
+        "first_adapter": first or "adapter",
+        "install": INSTALL,
+        "model_class": model_class(task),
+        "model_kwargs": f", num_labels={labels}" if labels and task in ("SEQ_CLS", "TOKEN_CLS") else "",
         "version": __version__,
     }
     text = Template(load_template()).safe_substitute(values)

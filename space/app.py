@@ -3,9 +3,10 @@
 Run locally with ``python space/app.py`` (binds 127.0.0.1:7860; ``GRADIO_SERVER_NAME`` and
 ``GRADIO_SERVER_PORT`` change that).  On a Space, the platform sets them.
 
-Everything the Space does to adapters goes through lorashare's public API (``SHAREModel`` and
-``lorashare.hub``); its only Hub calls of its own are a size and access check before any download
-(:func:`_remote_sizes`, through ``lorashare.hub``'s client, retries and error messages).
+Everything the Space does goes through lorashare's public API (``SHAREModel``, ``lorashare.hub``,
+``lorashare.card``, ``lorashare.checkpoint``), including the size and access check before any
+download (``lorashare.hub.remote_sizes``).  Deployed by ``space/deploy.py``, which puts the
+lorashare package next to this file: the Space needs nothing of lorashare from the index.
 
 Security rules this file keeps:
 
@@ -37,13 +38,12 @@ for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
 
 import contextlib  # noqa: E402
 import html  # noqa: E402
-import inspect  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple  # noqa: E402
+from typing import Any, Iterator, List, Optional, Tuple  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -51,8 +51,8 @@ import pandas as pd  # noqa: E402
 import lorashare  # noqa: E402
 from lorashare import LoraShareError, SHAREModel  # noqa: E402
 from lorashare import hub  # noqa: E402
-from lorashare.card import card_metadata  # noqa: E402
-from lorashare.checkpoint import COMPONENTS_FILE, CONFIG_FILE, HEAD_FILE, LOADINGS_FILE, META_FILE, read_config  # noqa: E402
+from lorashare.card import HUB_LICENSES, INSTALL, card_metadata, check_license, model_class  # noqa: E402
+from lorashare.checkpoint import CONFIG_FILE, checkpoint_files  # noqa: E402
 from lorashare.compress import split_group_key  # noqa: E402
 from lorashare.errors import HubError  # noqa: E402
 from lorashare.names import check_name, derive_name  # noqa: E402
@@ -244,28 +244,6 @@ def _repo_arg(repo_id: str, what: str = "checkpoint repo") -> str:
 # ------------------------------------------------------------------------- Hub size checks
 
 
-def _remote_sizes(repo_id: str, paths: Sequence[str], revision: Optional[str], token: Optional[str],
-                  probe: Optional[str] = None) -> Dict[str, int]:
-    """``{path: bytes}`` of the files among ``paths`` that exist at ``revision``; downloads nothing.
-
-    Also checks, with the visitor's own token, that the visitor may download from the repo:
-    ``paths-info`` refuses a private repo, and a HEAD of ``probe`` (if it exists) refuses a gated
-    one.  Without that, lorashare would serve files another visitor left in the shared download
-    cache: ``snapshot_download`` skips the download (and so the Hub's gate) for cached files.
-    Goes through ``lorashare.hub``'s client, retries and error messages.
-    """
-    from huggingface_hub import hf_hub_url
-
-    api = hub._api(token)
-    what = f"{repo_id}@{revision or 'main'}"
-    entries = hub._retry(lambda: api.get_paths_info(repo_id, list(paths), revision=revision), what)
-    sizes = {e.path: int(getattr(e, "size", 0) or 0) for e in entries if hasattr(e, "size")}
-    if probe in sizes:
-        url = hf_hub_url(repo_id, probe, revision=revision, endpoint=hub.endpoint())
-        hub._retry(lambda: api.get_hf_file_metadata(url=url, token=token or False), what)
-    return sizes
-
-
 def _check_budget(total: int, what: str) -> None:
     if total > LIMITS.max_bytes:
         raise UserError(
@@ -429,8 +407,9 @@ def compress(
         for i, (_name, text, ref) in enumerate(items):
             progress(i / n, desc=f"Checking {text} ({i + 1}/{n})")
             prefix = f"{ref.subfolder}/" if ref.subfolder else ""
-            sizes = _remote_sizes(ref.repo_id, [prefix + f for f in ADAPTER_FILES], ref.revision, token,
-                                  probe=prefix + ADAPTER_FILES[-1])
+            # The visitor's own access is checked every time: the download cache is shared.
+            sizes = hub.remote_sizes(ref.repo_id, [prefix + f for f in ADAPTER_FILES], revision=ref.revision,
+                                     token=token, probe=prefix + ADAPTER_FILES[-1])
             total += sum(sizes.values())
             _check_budget(total, f"These adapters are {'at least ' if i + 1 < n else ''}")
         for i, (_name, text, ref) in enumerate(items):
@@ -487,10 +466,9 @@ def push(
         if repo_id and "/" not in repo_id and profile is not None:
             repo_id = f"{profile.username}/{repo_id}"
         repo_id = _repo_arg(repo_id, "target repo")
+        license_id = check_license(license_id) if (license_id or "").strip() else None  # before the push keeps it
         progress(0.1, desc=f"Pushing to {repo_id}")
-        info = share.push_to_hub(
-            repo_id, private=bool(private), token=token, license=(license_id or "").strip() or None,
-        )
+        info = share.push_to_hub(repo_id, private=bool(private), token=token, license=license_id)
         base = hub.endpoint()
         repo_url = str(getattr(info, "repo_url", "") or f"{base}/{repo_id}")
         card_url = f"{base}/{repo_id}/blob/{info.oid}/README.md"
@@ -502,22 +480,15 @@ def push(
         )
 
 
-def _checkpoint_config(repo_id: str, revision: Optional[str], token: Optional[str]) -> Tuple[Any, Optional[str]]:
-    """``(SHAREConfig, commit)`` of a Hub checkpoint; reads no adapter loadings."""
-    sizes = _remote_sizes(repo_id, [CONFIG_FILE, COMPONENTS_FILE], revision, token, probe=CONFIG_FILE)
+def _checkpoint_config(repo_id: str, revision: Optional[str], token: Optional[str]) -> Tuple[Any, str]:
+    """``(SHAREConfig, commit)`` of a Hub checkpoint; reads no bases and no adapter loadings."""
+    sizes = hub.remote_sizes(repo_id, [CONFIG_FILE], revision=revision, token=token, probe=CONFIG_FILE)
     if CONFIG_FILE not in sizes:
         raise UserError(f"{repo_id}@{revision or 'main'} has no {CONFIG_FILE}: not a SHARE checkpoint.")
-    if not revision or "revision" in inspect.signature(hub.fetch_config).parameters:
-        kwargs = {"revision": revision} if revision else {}
-        config, sha = hub.fetch_config(repo_id, token=token, **kwargs)
-        if config is None:
-            raise UserError(f"{repo_id}: no SHARE checkpoint there (or no access to it).")
-        return config, sha
-    # fetch_config reads main only; a revision costs the bases too (never the loadings).
-    _check_budget(sum(sizes.values()), f"{repo_id}@{revision}'s config and bases are")
-    folder, jail = hub.fetch_checkpoint(repo_id, revision=revision, token=token, adapters=[])
-    base = os.path.basename(os.path.normpath(folder))
-    return read_config(folder, jail=jail), base if re.fullmatch(r"[0-9a-f]{40}", base) else revision
+    config, sha = hub.fetch_config(repo_id, token=token, revision=revision)
+    if config is None or sha is None:
+        raise UserError(f"{repo_id}: no SHARE checkpoint there (or no access to it).")
+    return config, sha
 
 
 def explore(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthToken | None,
@@ -530,7 +501,8 @@ def explore(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthT
         progress(0.2, desc=f"Reading {repo_id}")
         config, sha = _checkpoint_config(repo_id, revision, token)
         card = (config.compression_stats or {}).get("card") or {}
-        meta = card_metadata(SHAREModel(config, {}, {}, {}), license=card.get("license"))
+        meta = card_metadata(SHAREModel(config, {}, {}, {}))  # shown as published, so not re-validated
+        meta["license"] = card.get("license") or "not set"
         base = hub.endpoint()
         names = list(config.adapter_names or config.adapters)
         lines = [
@@ -541,7 +513,7 @@ def explore(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthT
             f"- adapters: {len(names)}, LoRA rank {config.lora_rank}, target modules "
             f"{', '.join(config.target_modules) or '?'}",
             f"- storage: {config.dtype}, k {config.component_selection}",
-            f"- card data: library `{meta.get('library_name')}`, license `{meta.get('license', 'not set')}`, "
+            f"- card data: library `{meta.get('library_name')}`, license `{meta['license']}`, "
             f"tags {', '.join(meta.get('tags', []))}",
             f"- written by lorashare {config.lorashare_version or config.share_version or '?'} "
             f"(format v{config.format_version})",
@@ -551,15 +523,6 @@ def explore(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthT
         choice = names[0] if names else None
         return ("\n".join(lines), adapters_table(config), stats_table(config), explained_plot(config),
                 bytes_frame(config), gr.Dropdown(choices=names, value=choice))
-
-
-TASK_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-}
 
 
 def reconstruct(repo_id: str, revision: str, adapter: str, token_text: str, oauth_token: gr.OAuthToken | None,
@@ -577,13 +540,14 @@ def reconstruct(repo_id: str, revision: str, adapter: str, token_text: str, oaut
             raise UserError("Pick an adapter to reconstruct (Explore the checkpoint first).")
         check_name(adapter)
         progress(0.1, desc="Checking sizes")
-        wanted = [CONFIG_FILE, COMPONENTS_FILE] + [f"adapters/{adapter}/{f}" for f in (LOADINGS_FILE, HEAD_FILE, META_FILE)]
-        sizes = _remote_sizes(repo_id, wanted, revision, token, probe=CONFIG_FILE)
-        if CONFIG_FILE not in sizes:
-            raise UserError(f"{repo_id}@{revision or 'main'} has no {CONFIG_FILE}: not a SHARE checkpoint.")
+        config, sha = _checkpoint_config(repo_id, revision, token)
+        if adapter not in config.adapter_names:
+            raise UserError(f"{repo_id} has no adapter {adapter!r}; it holds {', '.join(config.adapter_names)}.")
+        wanted = checkpoint_files(config, [adapter])  # the config, the bases and this adapter's files
+        sizes = hub.remote_sizes(repo_id, wanted, revision=sha, token=token)
         _check_budget(sum(sizes.values()), f"{adapter!r} and the shared bases are")
         progress(0.3, desc=f"Downloading {adapter}")
-        share = SHAREModel.from_pretrained(repo_id, revision=revision, token=token, adapters=[adapter])
+        share = SHAREModel.from_pretrained(repo_id, revision=sha, token=token, adapters=[adapter])  # what was checked
         with _workdir() as work:
             progress(0.7, desc=f"Reconstructing {adapter}")
             share.reconstruct(adapter, output_dir=os.path.join(work, adapter))
@@ -591,7 +555,7 @@ def reconstruct(repo_id: str, revision: str, adapter: str, token_text: str, oaut
                                           root_dir=work, base_dir=adapter)
             err = share.reconstruction_error(adapter)
             peft_cfg = share.adapter_configs.get(adapter, {})
-            auto = TASK_CLASSES.get(str(peft_cfg.get("task_type") or ""), "AutoModel")
+            auto = model_class(peft_cfg.get("task_type"))
             base_model = peft_cfg.get("base_model_name_or_path") or share.config.base_model_name_or_path or "BASE_MODEL"
             rev = f", revision={revision!r}" if revision else ""
             text = (
@@ -601,7 +565,8 @@ def reconstruct(repo_id: str, revision: str, adapter: str, token_text: str, oaut
                 f"from peft import PeftModel\nfrom transformers import {auto}\n\n"
                 f"base = {auto}.from_pretrained({base_model!r})\n"
                 f"model = PeftModel.from_pretrained(base, {adapter!r})  # the unzipped folder\n"
-                "```\n\nOr straight from the Hub, without the zip:\n\n"
+                "```\n\nOr straight from the Hub, without the zip (lorashare "
+                f"{lorashare.__version__} is not on PyPI yet: `{INSTALL}`):\n\n"
                 "```python\n"
                 "from lorashare import SHAREModel\n\n"
                 f"model = SHAREModel.from_pretrained({repo_id!r}{rev}, adapters=[{adapter!r}]).apply(base, {adapter!r})\n"
@@ -616,7 +581,7 @@ INTRO = """# lorashare: many LoRA adapters, one shared basis
 
 Compress LoRA adapters of **one base model** from the Hugging Face Hub into shared low-rank bases
 plus a tiny loading per adapter (SHARE), explore SHARE checkpoints, and rebuild any adapter as a
-standard PEFT adapter. Powered by [lorashare](https://pypi.org/project/lorashare/) {version}.
+standard PEFT adapter. Powered by [lorashare](https://github.com/lorashare/lorashare) {version}.
 """
 
 ID_PLACEHOLDER = "acme/billing-lora\nacme/refunds-lora@v2\nacme/multi-lora/legal\nlegal2=bob/legal-lora"
@@ -645,7 +610,7 @@ def build_demo() -> gr.Blocks:
                 # OAuth only works on a Space; locally the login button would need a machine login.
                 gr.LoginButton(scale=0, min_width=240)
             token_box = gr.Textbox(
-                label="Hugging Face token (optional)", type="password", scale=3, elem_id="hf-token",
+                label="Hugging Face token (optional)", value="", type="password", scale=3, elem_id="hf-token",
                 placeholder="hf_… — for private or gated repos, and to push" + (" (or sign in)" if on_space else ""),
                 info="Used for this request only; never logged or stored.",
             )
@@ -680,14 +645,16 @@ def build_demo() -> gr.Blocks:
                     repo_box = gr.Textbox(label="Repo (owner/name)", placeholder="you/support-share", scale=3,
                                           elem_id="push-repo")
                     private = gr.Checkbox(value=True, label="Private", scale=1)
-                    license_box = gr.Textbox(label="License (optional)", placeholder="apache-2.0", scale=1)
+                    license_box = gr.Dropdown(
+                        [("none", "")] + list(HUB_LICENSES), value="", label="License (optional)", scale=1,
+                        info="one of the Hub's license ids", elem_id="push-license")
                 push_btn = gr.Button("Push to the Hub", elem_id="push-btn")
                 push_result = gr.Markdown(elem_id="push-result")
 
         with gr.Tab("Explore", id="explore"):
             with gr.Row():
                 repo_id = gr.Textbox(label="SHARE checkpoint repo (owner/name)", scale=3, elem_id="explore-repo")
-                revision = gr.Textbox(label="Revision (optional)", placeholder="main", scale=1)
+                revision = gr.Textbox(label="Revision (optional)", value="", placeholder="main", scale=1)
             explore_btn = gr.Button("Explore", variant="primary", elem_id="explore-btn")
             card = gr.Markdown(elem_id="explore-card")
             adapters = gr.Dataframe(label="Adapters", interactive=False, wrap=True, elem_id="explore-adapters")

@@ -23,10 +23,11 @@ The result holds each step's exit code, stdout, stderr and outputs, the action's
 stdout/stderr (``::add-mask::`` values, ``::error`` lines, group nesting).  ``log`` is the
 combined stdout+stderr with masked values replaced by ``***``, as the runner would show it.
 
-Installing lorashare for real (``pip install``) needs the network, so tests set
-``LORASHARE_ACTION_PYTHON`` in ``env``: the action's install step then uses that interpreter
+The install step runs for real (a venv under ``RUNNER_TEMP``, ``pip install`` of the action's own
+checkout) unless ``LORASHARE_ACTION_PYTHON`` is in ``env``: the step then uses that interpreter
 (documented behaviour of the action, also meant for self-hosted runners), and everything else runs
-unchanged.
+unchanged.  A real install needs a package index: pass pip's settings (``PIP_*``) in ``env``, since
+nothing else of this process's environment reaches the steps.
 """
 
 from __future__ import annotations

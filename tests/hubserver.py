@@ -22,6 +22,9 @@ What is modelled (enough for ``HfApi``, ``hf_hub_download`` and ``snapshot_downl
   ``{"error": ...}`` body), which the client turns into typed exceptions;
 * auth: ``required_token``, private repos, gated repos (with per-token grants);
 * fault injection (``inject`` / ``inject_when``) for reliability tests;
+* trusted publishing: the OIDC token exchange (``POST /oauth/token``, RFC 8693) for the repos in
+  ``trusted_publishers``, and a stand-in for the GitHub Actions runtime's id-token service
+  (``GET /__github/id-token``), so a run without ``HF_TOKEN`` exchanges tokens over real HTTP;
 * a request log (``requests``, ``records``, ``served_files``).
 
 Not modelled: Xet storage (never advertised, so the client always uses plain HTTP), CDN
@@ -291,6 +294,11 @@ class HubServer:
       upload to a Xet CAS this server does not implement.
     * ``requests``: list of ``(method, raw_path)``; ``records``: list of :class:`RequestRecord`.
     * ``internal_errors``: tracebacks of unexpected server exceptions (should stay empty).
+    * ``trusted_publishers``: ``{repo_id: id token}``: ``POST /oauth/token`` exchanges that id token,
+      for that repo only, for ``oidc_access_token``; anything else is ``invalid_grant``.
+    * ``github_request_token`` / ``github_id_token``: ``GET /__github/id-token`` (point
+      ``ACTIONS_ID_TOKEN_REQUEST_URL`` at ``url + "/__github/id-token"``) answers ``github_id_token``
+      to a bearer of ``github_request_token``; ``id_token_audiences`` logs the audiences asked for.
     """
 
     def __init__(self, *, user: str = "tester", seed_gitattributes: bool = True) -> None:
@@ -298,6 +306,11 @@ class HubServer:
         self.seed_gitattributes = seed_gitattributes
         self.required_token: str | None = None
         self.lfs_mode = False
+        self.trusted_publishers: dict[str, str] = {}
+        self.oidc_access_token = "hf_jwt_ExchangedShortLivedToken0001"
+        self.github_request_token = "gha-request-token"
+        self.github_id_token = "eyJ.github-id-token.sig"
+        self.id_token_audiences: list[str] = []
         self.requests: list[tuple[str, str]] = []
         self.records: list[RequestRecord] = []
         self.internal_errors: list[str] = []
@@ -971,7 +984,8 @@ def _bearer_token(authorization: str | None) -> str | None:
 
 def _check_required_token(hub: HubServer, request: _Request) -> None:
     # LFS upload URLs are pre-signed (like S3): the client sends no Authorization header there.
-    if hub.required_token is None or request.segments[:1] == ["__lfs"]:
+    # The token exchange and the CI's id-token service take other credentials than a Hub token.
+    if hub.required_token is None or request.segments[:1] in (["__lfs"], ["oauth"], ["__github"]):
         return
     if request.token is None:
         raise HubError(401, "Authentication required: no token provided")
@@ -999,6 +1013,10 @@ class _Routes:
             return self._dispatch_api(seg[1:], method)
         if seg[:2] == ["__lfs", "upload"] and len(seg) == 3 and method == "PUT":
             return self.lfs_upload(seg[2])
+        if seg == ["oauth", "token"] and method == "POST":
+            return self.oidc_exchange()
+        if seg == ["__github", "id-token"] and method == "GET":
+            return self.github_id_token()
         return self._dispatch_repo_url(seg, method)
 
     def _dispatch_api(self, seg: list[str], method: str) -> Response:
@@ -1098,6 +1116,26 @@ class _Routes:
                 "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
             }
         )
+
+    def oidc_exchange(self) -> Response:
+        """RFC 8693 token exchange: a trusted publisher's id token for a short-lived, repo-scoped token."""
+        self.req.record.kind = "oidc-exchange"
+        payload = self.req.json()
+        grant = payload.get("grant_type") == "urn:ietf:params:oauth:grant-type:token-exchange"
+        typed = payload.get("subject_token_type") == "urn:ietf:params:oauth:token-type:id_token"
+        resource = str(payload.get("resource") or "")
+        expected = self.hub.trusted_publishers.get(resource)
+        if not (grant and typed and expected is not None and payload.get("subject_token") == expected):
+            raise HubError(400, f"invalid_grant: no trusted publisher matches this id token for {resource!r}")
+        return Response.json({"access_token": self.hub.oidc_access_token, "token_type": "bearer", "expires_in": 3600})
+
+    def github_id_token(self) -> Response:
+        """What the GitHub Actions runtime answers a job with ``permissions: id-token: write``."""
+        self.req.record.kind = "github-id-token"
+        if self.req.token != self.hub.github_request_token:
+            raise HubError(401, "Bad ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+        self.hub.id_token_audiences.append(self.req.param("audience") or "")
+        return Response.json({"value": self.hub.github_id_token})
 
     def validate_yaml(self) -> Response:
         return Response.json({"errors": [], "warnings": []})

@@ -5,14 +5,19 @@ workflows schema (check-jsonschema's vendored schemas, offline), actionlint and 
 find nothing, no ``${{`` reaches a ``run:`` script, third-party actions are pinned to commit shas.
 
 Runs: :class:`tests.action_runner.ActionRunner` executes the action's bash steps as written, with a
-simulated runner environment, against the local test Hub (``HF_ENDPOINT``).  The install step is
-short-circuited by ``LORASHARE_ACTION_PYTHON`` (a documented input of the action's environment), set
-to a wrapper around this interpreter that records its argv, so the tests can also check that the
-token never reaches a command line.  One test runs the real install branch with a fake Python.
+simulated runner environment, against the local test Hub (``HF_ENDPOINT``).  One test runs the real
+install, default inputs, into a fresh venv from a copy of this checkout (what a workflow that pins
+the action gets), then ``lorashare sync`` from that venv: it needs a package index and takes about
+a minute with a warm pip cache.  The other runs short-circuit the install with
+``LORASHARE_ACTION_PYTHON`` (a documented input of the action's environment, for self-hosted
+runners), set to a wrapper around this interpreter that records its argv, so the tests can also
+check that the token never reaches a command line.  One test runs the install branch with a fake
+Python, to check the exact pip commands.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -20,12 +25,13 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional
 
 import pytest
 import yaml
 
 from tests.action_runner import ActionResult, ActionRunner, ActionRunnerError, parse_output_file
+from tests.fresh_venv import checkout_copy, pip_environment
 from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,15 +136,18 @@ def test_metadata_contract():
     ins = a["inputs"]
     assert set(ins) >= {"config", "hf-token", "dry-run", "force", "python-version", "lorashare-version"}
     assert ins["config"]["default"] == "lorashare.yaml" and ins["python-version"]["default"] == "3.11"
-    from lorashare import __version__
-
-    assert ins["lorashare-version"]["default"] == f"lorashare=={__version__}"
+    assert ins["lorashare-version"]["default"] == ""  # the action's own checkout, never an index release
     outs = a["outputs"]
     assert set(outs) == {"changed", "action", "repo-url", "commit-sha", "compression-ratio", "adapters"}
     for name, spec in outs.items():
         assert spec["value"] == f"${{{{ steps.sync.outputs.{name} }}}}"
     setup = next(s for s in a["runs"]["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
-    assert setup["with"]["update-environment"] is False and setup["with"]["cache"] == "pip"
+    # No pip cache: setup-python can only key it on workspace files, and the manifest says nothing
+    # about what gets installed.
+    assert setup["with"]["update-environment"] is False and "cache" not in setup["with"]
+    assert "cache-dependency-path" not in setup["with"]
+    install = next(s for s in a["runs"]["steps"] if s.get("id") == "install")
+    assert install["env"]["LORASHARE_SRC"] == "${{ github.action_path }}"
     assert "id-token: write" in ACTION.read_text()
 
 
@@ -192,15 +201,14 @@ def test_install_step_creates_venv_in_runner_temp(tmp_path):
     assert calls[1] == ["-m", "pip", "install", "--index-url", "https://download.pytorch.org/whl/cpu", "torch"]
     assert calls[2] == ["-m", "pip", "install", spec]  # one argument, whatever it contains
     assert res.step("install").outputs == {"python": f"{venv}/bin/python"}
-    assert runner.with_seen["python"] == {"python-version": "3.12", "update-environment": "false", "cache": "pip",
-                                          "cache-dependency-path": "lorashare.yaml"}
+    assert runner.with_seen["python"] == {"python-version": "3.12", "update-environment": "false"}
     assert TOKEN not in log.read_text() + res.stdout + res.stderr
 
     log.write_text("")
     res = runner.run({"torch-index-url": ""}, only=["python", "install"])
     calls = [c.strip("\n").split("\n") for c in log.read_text().split("--\n") if c.strip()]
-    assert [c[:3] for c in calls[1:]] == [["-m", "pip", "install"], ["-c", "import importlib.metadata as m; print('lorashare', m.version('lorashare'))"]]
-    assert calls[1] == ["-m", "pip", "install", "lorashare==0.2.0"]
+    assert [c[:2] for c in calls[1:]] == [["-m", "pip"], ["-c", calls[2][1]]] and "lorashare" in calls[2][1]
+    assert calls[1] == ["-m", "pip", "install", str(ROOT)]  # default: the action's own checkout
 
 
 def test_runner_refuses_expressions_in_run(tmp_path):
@@ -224,28 +232,35 @@ def manifest(adapters: Dict[str, str]) -> str:
 
 
 class Env:
-    """A workspace with adapters, the test Hub, and a runner for the action."""
+    """A workspace with adapters, the test Hub, and a runner for the action.
 
-    def __init__(self, hub: HubServer, tmp: Path, adapter_dirs: List[str]) -> None:
+    By default the install step is short-circuited (``LORASHARE_ACTION_PYTHON``, a wrapper around
+    this interpreter); ``real_install`` gives the action nothing preinstalled, only ``pip_env``.
+    """
+
+    def __init__(self, hub: HubServer, tmp: Path, adapter_dirs: List[str], *, action_dir: Path = ROOT,
+                 real_install: bool = False, pip_env: Optional[Mapping[str, str]] = None) -> None:
         self.hub = hub
         self.ws = tmp / "ws"
+        self.runner_temp = tmp / "runner-temp"
         for name, src in zip(["billing", "refunds", "legal", "spare"], adapter_dirs):
             shutil.copytree(src, self.ws / "adapters" / name)
         self.argv_log = tmp / "python-argv.log"
-        wrapper = tmp / "python-wrapper"
-        wrapper.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "{self.argv_log}"\nexec "{sys.executable}" "$@"\n')
-        wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-        self.runner = ActionRunner(ROOT, workspace=self.ws, runner_temp=tmp / "runner-temp", env={
-            "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp / "hf-home"),
-            "HF_HUB_DISABLE_TELEMETRY": "1", "LORASHARE_ACTION_PYTHON": str(wrapper),
-        })
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp / "hf-home"),
+               "HF_HUB_DISABLE_TELEMETRY": "1", **(pip_env or {})}
+        if not real_install:
+            wrapper = tmp / "python-wrapper"
+            wrapper.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "{self.argv_log}"\nexec "{sys.executable}" "$@"\n')
+            wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+            env["LORASHARE_ACTION_PYTHON"] = str(wrapper)
+        self.runner = ActionRunner(action_dir, workspace=self.ws, runner_temp=self.runner_temp, env=env)
 
     def write(self, adapters: Dict[str, str]) -> None:
         (self.ws / "lorashare.yaml").write_text(manifest(adapters))
 
-    def run(self, **inputs: str) -> ActionResult:
+    def run(self, timeout: float = 300, **inputs: str) -> ActionResult:
         inputs.setdefault("hf-token", TOKEN)
-        res = self.runner.run(inputs)
+        res = self.runner.run(inputs, timeout=timeout)
         self.check_no_leak(res)
         return res
 
@@ -358,3 +373,57 @@ def test_bad_boolean_input_and_missing_token(act):
     assert res.rc == 2 and res.errors == ["::error title=lorashare sync::the force input must be true or false"]
     res = act.runner.run({})  # no hf-token input, no OIDC
     assert res.rc == 2 and "hf-token" in res.errors[0] and act.commits() == 0
+
+
+def test_trusted_publishing_without_a_token(act):
+    """No hf-token, `id-token: write`: the runner's id token is exchanged for a repo-scoped token."""
+    hub = act.hub
+    hub.trusted_publishers[REPO] = hub.github_id_token
+    hub.required_token = hub.oidc_access_token  # only the exchanged token may push
+    act.runner.extra_env.update({"ACTIONS_ID_TOKEN_REQUEST_URL": hub.url + "/__github/id-token",
+                                 "ACTIONS_ID_TOKEN_REQUEST_TOKEN": hub.github_request_token})
+    act.write(ABC)
+    res = act.runner.run({})
+    assert res.rc == 0, res.stdout + res.stderr
+    assert res.outputs["changed"] == "true" and res.outputs["commit-sha"] == hub.resolve(REPO)
+    assert res.masks == [hub.oidc_access_token] and hub.id_token_audiences == [hub.url]
+    sync_out = res.step("sync").stdout
+    mask = f"::add-mask::{hub.oidc_access_token}\n"
+    assert sync_out.count(mask) == 1  # masked before anything could print it, and nowhere else
+    assert hub.oidc_access_token not in sync_out.replace(mask, "") + res.stderr + res.summary
+    assert sync_out.index(hub.oidc_access_token) == sync_out.index(mask) + len("::add-mask::")
+
+
+# --------------------------------------------------------------- the real install, default inputs
+def test_default_inputs_install_this_checkout_and_sync(hub, tmp_path, adapter_dirs):
+    """The action as a workflow runs it: its own checkout installed into a fresh venv, then sync."""
+    hub.required_token = TOKEN
+    action_dir = checkout_copy(tmp_path / "action")
+    act = Env(hub, tmp_path, adapter_dirs, action_dir=action_dir, real_install=True, pip_env=pip_environment(tmp_path))
+    act.write(ABC)
+    res = act.run(timeout=1200)
+    assert res.rc == 0, (res.stdout + res.stderr)[-6000:]
+
+    venv = act.runner_temp / "lorashare-venv"
+    python = res.step("install").outputs["python"]
+    assert python == f"{venv}/bin/python"
+    from lorashare import __version__
+
+    site = subprocess.run([python, "-c", "import lorashare, sys; print(lorashare.__file__); print(sys.prefix)"],
+                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
+    installed = Path(site[0]).parent
+    assert site[1] == str(venv) and installed.is_relative_to(venv / "lib")
+    assert f"lorashare {__version__} from {installed / '__init__.py'}" in res.step("install").stdout
+    # What runs is the action's checkout, byte for byte (not an index release, not this source tree).
+    for rel, src in (("sync.py", "lorashare/sync.py"), ("hub.py", "lorashare/hub.py"),
+                     ("hub_templates/model_card.md", "hub_templates/model_card.md")):
+        digest = hashlib.sha256((installed / rel).read_bytes()).digest()
+        assert digest == hashlib.sha256((action_dir / src).read_bytes()).digest(), rel
+
+    # sync ran from that venv, against the test Hub, and published.
+    out = res.outputs
+    assert out["changed"] == "true" and out["action"] == "create" and out["commit-sha"] == hub.resolve(REPO)
+    assert json.loads(out["adapters"]) == list(ABC) and act.commits() == 2
+    assert res.masks == [TOKEN] and res.errors == [] and res.groups_balanced
+    assert "**Published**" in res.summary
+    act.check_no_leak(res)

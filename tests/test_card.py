@@ -12,10 +12,15 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 
 from lorashare import SHAREModel, __version__
-from lorashare.card import card_metadata, load_template, render_card
+from lorashare.card import (
+    HUB_LICENSES, INSTALL, TASK_MODEL_CLASSES, card_metadata, check_license, load_template, model_class, pipeline_tag,
+    render_card,
+)
+from lorashare.errors import ConfigError
+from tests.hub_fixtures import HUB_TOKEN
 from tests.hubserver import HubServer
 
-TAGS = ["lora", "peft", "share", "lorashare"]
+TAGS = ["lora", "peft", "transformers", "share", "lorashare", "base_model:adapter:tiny-bert-for-tests"]  # PEFT's own three too
 REPO = "tester/share-card"
 
 
@@ -61,6 +66,7 @@ def test_metadata_round_trips_through_model_card(adapter_dirs, tmp_path, monkeyp
     assert data["base_model_relation"] == "adapter"
     assert data["tags"] == TAGS
     assert "license" not in data
+    assert "pipeline_tag" not in data  # SEQ_CLS adapters and adapters without a task type: no single pipeline
     assert data == card_metadata(share)
 
     with_license = _load(render_card(share, license="mit"), tmp_path).data
@@ -100,7 +106,10 @@ def test_card_body(adapter_dirs, monkeypatch):
     # Usage, citation, version.
     assert "from lorashare import SHAREModel" in text
     assert f'SHAREModel.from_pretrained("path/to/share_checkpoint", adapters=["{share.adapter_names[0]}"])' in text
-    assert 'AutoModel.from_pretrained("tiny-bert-for-tests")' in text
+    # The first adapter is a SEQ_CLS one with a 3-label head: its class, and the head's size.
+    assert "from transformers import AutoModelForSequenceClassification" in text
+    assert 'AutoModelForSequenceClassification.from_pretrained("tiny-bert-for-tests", num_labels=3)' in text
+    assert INSTALL in text and "pip install lorashare\n" not in text and "not on PyPI yet" in text
     assert "@article{kaushik2026share" in text and "arXiv:2602.06043" in text
     assert f"Written by lorashare {__version__}." in text
 
@@ -111,7 +120,7 @@ def test_card_for_hub_sources_and_license_via_push(env, adapter_dirs, tmp_path):
     multi = _put_adapter(env, "tester/multi", adapter_dirs[1], sub="legal")
     share = SHAREModel.from_adapters({"billing": "tester/a@v1", "legal": "tester/multi/legal", "local": adapter_dirs[2]},
                                      num_components=8, progress=False)
-    share.push_to_hub(REPO, license="apache-2.0")
+    share.push_to_hub(REPO, license="apache-2.0", token=HUB_TOKEN)  # a push needs a token (issue 11)
     pushed = env.snapshot(REPO)["README.md"].decode("utf-8")
 
     data = _load(pushed, tmp_path).data
@@ -155,3 +164,65 @@ def test_template_is_found():
     text = load_template()
     for placeholder in ("$metadata", "$adapter_rows", "$ratio", "$ratio_marginal", "$repo_id", "$version"):
         assert placeholder in text
+
+
+def test_license_must_be_a_hub_license_id(adapter_dirs, env):
+    share = SHAREModel.from_adapters(adapter_dirs[:2], num_components=4, progress=False)
+    assert check_license(" MIT ") == "mit" and check_license("Apache-2.0") == "apache-2.0"
+    assert card_metadata(share, license="CC-BY-4.0")["license"] == "cc-by-4.0"
+    assert {"apache-2.0", "mit", "other", "unknown", "cc-by-nc-4.0", "llama3.1", "gemma"} <= set(HUB_LICENSES)
+    for bad, hint in (("Apache 2", "did you mean apache-2.0"), ("MIT License", "did you mean mit"), ("free for all", "")):
+        with pytest.raises(ConfigError) as err:
+            render_card(share, license=bad)
+        message = str(err.value)
+        assert repr(bad) in message and hint in message and "repositories-licenses" in message, message
+    with pytest.raises(ConfigError, match="'Apache 2' is not one of the Hub's license ids"):
+        share.push_to_hub(REPO, license="Apache 2", token="hf_x")
+    assert env.count("POST") == 0 and env.count() == 0  # refused before any request
+
+
+@pytest.mark.parametrize("task, cls, tag", [
+    ("SEQ_CLS", "AutoModelForSequenceClassification", "text-classification"),
+    ("CAUSAL_LM", "AutoModelForCausalLM", "text-generation"),
+    ("SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", "text2text-generation"),
+    ("TOKEN_CLS", "AutoModelForTokenClassification", "token-classification"),
+    ("QUESTION_ANS", "AutoModelForQuestionAnswering", "question-answering"),
+    ("FEATURE_EXTRACTION", "AutoModel", "feature-extraction"),
+    (None, "AutoModel", None),
+])
+def test_usage_and_pipeline_tag_follow_the_task_type(plain_adapter_dirs, monkeypatch, task, cls, tag):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    share = SHAREModel.from_adapters(plain_adapter_dirs, num_components=4, progress=False)
+    for name in share.adapter_names:
+        share.adapter_configs[name]["task_type"] = task
+    text = render_card(share)
+    assert f"from transformers import {cls}\n" in text
+    assert f'base = {cls}.from_pretrained("tiny-bert-for-tests")\n' in text  # no head here: no num_labels
+    assert card_metadata(share).get("pipeline_tag") == tag and model_class(task) == cls and pipeline_tag(task) == tag
+
+
+def test_every_peft_task_type_has_a_transformers_class():
+    import transformers
+    from peft import TaskType
+
+    for task in TaskType:
+        assert task.value in TASK_MODEL_CLASSES, task
+        assert hasattr(transformers, TASK_MODEL_CLASSES[task.value]), TASK_MODEL_CLASSES[task.value]
+
+
+def test_the_usage_snippet_runs(adapter_dirs, tmp_path, monkeypatch):
+    """The card's Python snippet, run as written: the base model id names a local folder here."""
+    from examples.make_adapters import tiny_bert
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    share = SHAREModel.from_adapters(adapter_dirs[:2], num_components=8, progress=False)  # task0: SEQ_CLS, 3 labels
+    text = render_card(share)
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    tiny_bert(num_labels=3).save_pretrained("tiny-bert-for-tests")
+    share.save_pretrained("path/to/share_checkpoint")
+    scope: Dict[str, object] = {}
+    exec(compile(code, "model_card.md", "exec"), scope)  # noqa: S102 - our own template
+    model = scope["model"]
+    assert type(model).__name__ == "PeftModelForSequenceClassification"
+    assert (tmp_path / "task0" / "adapter_model.safetensors").is_file()

@@ -20,10 +20,11 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 import torch
+import yaml
 
 if importlib.util.find_spec("gradio") is None:  # not imported here: only the app process needs it
     pytest.skip("the Space needs gradio: pip install -e '.[dev]'", allow_module_level=True)
@@ -126,14 +127,20 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
 
 
 class launch_space:  # noqa: N801 - used as a context manager, like open()
-    """Seed a test Hub, start ``space/app.py`` against it; stop both on exit."""
+    """Seed a test Hub, start ``space/app.py`` against it; stop both on exit.
 
-    def __init__(self, root: Path, *, seed: bool = True, **env: str) -> None:
+    ``hub``: use that (running) server instead, and leave it running; ``python``, ``app`` and
+    ``cwd``: run another build of the Space (tests/test_space_deploy.py).
+    """
+
+    def __init__(self, root: Path, *, seed: bool = True, hub: Optional[HubServer] = None, python: str = sys.executable,
+                 app: Path = APP, cwd: Path = ROOT, **env: str) -> None:
         self.root, self.seed, self.env = root, seed, env
+        self.given_hub, self.python, self.app, self.cwd = hub, python, app, cwd
 
     def __enter__(self) -> Space:
         root = self.root
-        self.hub = HubServer().start()
+        self.hub = self.given_hub or HubServer().start()
         adapters = seed_hub(self.hub, root / "adapters") if self.seed else {}
         tmpdir = root / "app_tmp"
         tmpdir.mkdir()
@@ -149,7 +156,7 @@ class launch_space:  # noqa: N801 - used as a context manager, like open()
         env.update(self.env)
         log = root / "app.log"
         self.log_file = open(log, "w")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen([sys.executable, str(APP)], cwd=str(ROOT), env=env, stdout=self.log_file,
+        self.proc = subprocess.Popen([self.python, str(self.app)], cwd=str(self.cwd), env=env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}/"
         try:
@@ -168,7 +175,8 @@ class launch_space:  # noqa: N801 - used as a context manager, like open()
                 self.proc.kill()
                 self.proc.wait()
         self.log_file.close()
-        self.hub.stop()
+        if self.given_hub is None:
+            self.hub.stop()
 
 
 def table(value: dict) -> List[dict]:
@@ -337,11 +345,10 @@ def test_push_explore_and_reconstruct(space, tmp_path):
         ("/etc/passwd\ntester/billing-lora", ["`/etc/passwd` is not a Hub id"]),
         ("tester/billing-lora/../../etc\ntester/billing-lora", ["bad subfolder"]),
         ("tester/billing-lora", ["at least 2"]),
-        ("tester/billing-lora\ntester/billing-lora", ["duplicate adapter name", "name=owner/name"]),
         ("\n".join(["tester/billing-lora"] * (MAX_ADAPTERS + 1)), [f"at most {MAX_ADAPTERS}"]),
     ],
     ids=["bad-id", "missing-repo", "mixed-base", "too-big", "gated", "private", "bad-revision", "local-folder",
-         "abs-path", "dotdot", "one", "duplicate", "too-many"],
+         "abs-path", "dotdot", "one", "too-many"],
 )
 def test_compress_errors_are_readable(space, ids, expected):
     space.hub.reset_log()
@@ -439,3 +446,33 @@ def test_what_one_visitor_downloaded_stays_theirs(space):
         with pytest.raises(AppError) as err:
             compress(space.client(), ids)  # anonymous, and HF_TOKEN is set in the app's environment
         assert_clean_error(err.value, expected)
+
+
+def test_inputs_the_ui_calls_optional_are_optional_in_the_api(space, tmp_path):
+    api = space.client().view_api(return_format="dict", print_info=False)["named_endpoints"]
+    required = {name: [p["parameter_name"] for p in ep["parameters"] if not p["parameter_has_default"]]
+                for name, ep in api.items()}
+    assert required == {"/compress": ["adapter_ids"], "/push": ["repo_id"], "/explore": ["repo_id"],
+                        "/reconstruct": ["repo_id", "adapter"]}
+    client = space.client()
+    status, *_rest, archive = client.predict("tester/billing-lora\ntester/multi-lora/legal", api_name="/compress")
+    assert "Compressed **2 adapters**" in status and archive.endswith(".zip")
+    client.predict("tester/optional-share", token_text=TOKEN, api_name="/push")  # no license: none in the card
+    meta = yaml.safe_load(space.hub.snapshot("tester/optional-share")["README.md"].decode().split("---", 2)[1])
+    assert "license" not in meta and meta["pipeline_tag"] == "text-classification"  # both adapters are SEQ_CLS
+    assert space.hub.repo("tester/optional-share").private  # the Private box's default
+    text, *_ = client.predict("tester/optional-share", token_text=TOKEN, api_name="/explore")  # no revision
+    assert "license `not set`" in text
+    zip_path, snippet = client.predict("tester/optional-share", adapter="legal", token_text=TOKEN, api_name="/reconstruct")
+    assert zip_path.endswith("legal-peft-adapter.zip") and "AutoModelForSequenceClassification" in snippet
+
+
+def test_license_is_one_of_the_hubs(space):
+    client = space.client()
+    compress(client, "tester/billing-lora\ntester/multi-lora/legal")
+    with pytest.raises(AppError) as err:
+        client.predict("tester/licensed-share", True, "Apache 2", TOKEN, api_name="/push")
+    assert "Apache 2" in str(err.value)  # gradio refuses a value outside the dropdown's choices
+    assert "tester/licensed-share" not in [r.repo_id for r in space.hub.records if r.repo_id]
+    client.predict("tester/licensed-share", True, "cc-by-4.0", TOKEN, api_name="/push")
+    assert "license: cc-by-4.0" in space.hub.snapshot("tester/licensed-share")["README.md"].decode()
