@@ -42,6 +42,7 @@ __all__ = [
     "check_adapter_target",
     "foreign_adapter_content",
     "file_sha256",
+    "num_labels",
     "check_lora_config",
 ]
 
@@ -164,6 +165,20 @@ class Adapter:
 
     def scale(self, module: str) -> float:
         return module_scale(self.config, module, self.modules[module].rank)
+
+
+def num_labels(heads: Mapping[str, torch.Tensor]) -> Optional[int]:
+    """Outputs of a classifier head (the rows of its last layer), if the non-LoRA tensors hold one.
+
+    Example:
+        >>> num_labels({"base_model.model.classifier.out_proj.weight": torch.zeros(3, 8)})
+        3
+    """
+    for suffix in ("out_proj.weight", "classifier.weight", "score.weight"):
+        for key, tensor in sorted(heads.items()):
+            if key.endswith(suffix) and getattr(tensor, "ndim", 0) == 2:
+                return int(tensor.shape[0])
+    return None
 
 
 def file_sha256(path: str, *, chunk: int = 8 * 1024 * 1024) -> str:

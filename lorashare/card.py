@@ -11,15 +11,16 @@ import os
 import re
 from importlib import resources
 from string import Template
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from . import __version__
+from .checkpoint import SHAREConfig
 from .errors import ConfigError, LoraShareError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import SHAREModel
+from .fmt import k_range, md_cell, size
+from .hub import endpoint as hub_endpoint
+from .hub import parse_adapter_id
 
 __all__ = ["render_card", "card_metadata", "load_template", "check_license", "model_class", "pipeline_tag",
            "HUB_LICENSES", "TASK_MODEL_CLASSES", "INSTALL"]
@@ -129,22 +130,26 @@ def load_template(name: str = TEMPLATE) -> str:
     )
 
 
-def card_metadata(share: "SHAREModel", *, license: Optional[str] = None) -> Dict[str, Any]:
+def card_metadata(config: SHAREConfig, *, license: Optional[str] = None) -> Dict[str, Any]:
     """The card's YAML metadata as a dict.
 
     ``base_model`` (and the ``base_model:adapter:<id>`` tag PEFT's own cards carry) is only set
     when it is a Hub model id: the Hub rejects a card whose ``base_model`` is a local path.
     ``pipeline_tag`` is set when every adapter has the same PEFT task type.  A ``license`` that
     is not a Hub license id is a :class:`ConfigError`.
+
+    Example:
+        >>> card_metadata(SHAREConfig(base_model_name_or_path="roberta-base"))["base_model"]
+        'roberta-base'
     """
     meta: Dict[str, Any] = {"library_name": "lorashare"}
-    base = share.config.base_model_name_or_path
+    base = config.base_model_name_or_path
     tags = ["lora", "peft", "transformers", "share", "lorashare"]
     if _is_model_id(base):
         meta["base_model"] = base
         meta["base_model_relation"] = "adapter"
         tags.append(f"base_model:adapter:{base}")
-    tasks = {str(share.adapter_configs.get(n, {}).get("task_type") or "") for n in share.adapter_names}
+    tasks = {str(_info(config, n).get("task_type") or "") for n in config.adapter_names}
     tag = pipeline_tag(tasks.pop()) if len(tasks) == 1 else None  # mixed tasks: no single pipeline
     if tag:
         meta["pipeline_tag"] = tag
@@ -154,14 +159,9 @@ def card_metadata(share: "SHAREModel", *, license: Optional[str] = None) -> Dict
     return meta
 
 
-def _num_labels(share: "SHAREModel", name: str) -> Optional[int]:
-    """Outputs of ``name``'s classifier head (its last layer's rows), if it has one."""
-    heads = share.all_classifier_heads.get(name) or {}
-    for suffix in ("out_proj.weight", "classifier.weight", "score.weight"):
-        for key, tensor in sorted(heads.items()):
-            if key.endswith(suffix) and getattr(tensor, "ndim", 0) == 2:
-                return int(tensor.shape[0])
-    return None
+def _info(config: SHAREConfig, name: str) -> Dict[str, Any]:
+    info = config.adapters.get(name)
+    return info if isinstance(info, dict) else {}
 
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -174,8 +174,6 @@ def _is_model_id(name: Optional[str]) -> bool:
 
 def _source_cell(src: str, revision: Optional[str], endpoint: str) -> str:
     """A Hub source as a link to the exact revision and subfolder; a local one as its folder name."""
-    from .hub import parse_adapter_id
-
     if revision:  # only Hub sources have a resolved revision
         try:
             ref = parse_adapter_id(src)
@@ -183,68 +181,54 @@ def _source_cell(src: str, revision: Optional[str], endpoint: str) -> str:
             ref = None
         if ref is not None:
             sub = f"/{ref.subfolder}" if ref.subfolder else ""
-            return f"[{_cell(src)}]({endpoint}/{ref.repo_id}/tree/{revision}{sub})"
-    return _cell(os.path.basename(src.rstrip("/\\")) or src)
+            return f"[{md_cell(src)}]({endpoint}/{ref.repo_id}/tree/{revision}{sub})"
+    return md_cell(os.path.basename(src.rstrip("/\\")) or src)
 
 
-def _size(n: Optional[int]) -> str:
-    if not n:
-        return "?"
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_card(share: "SHAREModel", *, repo_id: Optional[str] = None, license: Optional[str] = None,
+def render_card(config: SHAREConfig, *, repo_id: Optional[str] = None, license: Optional[str] = None,
                 description: Optional[str] = None, endpoint: Optional[str] = None) -> str:
-    """Render README.md for ``share``.
+    """Render README.md for a checkpoint from its config alone (no tensor is needed).
 
-    ``repo_id``, ``license`` and ``description`` default to what ``push_to_hub`` recorded in
-    ``compression_stats["card"]``; links go to ``endpoint`` (default: the Hub, or ``HF_ENDPOINT``).
+    ``repo_id``, ``license`` and ``description`` default to ``config.card``; links go to
+    ``endpoint`` (default: the Hub, or ``HF_ENDPOINT``).
 
     Example:
-        >>> print(render_card(share, repo_id="acme/support-share"))  # doctest: +SKIP
+        >>> print(render_card(share.config, repo_id="acme/support-share"))  # doctest: +SKIP
     """
-    from .hub import endpoint as hub_endpoint
-
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
-    cfg, st = share.config, share.config.compression_stats or {}
-    card_opts = st.get("card", {}) if isinstance(st.get("card"), dict) else {}
-    repo_id = repo_id or card_opts.get("repo_id")
-    license = license or card_opts.get("license")
-    description = description or card_opts.get("description") or ""
+    cfg, st = config, config.compression_stats or {}
+    repo_id = repo_id or cfg.card.repo_id
+    license = license or cfg.card.license
+    description = description or cfg.card.description or ""
     rows: List[str] = []
-    for name in share.adapter_names:
-        info = cfg.adapters.get(name, {})
-        src = str(info.get("source") or share.adapter_sources.get(name, "") or "local")
+    for name in cfg.adapter_names:
+        info = _info(cfg, name)
+        src = str(info.get("source") or "local")
         rev = info.get("revision")
-        src_cell = _source_cell(src, rev, endpoint)
-        errs = list(share.delta_w_errors.get(name, {}).values())
-        err = f"{sum(errs) / len(errs):.4f} / {max(errs):.4f}" if errs else "–"
-        rows.append(f"| {_cell(name)} | {src_cell} | {str(rev)[:10] if rev else '–'} | {info.get('rank', cfg.lora_rank)} | {err} |")
-    ks = sorted(set(cfg.k_per_group.values())) or [cfg.num_components]
+        mean, worst = info.get("delta_w_error_mean"), info.get("delta_w_error_max")
+        err = f"{mean:.4f} / {worst:.4f}" if mean is not None and worst is not None else "–"
+        rows.append(f"| {md_cell(name)} | {_source_cell(src, rev, endpoint)} | {str(rev)[:10] if rev else '–'} | "
+                    f"{info.get('rank', cfg.lora_rank)} | {err} |")
     base = cfg.base_model_name_or_path or "unknown"
-    first = share.adapter_names[0] if share.adapter_names else None
-    task = str(share.adapter_configs.get(first, {}).get("task_type") or "") if first else ""
-    labels = _num_labels(share, first) if first else None
+    first = cfg.adapter_names[0] if cfg.adapter_names else None
+    task = str(_info(cfg, first).get("task_type") or "") if first else ""
+    labels = _info(cfg, first).get("num_labels") if first else None
     values = {
-        "metadata": yaml.safe_dump(card_metadata(share, license=license), sort_keys=False).strip(),
+        "metadata": yaml.safe_dump(card_metadata(cfg, license=license), sort_keys=False).strip(),
         "title": f"SHARE checkpoint: {repo_id.split('/')[-1]}" if repo_id else "SHARE checkpoint",
         "description": description,
         "num_adapters": cfg.num_adapters,
         "base_model": base,
         "base_model_url": f"{endpoint}/{base}" if _is_model_id(cfg.base_model_name_or_path) else "#",
         "adapter_rows": "\n".join(rows),
-        "original": _size(st.get("original_lora_bytes")),
-        "compressed": _size(st.get("compressed_bytes")),
+        "original": size(st.get("original_lora_bytes")),
+        "compressed": size(st.get("compressed_bytes")),
         "ratio": f"{st['compression_ratio']:.2f}×" if st.get("compression_ratio") else "?",
         "ratio_marginal": f"{st['compression_ratio_excluding_basis']:.2f}×" if st.get("compression_ratio_excluding_basis") else "?",
-        "k_range": f"{ks[0]}" + (f"–{ks[-1]}" if len(ks) > 1 else ""),
+        "k_range": k_range(cfg.k_per_group, cfg.num_components),
         "selection": cfg.component_selection,
         "dtype": cfg.dtype,
-        "heads": _size(st.get("heads_bytes")) if st.get("heads_bytes") else "none",
+        "heads": size(st.get("heads_bytes"), missing="none"),
         "repo_id": repo_id or "path/to/share_checkpoint",
         "first_adapter": first or "adapter",
         "install": INSTALL,

@@ -35,15 +35,18 @@ from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .jsonfile import loads as json_loads
 from .loraconfig import check_lora_config
 from .names import check_name, is_within
-from .storage import DTYPES
+from .storage import NF4_BLOCK, QUANTIZED, SCALE_SUFFIX, SCHEMES, Stored, is_quantized, quantize
 from .tensorfile import TensorFile, save_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "SHAREConfig", "CheckpointData", "read_config", "load_checkpoint", "save_checkpoint", "checkpoint_files",
+__all__ = ["FORMAT_VERSION", "CardData", "SHAREConfig", "CheckpointData", "read_config", "load_checkpoint", "save_checkpoint", "checkpoint_files",
            "check_checkpoint_target", "foreign_content"]
 
-FORMAT_VERSION = 1
+#: The newest format this lorashare reads.  It writes 1 for float storage (which lorashare 0.2.0 reads
+#: too) and 2 only for quantized storage, which older readers must refuse rather than misread.
+FORMAT_VERSION = 2
+QUANTIZED_FORMAT_VERSION = 2
 CONFIG_FILE = "share_config.json"
 COMPONENTS_FILE = "shared_components.safetensors"
 LOADINGS_FILE = "loadings.safetensors"
@@ -51,6 +54,20 @@ HEAD_FILE = "classifier_head.safetensors"
 META_FILE = "adapter_meta.json"
 CARD_FILE = "README.md"
 _MAX_JSON = 64 * 1024 * 1024
+
+
+@dataclass
+class CardData:
+    """The model card's own options; everything else on the card is derived from the config.
+
+    Example:
+        >>> CardData(repo_id="acme/support-share", license="apache-2.0")
+        CardData(repo_id='acme/support-share', license='apache-2.0', description=None)
+    """
+
+    repo_id: Optional[str] = None  # the card's title and usage snippet name it
+    license: Optional[str] = None  # a Hub license id (lorashare.card.check_license)
+    description: Optional[str] = None
 
 
 @dataclass
@@ -78,6 +95,9 @@ class SHAREConfig:
     k_per_group: Dict[str, int] = field(default_factory=dict)
     adapters: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     files: Dict[str, str] = field(default_factory=dict)
+    # format v2: how quantized bases and loadings are laid out (None: floats, in ``dtype``)
+    storage: Optional[Dict[str, Any]] = None
+    card: CardData = field(default_factory=CardData)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,7 +108,16 @@ class SHAREConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             logger.debug("share_config.json: ignoring unknown keys %s", unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        stats = values.get("compression_stats")
+        card = values.get("card")
+        if card is None and isinstance(stats, dict) and isinstance(stats.get("card"), dict):
+            # written by 0.2.0 before the card had its own field
+            values["compression_stats"] = {k: v for k, v in stats.items() if k != "card"}
+            card = stats["card"]
+        values["card"] = CardData(**{k: card.get(k) for k in ("repo_id", "license", "description")}) \
+            if isinstance(card, dict) else CardData()
+        return cls(**values)
 
     def save(self, output_dir: str) -> None:
         """Write ``share_config.json`` into ``output_dir`` (0.1.x API)."""
@@ -104,13 +133,20 @@ class SHAREConfig:
 
 @dataclass
 class CheckpointData:
-    """A checkpoint in memory (the parts that were read)."""
+    """A checkpoint in memory (the parts that were read).
+
+    With quantized storage, ``components`` and ``loadings`` are the dequantized floats and
+    ``stored_components`` / ``stored_loadings`` the codes and scales as on disk: a save
+    writes those unchanged (bit-identical), and quantizes only what has none.
+    """
 
     config: SHAREConfig
     components: Dict[str, torch.Tensor]
     loadings: Dict[str, Dict[str, torch.Tensor]]
     heads: Dict[str, Dict[str, torch.Tensor]]
     metas: Dict[str, Dict[str, Any]]
+    stored_components: Dict[str, Stored] = field(default_factory=dict)
+    stored_loadings: Dict[str, Dict[str, Stored]] = field(default_factory=dict)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -229,13 +265,21 @@ _CONFIG_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "layer_keys": (_str_list, "a list of module names"),
     "compression_stats": (lambda v: isinstance(v, dict), "an object"),
     "lorashare_version": (_is_str, "a string"),
-    "dtype": (lambda v: isinstance(v, str) and v in DTYPES, f"one of {sorted(DTYPES)}"),
+    "dtype": (lambda v: isinstance(v, str) and v in SCHEMES, f"one of {', '.join(SCHEMES)}"),
+    "storage": (lambda v: v is None or (isinstance(v, dict) and set(v) == {"bases", "loadings", "block_size", "layout"}
+                                        and v["bases"] in QUANTIZED and v["loadings"] in QUANTIZED
+                                        and v["block_size"] == NF4_BLOCK and v["layout"] == "component-major"),
+                f'null or {{"bases": int8|nf4, "loadings": int8|nf4, "block_size": {NF4_BLOCK}, '
+                '"layout": "component-major"}'),
     "budget_bytes": (_opt(lambda v: _is_int(v, 1)), "a positive integer or null"),
     "requested_components": (lambda v: v is None or v == "auto" or _is_int(v, 1), "an integer ≥ 1, 'auto' or null"),
     "k_per_group": (_str_map(_is_int), 'an object {"<module>:<A|B>": k}'),
     "adapters": (_str_map(lambda v: isinstance(v, dict)), "an object {adapter name: {...}}"),
     "files": (_str_map(lambda v: isinstance(v, str) and bool(_SHA256.match(v))),
               'an object {"<relative path>": "<64 hex digits of sha256>"}'),
+    "card": (lambda v: isinstance(v, dict) and set(v) <= {"repo_id", "license", "description"}
+             and all(_opt(_is_str)(x) for x in v.values()),
+             "an object of strings or nulls: repo_id, license, description"),
 }
 
 #: compression_stats: numbers that summary(), the card, the CLI and the Space format.
@@ -263,6 +307,8 @@ _ADAPTER_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "lora_bytes": (_opt(_is_int), "an integer ≥ 0 or null"),
     "delta_w_error_mean": (_opt(_is_finite), "a number or null"),
     "delta_w_error_max": (_opt(_is_finite), "a number or null"),
+    "task_type": (_opt(_is_str), "a PEFT task type (e.g. SEQ_CLS) or null"),
+    "num_labels": (_opt(lambda v: _is_int(v, 1)), "an integer ≥ 1 or null"),
 }
 
 #: adapter_meta.json (the adapter's original config is checked by adapters.py's own check).
@@ -314,6 +360,7 @@ def _check_format_version(data: Mapping[str, Any], path: str) -> None:
 def _checked_config(data: Dict[str, Any], path: str) -> Dict[str, Any]:
     """``data`` with every known field checked; 0.1.x's loose values normalised (null → "", a string → [it])."""
     _check_fields(data, _CONFIG_FIELDS, path)
+    _check_storage(data, path)
     data = dict(data)
     if data.get("base_model_name_or_path", "") is None:
         data["base_model_name_or_path"] = ""
@@ -343,6 +390,20 @@ def _checked_config(data: Dict[str, Any], path: str) -> Dict[str, Any]:
     if card is not None and not (isinstance(card, dict) and all(_opt(_is_str)(v) for v in card.values())):
         raise _bad(path, "compression_stats.card", card, "an object of strings (repo_id, license, description)")
     return data
+
+
+def _check_storage(data: Mapping[str, Any], path: str) -> None:
+    """Quantized storage needs format 2, its ``storage`` layout and a k for every group; floats have none."""
+    quantized = is_quantized(data.get("dtype", "float32"))
+    storage = data.get("storage")
+    if quantized != (storage is not None):
+        raise _bad(path, "storage", storage, f"a layout object for dtype {data.get('dtype')!r}" if quantized else
+                   f"null for dtype {data.get('dtype', 'float32')!r} (only int8 and nf4 have a layout)")
+    if quantized and data.get("format_version") != QUANTIZED_FORMAT_VERSION:
+        raise _bad(path, "format_version", data.get("format_version"),
+                   f"{QUANTIZED_FORMAT_VERSION} with dtype {data['dtype']!r} (older readers must refuse quantized files)")
+    if quantized and storage["bases"] != data["dtype"] and storage["loadings"] != data["dtype"]:
+        raise _bad(path, "storage", storage, f"bases or loadings in dtype {data['dtype']!r}")
 
 
 def _checked_meta(meta: Any, name: str, path: str) -> Dict[str, Any]:
@@ -451,10 +512,17 @@ def load_checkpoint(
                     path=os.path.join(folder, *rel.split("/")),
                 )
     components = _read_tensors(folder, COMPONENTS_FILE, cfg, verify, jail)
+    stored_components: Dict[str, Stored] = {}
+    stored_loadings: Dict[str, Dict[str, Stored]] = {}
+    if cfg.storage is not None:
+        components, stored_components = _decode(components, cfg.storage["bases"], cfg, folder, COMPONENTS_FILE, None)
     loadings, heads, metas = {}, {}, {}
     for n in names:
         base = f"adapters/{n}"
         loadings[n] = _read_tensors(folder, f"{base}/{LOADINGS_FILE}", cfg, verify, jail)
+        if cfg.storage is not None:
+            loadings[n], stored_loadings[n] = _decode(loadings[n], cfg.storage["loadings"], cfg, folder,
+                                                      f"{base}/{LOADINGS_FILE}", n)
         if os.path.exists(_inside(folder, f"{base}/{HEAD_FILE}", jail)) or f"{base}/{HEAD_FILE}" in cfg.files:
             heads[n] = _read_tensors(folder, f"{base}/{HEAD_FILE}", cfg, verify, jail)
         meta_path = _inside(folder, f"{base}/{META_FILE}", jail)
@@ -467,7 +535,53 @@ def load_checkpoint(
     if verify and CARD_FILE in cfg.files and os.path.isfile(card):
         _verify(folder, CARD_FILE, cfg, card)  # the card is not used here, but a tampered one is reported
     _check_shapes(folder, components, loadings)
-    return CheckpointData(cfg, components, loadings, heads, metas)
+    return CheckpointData(cfg, components, loadings, heads, metas, stored_components, stored_loadings)
+
+
+def _decode(raw: Mapping[str, torch.Tensor], scheme: str, cfg: SHAREConfig, folder: str, rel: str,
+            adapter: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Stored]]:
+    """A quantized file's codes and scales, checked tensor by tensor: ``(dequantized floats, stored forms)``.
+
+    The basis file holds ``Uᵀ`` (k × d), a loadings file ``L`` (k × r); k comes from ``k_per_group``,
+    so a file that disagrees with the config is refused before any byte is decoded.
+    """
+    def fail(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{rel} in {folder}: {key!r} {why}. {_FIX}", adapter=adapter,
+                               path=os.path.join(folder, *rel.split("/")), layer=key)
+
+    floats: Dict[str, torch.Tensor] = {}
+    stored: Dict[str, Stored] = {}
+    for key in raw:
+        if key.endswith(SCALE_SUFFIX):
+            if key[: -len(SCALE_SUFFIX)] not in raw:
+                raise fail(key, "is a scale without its codes")
+            continue
+        codes, scale = raw[key], raw.get(key + SCALE_SUFFIX)
+        k = cfg.k_per_group.get(key)
+        if not _is_int(k, 1):
+            raise fail(key, "has no k in share_config.json's k_per_group (expected one for every stored tensor)")
+        if scale is None:
+            raise fail(key, f"has no scales ({key + SCALE_SUFFIX!r} is missing)")
+        want_codes = torch.int8 if scheme == "int8" else torch.uint8
+        rows = k if scheme == "int8" else -(-k // 2)
+        if codes.dtype != want_codes or codes.dim() != 2 or codes.shape[0] != rows:
+            raise fail(key, f"is {tuple(codes.shape)} {codes.dtype}; {scheme} codes are ({rows}, c) {want_codes} "
+                            f"for k = {k}")
+        c = int(codes.shape[1])
+        nscale = k if scheme == "int8" else -(-k * c // NF4_BLOCK)
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (nscale,):
+            raise fail(key + SCALE_SUFFIX, f"is {tuple(scale.shape)} {scale.dtype}; expected ({nscale},) float32 scales "
+                                           f"for {scheme} codes ({rows}, {c})")
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise fail(key + SCALE_SUFFIX, "holds a negative, NaN or infinite scale")
+        if scheme == "int8" and bool((codes == -128).any()):
+            raise fail(key, "holds the code -128; int8 codes are symmetric, in [-127, 127]")
+        if scheme == "nf4" and k % 2 and bool(((codes[-1] & 0xF) != 7).any()):
+            raise fail(key, "has padding codes other than 0.0 (code 7) in the low nibbles of its last row (k is odd)")
+        st = Stored(scheme, (k, c), codes, scale, transposed=adapter is None)
+        stored[key] = st
+        floats[key] = st.dequantize()
+    return floats, stored
 
 
 def _legacy_config(folder: str, cfg: SHAREConfig, jail: Optional[str]) -> SHAREConfig:
@@ -596,17 +710,23 @@ def save_checkpoint(
     check_checkpoint_target(folder, inputs=inputs, overwrite=overwrite)
     cfg = data.config
     payload: Dict[str, bytes] = {}
-    payload[COMPONENTS_FILE] = save_bytes(data.components, {"format": "pt"})  # one key: Rust writes a map in random order
+    quantized = is_quantized(cfg.dtype)
+    cfg.storage = {"bases": cfg.dtype, "loadings": cfg.dtype, "block_size": NF4_BLOCK,
+                   "layout": "component-major"} if quantized else None
+    payload[COMPONENTS_FILE] = save_bytes(  # one key: Rust writes a map in random order
+        _encode(data.components, data.stored_components, cfg.storage and cfg.storage["bases"], True), {"format": "pt"})
     for name in cfg.adapter_names:
         check_name(name)
         base = f"adapters/{name}"
-        payload[f"{base}/{LOADINGS_FILE}"] = save_bytes(data.loadings[name], {"format": "pt"})
+        payload[f"{base}/{LOADINGS_FILE}"] = save_bytes(
+            _encode(data.loadings[name], data.stored_loadings.get(name, {}), cfg.storage and cfg.storage["loadings"],
+                    False), {"format": "pt"})
         if data.heads.get(name):
             payload[f"{base}/{HEAD_FILE}"] = save_bytes(data.heads[name], {"format": "pt"})
         payload[f"{base}/{META_FILE}"] = json.dumps(data.metas.get(name, {}), indent=2, sort_keys=True).encode()
     if card is not None:
         payload[CARD_FILE] = card.encode("utf-8")
-    cfg.format_version = FORMAT_VERSION
+    cfg.format_version = QUANTIZED_FORMAT_VERSION if quantized else 1
     cfg.files = {rel: hashlib.sha256(b).hexdigest() for rel, b in sorted(payload.items())}
     payload[CONFIG_FILE] = json.dumps(cfg.to_dict(), indent=2).encode()
     with atomic_folder(folder, what="SHARE checkpoint", replaceable=foreign_content, inputs=inputs,
@@ -616,3 +736,18 @@ def save_checkpoint(
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(blob)
+
+
+def _encode(tensors: Mapping[str, torch.Tensor], stored: Mapping[str, Stored], scheme: Optional[str],
+            transposed: bool) -> Dict[str, torch.Tensor]:
+    """What a file holds: the tensors as they are for floats; codes and scales for a quantized scheme,
+    the given stored form where there is one (never re-quantized), else quantized now."""
+    if scheme is None:
+        return dict(tensors)
+    out: Dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        st = stored.get(key)
+        if st is None or st.scheme != scheme:
+            st = quantize(t, scheme, transposed=transposed)
+        out.update(st.tensors(key))
+    return out

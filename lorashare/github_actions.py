@@ -6,9 +6,10 @@ import os
 from typing import IO, Any, List, Mapping, Optional, Sequence
 
 from . import hub
+from .fmt import k_range, md_cell, size
 from .sync_plan import AdapterPlan, Plan
 
-__all__ = ["Reporter", "summary_markdown", "md_cell"]
+__all__ = ["Reporter", "summary_markdown"]
 
 
 def _escape_data(text: str) -> str:
@@ -83,16 +84,6 @@ class Reporter:
             f.write(self.redact(markdown).rstrip("\n") + "\n")
 
 
-def md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ").replace("`", "'")
-
-
-def _size(n: Any) -> str:
-    if not n:
-        return "–"
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 def _fp_label(a: AdapterPlan) -> str:
     fp = a.fingerprint or a.previous
     if not fp:
@@ -118,10 +109,9 @@ def summary_markdown(result: Any, plan: Plan, share: Any, published: Any) -> str
     lines += ["| | |", "|---|---|", f"| Action | `{plan.action}` |", f"| Adapters | {len(r.adapters)} |"]
     if st.get("compression_ratio"):
         lines.append(f"| Compression ratio | {st['compression_ratio']:.2f}× (bases counted) |")
-        lines.append(f"| Original LoRA → compressed | {_size(st.get('original_lora_bytes'))} → {_size(st.get('compressed_bytes'))} |")
+        lines.append(f"| Original LoRA → compressed | {size(st.get('original_lora_bytes'))} → {size(st.get('compressed_bytes'))} |")
     if cfg is not None and getattr(cfg, "k_per_group", None):
-        ks = sorted(set(cfg.k_per_group.values()))
-        k = f"{ks[0]}" + (f"–{ks[-1]}" if len(ks) > 1 else "")
+        k = k_range(cfg.k_per_group)
         lines.append(f"| k per module/side | {k} ({cfg.component_selection}, {cfg.dtype}) |")
     if st.get("delta_w_rel_error_mean") is not None:
         lines.append(f"| ΔW relative error | mean {st['delta_w_rel_error_mean']:.4f}, max {st['delta_w_rel_error_max']:.4f} |")

@@ -10,7 +10,7 @@ The manifest, ``lorashare.yaml``, lives in the repository that holds (or names) 
       num_components: auto                     # an integer ≥ 1 (k per module and side) or "auto" (default)
       variance_threshold: 0.95                 # (0, 1]: energy kept with "auto", and the projection
                                                # threshold when an adapter is added (default 0.95)
-      dtype: float32                           # float32 (default), float16 or bfloat16
+      dtype: float32                           # float32 (default), float16, bfloat16, int8 or nf4
       budget_bytes: 50000000                   # optional byte budget for bases + loadings (k chosen per module)
     adapters:                                  # required: at least 2; name → source
       billing: adapters/billing                # a folder in this repository, relative to the manifest's folder
@@ -44,8 +44,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from . import hub
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
+from .card import check_license
 from .errors import ConfigError, HubError, LoraShareError
 from .names import check_name, is_within
+from .storage import SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ __all__ = [
 
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DTYPE_NAMES = SCHEMES
 TOP_KEYS = ("version", "repo_id", "private", "compression", "adapters", "card")
 COMPRESSION_KEYS = ("num_components", "variance_threshold", "dtype", "budget_bytes")
 CARD_KEYS = ("license", "description")
@@ -379,9 +381,10 @@ def _card(walker: _Walker, node: Any) -> CardOptions:
     if "license" in items:
         item = items["license"][1]
         lic = walker.string(item, "card.license")
-        if len(lic) > 100 or any(c.isspace() for c in lic):
-            raise walker.error(item, "card.license", f"expected a license id such as apache-2.0 or mit, got {lic[:40]!r}")
-        values["license"] = lic
+        try:
+            values["license"] = check_license(lic)
+        except ConfigError as exc:
+            raise walker.error(item, "card.license", str(exc)) from None
     if "description" in items:
         item = items["description"][1]
         desc = walker.string(item, "card.description", allow_empty=True)

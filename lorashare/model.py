@@ -7,6 +7,7 @@ and loading many adapters into one ``PeftModel``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,11 +24,13 @@ from .adapters import (
     Adapter,
     check_compatible,
     lora_key,
+    num_labels,
     open_adapter,
     open_adapters,
     parse_lora_key,
     write_peft_adapter,
 )
+from .card import check_license, render_card
 from .checkpoint import (
     CheckpointData,
     SHAREConfig,
@@ -52,7 +55,8 @@ from .errors import (
     LoraShareError,
     UnknownAdapterError,
 )
-from .storage import DTYPES, bytes_per_value
+from .fmt import k_range, size
+from .storage import DTYPES, Stored, bytes_per_value, is_quantized, quantize, stored_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +90,9 @@ class AdapterRecord:
     lora_bytes: Optional[int] = None
     errors: Dict[str, float] = field(default_factory=dict)
     lora_keys: Dict[str, str] = field(default_factory=dict)
+    #: Quantized storage: each loading's codes and scales, with the float tensor they decode to.
+    #: A save writes them unchanged while ``loadings[key]`` is still that tensor.
+    stored: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -96,6 +103,7 @@ class AdapterRecord:
         out: Dict[str, Any] = {
             "source": self.source, "revision": self.revision, "sha256": self.sha256, "rank": self.rank,
             "lora_alpha": self.config.get("lora_alpha"), "lora_bytes": self.lora_bytes,
+            "task_type": self.config.get("task_type"), "num_labels": num_labels(self.heads),
         }
         if self.errors:
             out["delta_w_error_mean"] = sum(self.errors.values()) / len(self.errors)
@@ -141,6 +149,8 @@ class SHAREModel:
                 source=sources.get(n) or info.get("source") or "", revision=info.get("revision"),
                 sha256=info.get("sha256"), lora_bytes=info.get("lora_bytes"),
             )
+        #: Quantized storage: each basis's stored form, with the float tensor it decodes to.
+        self._stored_components: Dict[str, Any] = {}
         # Folders the data was read from: saves never replace them or their ancestors.
         self._input_folders: List[str] = []
         self._loaded_from: Optional[str] = None
@@ -299,14 +309,20 @@ class SHAREModel:
         loadings: Dict[str, Dict[str, torch.Tensor]] = {a.name: {} for a in opened}
         errors: Dict[str, Dict[str, float]] = {a.name: {} for a in opened}
         explained: Dict[str, float] = {}
+        stored_components: Dict[str, Any] = {}
+        stored_loadings: Dict[str, Dict[str, Any]] = {a.name: {} for a in opened}
         for res in results:
             p = res.plan
             for side in "AB":
                 key = group_key(p.module, side)
                 components[key] = res.basis[side]
                 explained[key] = res.explained[side]
-                for idx, L in zip(p.members, res.loadings[side]):
+                if side in res.stored_basis:
+                    stored_components[key] = (res.basis[side], res.stored_basis[side])
+                for j, (idx, L) in enumerate(zip(p.members, res.loadings[side])):
                     loadings[opened[idx].name][key] = L
+                    if side in res.stored_loadings:
+                        stored_loadings[opened[idx].name][key] = (L, res.stored_loadings[side][j])
             for idx, e in zip(p.members, res.rel_error):
                 errors[opened[idx].name][p.module] = e
         ref = opened[0]
@@ -332,6 +348,8 @@ class SHAREModel:
         model = cls(config=cfg, components=components, all_loadings={}, adapter_configs={})
         for a, sha in zip(opened, fingerprints):
             model.records[a.name] = _record(a, loadings[a.name], heads.get(a.name) or {}, errors[a.name], sha)
+            model.records[a.name].stored = stored_loadings[a.name]
+        model._stored_components = stored_components
         model._input_folders = [a.folder for a in opened]
         model._refresh_stats(explained)
         return model
@@ -380,8 +398,10 @@ class SHAREModel:
             all_classifier_heads=data.heads,
             adapter_sources={n: m.get("original_adapter_path") or "" for n, m in data.metas.items()},
         )
+        model._stored_components = {k: (data.components[k], st) for k, st in data.stored_components.items()}
         for n, m in data.metas.items():
             rec = model.records[n]
+            rec.stored = {k: (data.loadings[n][k], st) for k, st in data.stored_loadings.get(n, {}).items()}
             rec.errors = dict(m.get("delta_w_error") or {})
             rec.lora_keys = _meta_lora_keys(n, m, data.loadings.get(n, {}))
         # A partial load keeps only the named adapters.
@@ -404,7 +424,11 @@ class SHAREModel:
                 metas[n]["lora_keys"] = dict(sorted(rec.lora_keys.items()))
         used = {k for rec in self.records.values() for k in rec.loadings}
         components = {k: v for k, v in self.components.items() if k in used}
-        return CheckpointData(self.config, components, dict(self.all_loadings), dict(self.all_classifier_heads), metas)
+        return CheckpointData(
+            self.config, components, dict(self.all_loadings), dict(self.all_classifier_heads), metas,
+            stored_components=_still_stored(components, self._stored_components),
+            stored_loadings={n: _still_stored(r.loadings, r.stored) for n, r in self.records.items()},
+        )
 
     def save_pretrained(self, output_dir: Union[str, os.PathLike], *, card: bool = True, overwrite: bool = False) -> None:
         """Write the checkpoint (and its model card, README.md) atomically.
@@ -423,9 +447,7 @@ class SHAREModel:
         check_checkpoint_target(output_dir, inputs=inputs, overwrite=overwrite)
         text = None
         if card:
-            from .card import render_card
-
-            text = render_card(self)
+            text = render_card(self.config)
         save_checkpoint(output_dir, self._to_data(), card=text, inputs=inputs, overwrite=overwrite)
 
     def push_to_hub(
@@ -454,10 +476,8 @@ class SHAREModel:
         from . import hub
 
         hub.check_repo_id(repo_id)
-        card = self.config.compression_stats.setdefault("card", {})
-        card["repo_id"] = repo_id  # the card's title and usage snippet name the repo
-        if license:
-            card["license"] = license
+        license = check_license(license) if license else self.config.card.license  # before anything changes
+        self.config.card = dataclasses.replace(self.config.card, repo_id=repo_id, license=license)
         with tempfile.TemporaryDirectory(prefix="lorashare-push-") as tmp:
             folder = os.path.join(tmp, "ckpt")
             self.save_pretrained(folder)
@@ -602,8 +622,11 @@ class SHAREModel:
     def _refresh_stats(self, explained: Optional[Dict[str, float]] = None) -> None:
         cfg = self.config
         elem = lambda t: t.numel() * t.element_size()  # noqa: E731
-        shared = sum(elem(U) for U in self.components.values())
-        per_adapter = {n: sum(elem(L) for L in r.loadings.values()) for n, r in self.records.items()}
+        # What the files hold: codes and scales for quantized storage (bases are stored k × d)
+        store = (lambda t, basis: stored_nbytes(cfg.dtype, *((t.shape[1], t.shape[0]) if basis else t.shape))) \
+            if is_quantized(cfg.dtype) else (lambda t, basis: elem(t))
+        shared = sum(store(U, True) for U in self.components.values())
+        per_adapter = {n: sum(store(L, False) for L in r.loadings.values()) for n, r in self.records.items()}
         loadings = sum(per_adapter.values())
         original = sum(int(r.lora_bytes or 0) for r in self.records.values())
         heads = sum(elem(t) for r in self.records.values() for t in r.heads.values())
@@ -611,7 +634,7 @@ class SHAREModel:
         old = cfg.compression_stats or {}
         explained = explained if explained is not None else old.get("per_layer_explained_variance", {})
         ev = list(explained.values())
-        params = lambda b: b // bytes_per_value(cfg.dtype)  # noqa: E731
+        params = lambda b: int(b // bytes_per_value(cfg.dtype))  # noqa: E731
         stats = {
             # 0.1.x keys (parameter counts)
             "original_total_params": original // 4 if original else 0,
@@ -633,8 +656,6 @@ class SHAREModel:
             "delta_w_rel_error_max": max(errs) if errs else None,
             "largest_saving_k": self._largest_saving_k() if original else None,
         }
-        if "card" in old:
-            stats["card"] = old["card"]
         cfg.compression_stats = stats
         cfg.adapters = {n: r.info() for n, r in self.records.items()}
         cfg.num_adapters = len(self.records)
@@ -686,7 +707,6 @@ class SHAREModel:
         adapter and is *not* the compression ratio.
         """
         cfg, st = self.config, self.config.compression_stats
-        ks = sorted(set(cfg.k_per_group.values())) or [cfg.num_components]
         rule = "=" * 60
         lines = [
             rule,
@@ -695,12 +715,12 @@ class SHAREModel:
             f"  base model          {cfg.base_model_name_or_path or '?'}",
             f"  adapters            {cfg.num_adapters}: {', '.join(cfg.adapter_names)}",
             f"  modules             {len(cfg.layer_keys)} ({', '.join(cfg.target_modules)})",
-            f"  k per module/side   {ks[0]}" + (f"–{ks[-1]}" if len(ks) > 1 else "") + f" ({cfg.component_selection}, {cfg.dtype})",
+            f"  k per module/side   {k_range(cfg.k_per_group, cfg.num_components)} ({cfg.component_selection}, {cfg.dtype})",
         ]
         if st.get("original_lora_bytes"):
             lines += [
-                f"  original LoRA       {_mb(st['original_lora_bytes'])}",
-                f"  compressed          {_mb(st['compressed_bytes'])} = bases {_mb(st['shared_bytes'])} + loadings {_mb(st['loadings_bytes'])}",
+                f"  original LoRA       {size(st['original_lora_bytes'])}",
+                f"  compressed          {size(st['compressed_bytes'])} = bases {size(st['shared_bytes'])} + loadings {size(st['loadings_bytes'])}",
                 f"  compression ratio   {st['compression_ratio']:.2f}x (bases counted)",
                 f"  excluding bases     {st['compression_ratio_excluding_basis']:.2f}x (marginal cost per adapter, not the ratio)",
             ]
@@ -834,17 +854,24 @@ class SHAREModel:
     def _project_in(self, a: Adapter) -> None:
         check_compatible([self._ref_adapter_stub(), a]) if self.config.base_model_name_or_path else None
         dtype = DTYPES.get(self.config.dtype, torch.float32)
-        loads, errs = {}, {}
+        loads, errs, stored = {}, {}, {}
         for m in a.modules:
             A, B = a.read_factor(m, "A").float(), a.read_factor(m, "B").float()
             ka, kb = group_key(m, "A"), group_key(m, "B")
             UA, UB = self.components[ka].float(), self.components[kb].float()
-            LA, LB = (UA.T @ A.T).to(dtype), (UB.T @ B).to(dtype)
+            LA, LB = UA.T @ A.T, UB.T @ B
+            if is_quantized(self.config.dtype):
+                sa, sb = quantize(LA, self.config.dtype), quantize(LB, self.config.dtype)
+                LA, LB = sa.dequantize(), sb.dequantize()
+                stored[ka], stored[kb] = (LA, sa), (LB, sb)
+            else:
+                LA, LB = LA.to(dtype), LB.to(dtype)
             check_storable(m, self.config.dtype, [(a.name, LA), (a.name, LB)])
             loads[ka], loads[kb] = LA, LB
             err, orig = S.delta_w_error(A, B, S.reconstruct_rows(UA, LA), S.reconstruct_rows(UB, LB).T)
             errs[m] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
         self.records[a.name] = _record(a, loads, a.read_heads() if a.head_keys else {}, errs, a.sha256())
+        self.records[a.name].stored = stored
         self._input_folders.append(a.folder)
         self._refresh_stats()
 
@@ -877,12 +904,11 @@ class SHAREModel:
         for n, old in self.records.items():
             new = rebuilt.records[n]
             new.source, new.revision, new.sha256, new.lora_bytes = old.source, old.revision, old.sha256, old.lora_bytes
-        card = self.config.compression_stats.get("card")
+        rebuilt.config.card = self.config.card
         self.config, self.components, self.records = rebuilt.config, rebuilt.components, rebuilt.records
+        self._stored_components = rebuilt._stored_components
         if extra is not None:
             self._input_folders.append(extra.folder)
-        if card:
-            self.config.compression_stats["card"] = card
         self._refresh_stats()
 
     def _best_copy(self, name: str, tmp: str, original: Optional[str] = None, token: Optional[str] = None) -> Adapter:
@@ -923,8 +949,10 @@ class SHAREModel:
 
         Returns a :class:`lorashare.serve.ServedModel`: the base model's API plus
         ``adapter_names=[...]`` (one per row, ``"__base__"`` for none) in ``forward`` and
-        ``generate``, ``set_adapter`` and ``refresh``.  It adds only the shared bases and the
-        loadings to the base model, which is changed in place (``unload()`` restores it).
+        ``generate``, ``set_adapter`` and ``refresh``.  It adds only the shared bases, the
+        loadings and the heads to the base model, which is changed in place (``unload()``
+        restores it).  Adapters added to or removed from this ``SHAREModel`` later are picked
+        up on the next call; the served model does not keep it alive.
 
         Example:
             >>> model = share.serve(base_model)  # doctest: +SKIP
@@ -974,6 +1002,11 @@ def _record(a: Adapter, loadings: Dict[str, torch.Tensor], heads: Dict[str, torc
         loadings=loadings, config=dict(a.config), heads=heads, source=a.source, revision=a.revision, sha256=sha256,
         lora_bytes=_lora_bytes(a), errors=errors, lora_keys=_own_keys(a),
     )
+
+
+def _still_stored(floats: Mapping[str, torch.Tensor], pairs: Mapping[str, Any]) -> Dict[str, Stored]:
+    """The stored forms whose float tensor is still the one in ``floats`` (a replaced one is quantized anew)."""
+    return {k: st for k, (t, st) in pairs.items() if floats.get(k) is t}
 
 
 def _lora_bytes(a: Adapter) -> int:
@@ -1045,7 +1078,3 @@ def _delta_w_errors(original: Mapping[str, torch.Tensor], rebuilt: Mapping[str, 
         err, orig = S.delta_w_error(f["A"], f["B"], fr[m]["A"], fr[m]["B"])
         per[m] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
     return per
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

@@ -45,10 +45,21 @@ from huggingface_hub.utils import disable_progress_bars
 
 from . import hub
 from .errors import ConfigError, LoraShareError
-from .github_actions import Reporter, md_cell, summary_markdown
+from .fmt import md_cell
+from .github_actions import Reporter, summary_markdown
 from .manifest import (  # noqa: F401 - re-exported: lorashare.sync was the manifest's home
-    CARD_KEYS, COMPRESSION_KEYS, MAX_MANIFEST_BYTES, TOP_KEYS, AdapterSource, CardOptions, Compression, Manifest,
-    ManifestError, load_manifest, parse_manifest, workspace_root,
+    CARD_KEYS,
+    COMPRESSION_KEYS,
+    MAX_MANIFEST_BYTES,
+    TOP_KEYS,
+    AdapterSource,
+    CardOptions,
+    Compression,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    parse_manifest,
+    workspace_root,
 )
 from .sync_apply import apply_plan, fingerprint_sources, read_published, set_card
 from .sync_plan import AdapterPlan, Plan, commit_message, plan_json, plan_sync  # noqa: F401

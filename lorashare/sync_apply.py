@@ -8,8 +8,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from . import hub
 from .adapters import WEIGHTS_NAME, file_sha256
+from .checkpoint import CardData
 from .errors import ConfigError, HubError, LoraShareError
-from .manifest import CARD_KEYS, AdapterSource, Manifest
+from .manifest import AdapterSource, Manifest
 from .model import SHAREModel
 from .sync_plan import Plan
 
@@ -110,11 +111,5 @@ def apply_plan(manifest: Manifest, plan: Plan, fingerprints: Mapping[str, str], 
 
 
 def set_card(share: Any, manifest: Manifest) -> None:
-    card = share.config.compression_stats.setdefault("card", {})
-    card["repo_id"] = manifest.repo_id
-    for key in CARD_KEYS:
-        value = getattr(manifest.card, key)
-        if value:
-            card[key] = value
-        else:
-            card.pop(key, None)
+    share.config.card = CardData(repo_id=manifest.repo_id, license=manifest.card.license or None,
+                                 description=manifest.card.description or None)

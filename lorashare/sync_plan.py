@@ -72,9 +72,7 @@ def _settings_diff(c: Compression, published: Any) -> List[str]:
 
 
 def _card_diff(card: CardOptions, published: Any) -> List[str]:
-    st = published.compression_stats if isinstance(published.compression_stats, dict) else {}
-    old = st.get("card") if isinstance(st.get("card"), dict) else {}
-    return [k for k in CARD_KEYS if (old.get(k) or None) != getattr(card, k)]
+    return [k for k in CARD_KEYS if (getattr(published.card, k) or None) != getattr(card, k)]
 
 
 def plan_sync(manifest: Manifest, fingerprints: Mapping[str, str], published: Any, *,

@@ -49,12 +49,22 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import lorashare  # noqa: E402
-from lorashare import LoraShareError, SHAREModel  # noqa: E402
-from lorashare import hub  # noqa: E402
-from lorashare.card import HUB_LICENSES, INSTALL, card_metadata, check_license, model_class  # noqa: E402
+from lorashare import (  # noqa: E402
+    LoraShareError,
+    SHAREModel,
+    hub,  # noqa: E402
+)
+from lorashare.card import (  # noqa: E402
+    HUB_LICENSES,
+    INSTALL,
+    card_metadata,
+    check_license,
+    model_class,
+)
 from lorashare.checkpoint import CONFIG_FILE, checkpoint_files  # noqa: E402
 from lorashare.compress import split_group_key  # noqa: E402
 from lorashare.errors import HubError  # noqa: E402
+from lorashare.fmt import k_range, size  # noqa: E402
 from lorashare.names import check_name, derive_name  # noqa: E402
 
 logger = logging.getLogger("lorashare.space")
@@ -106,15 +116,6 @@ LIMITS = Limits.from_env()
 
 
 # ----------------------------------------------------------------------------------- errors
-
-
-def _size(n: Optional[float]) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _public(message: str, token: Optional[str] = None) -> str:
@@ -247,7 +248,7 @@ def _repo_arg(repo_id: str, what: str = "checkpoint repo") -> str:
 def _check_budget(total: int, what: str) -> None:
     if total > LIMITS.max_bytes:
         raise UserError(
-            f"{what} {_size(total)} to download; this Space downloads at most {_size(LIMITS.max_bytes)} "
+            f"{what} {size(total)} to download; this Space downloads at most {size(LIMITS.max_bytes)} "
             "per request (LORASHARE_SPACE_MAX_BYTES). Compress fewer adapters here, or run lorashare "
             "on your own machine."
         )
@@ -265,8 +266,7 @@ RATIO_NOTE = (
 
 def stats_table(config: Any) -> pd.DataFrame:
     st = config.compression_stats or {}
-    ks = sorted(set((config.k_per_group or {}).values())) or [config.num_components]
-    k_text = f"{ks[0]}" + (f"–{ks[-1]}" if len(ks) > 1 else "")
+    k_text = k_range(config.k_per_group or {}, config.num_components)
 
     def fmt(value: Any, spec: str = ".4f") -> str:
         return "–" if value is None else format(value, spec)
@@ -276,10 +276,10 @@ def stats_table(config: Any) -> pd.DataFrame:
         ("base model", config.base_model_name_or_path or "?", ""),
         ("modules", str(len(config.layer_keys)), ", ".join(config.target_modules)),
         ("k per module and side", k_text, f"{config.component_selection}, {config.dtype}"),
-        ("original LoRA weights", _size(st.get("original_lora_bytes")), "the adapters' A and B factors"),
-        ("SHARE checkpoint", _size(st.get("compressed_bytes")),
-         f"shared bases {_size(st.get('shared_bytes'))} + loadings {_size(st.get('loadings_bytes'))}"),
-        ("classifier heads", _size(st.get("heads_bytes")) if st.get("heads_bytes") else "none",
+        ("original LoRA weights", size(st.get("original_lora_bytes")), "the adapters' A and B factors"),
+        ("SHARE checkpoint", size(st.get("compressed_bytes")),
+         f"shared bases {size(st.get('shared_bytes'))} + loadings {size(st.get('loadings_bytes'))}"),
+        ("classifier heads", size(st.get("heads_bytes")) if st.get("heads_bytes") else "none",
          "stored bit-exact, in neither size"),
         ("compression ratio", f"{st['compression_ratio']:.2f}×" if st.get("compression_ratio") else "?",
          "bases counted: what you store and ship"),
@@ -325,7 +325,7 @@ def adapters_table(config: Any) -> pd.DataFrame:
             "revision": str(info.get("revision") or "")[:10],
             "rank": info.get("rank", config.lora_rank),
             "lora_alpha": info.get("lora_alpha", config.lora_alpha),
-            "original size": _size(info.get("lora_bytes")) if info.get("lora_bytes") else "?",
+            "original size": size(info.get("lora_bytes")) if info.get("lora_bytes") else "?",
         })
     return pd.DataFrame(rows, columns=["adapter", "source", "revision", "rank", "lora_alpha", "original size"])
 
@@ -436,8 +436,8 @@ def compress(
             cfg = share.config
             status = (
                 f"Compressed **{n} adapters** of `{cfg.base_model_name_or_path or '?'}`: "
-                f"{_size(cfg.compression_stats.get('original_lora_bytes'))} → "
-                f"{_size(cfg.compression_stats.get('compressed_bytes'))} "
+                f"{size(cfg.compression_stats.get('original_lora_bytes'))} → "
+                f"{size(cfg.compression_stats.get('compressed_bytes'))} "
                 f"(**{cfg.compression_stats.get('compression_ratio', 0):.2f}×**).\n\n{RATIO_NOTE}"
             )
             # Gradio copies the zip into its cache when it receives this; the folder goes after.
@@ -500,9 +500,8 @@ def explore(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthT
         revision = (revision or "").strip() or None
         progress(0.2, desc=f"Reading {repo_id}")
         config, sha = _checkpoint_config(repo_id, revision, token)
-        card = (config.compression_stats or {}).get("card") or {}
-        meta = card_metadata(SHAREModel(config, {}, {}, {}))  # shown as published, so not re-validated
-        meta["license"] = card.get("license") or "not set"
+        meta = card_metadata(config)  # the license is shown as published, so not re-validated
+        meta["license"] = config.card.license or "not set"
         base = hub.endpoint()
         names = list(config.adapter_names or config.adapters)
         lines = [
@@ -620,7 +619,7 @@ def build_demo() -> gr.Blocks:
             ids = gr.Textbox(
                 label="Adapter ids, one per line", lines=6, placeholder=ID_PLACEHOLDER, elem_id="adapter-ids",
                 info=f"{ID_FORMS}; `name=owner/name` names one. 2–{LIMITS.max_adapters} adapters, "
-                     f"at most {_size(LIMITS.max_bytes)} downloaded.",
+                     f"at most {size(LIMITS.max_bytes)} downloaded.",
             )
             with gr.Row():
                 k_mode = gr.Radio(["auto", "number"], value="auto", label="Components per module (k)",
@@ -672,7 +671,7 @@ def build_demo() -> gr.Blocks:
             snippet = gr.Markdown(elem_id="reconstruct-snippet")
 
         gr.Markdown(
-            f"Limits: {LIMITS.max_adapters} adapters and {_size(LIMITS.max_bytes)} of downloads per request; "
+            f"Limits: {LIMITS.max_adapters} adapters and {size(LIMITS.max_bytes)} of downloads per request; "
             "one job at a time, others wait in the queue. Also scriptable: "
             "`gradio_client.Client(...).predict(..., api_name=\"/compress\")` (and `/push`, `/explore`, `/reconstruct`)."
         )

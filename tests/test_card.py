@@ -58,7 +58,7 @@ def test_metadata_round_trips_through_model_card(adapter_dirs, tmp_path, monkeyp
     share = SHAREModel.from_adapters(adapter_dirs, num_components=8, progress=False)
     share.save_pretrained(tmp_path / "ck")
     readme = (tmp_path / "ck" / "README.md").read_text(encoding="utf-8")
-    assert readme == render_card(share)  # save_pretrained writes the rendered card
+    assert readme == render_card(share.config)  # save_pretrained writes the rendered card
 
     data = ModelCard.load(tmp_path / "ck" / "README.md").data.to_dict()
     assert data["library_name"] == "lorashare"
@@ -67,9 +67,9 @@ def test_metadata_round_trips_through_model_card(adapter_dirs, tmp_path, monkeyp
     assert data["tags"] == TAGS
     assert "license" not in data
     assert "pipeline_tag" not in data  # SEQ_CLS adapters and adapters without a task type: no single pipeline
-    assert data == card_metadata(share)
+    assert data == card_metadata(share.config)
 
-    with_license = _load(render_card(share, license="mit"), tmp_path).data
+    with_license = _load(render_card(share.config, license="mit"), tmp_path).data
     assert with_license.license == "mit" and with_license.library_name == "lorashare"
 
     # The card is fingerprinted like every other file of the checkpoint.
@@ -80,7 +80,7 @@ def test_metadata_round_trips_through_model_card(adapter_dirs, tmp_path, monkeyp
 def test_card_body(adapter_dirs, monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     share = SHAREModel.from_adapters(adapter_dirs, num_components=8, progress=False)
-    text = render_card(share)
+    text = render_card(share.config)
     st = share.config.compression_stats
     assert "$" not in text.replace("$$", "")  # every placeholder filled
     assert text.startswith("---\n") and "# SHARE checkpoint" in text
@@ -143,7 +143,7 @@ def test_card_for_hub_sources_and_license_via_push(env, adapter_dirs, tmp_path):
     # After the push, save_pretrained writes the same card, and so does a reload from the Hub.
     share.save_pretrained(tmp_path / "ck")
     assert (tmp_path / "ck" / "README.md").read_text(encoding="utf-8") == pushed
-    assert render_card(SHAREModel.from_pretrained(REPO)) == pushed
+    assert render_card(SHAREModel.from_pretrained(REPO).config) == pushed
 
 
 def test_card_never_links_local_paths(adapter_dirs, tmp_path, monkeypatch):
@@ -152,7 +152,7 @@ def test_card_never_links_local_paths(adapter_dirs, tmp_path, monkeypatch):
     # A relative local path that looks like owner/name is still a local source (no revision).
     share.config.adapters["task0"]["source"] = "runs/task0"
     share.config.base_model_name_or_path = str(tmp_path)  # a local base model: not Hub metadata
-    text = render_card(share)
+    text = render_card(share.config)
     assert _rows(text)["task0"][0] == "task0"
     assert "](https://huggingface.co/runs" not in text
     data = _load(text, tmp_path).data.to_dict()
@@ -169,11 +169,11 @@ def test_template_is_found():
 def test_license_must_be_a_hub_license_id(adapter_dirs, env):
     share = SHAREModel.from_adapters(adapter_dirs[:2], num_components=4, progress=False)
     assert check_license(" MIT ") == "mit" and check_license("Apache-2.0") == "apache-2.0"
-    assert card_metadata(share, license="CC-BY-4.0")["license"] == "cc-by-4.0"
+    assert card_metadata(share.config, license="CC-BY-4.0")["license"] == "cc-by-4.0"
     assert {"apache-2.0", "mit", "other", "unknown", "cc-by-nc-4.0", "llama3.1", "gemma"} <= set(HUB_LICENSES)
     for bad, hint in (("Apache 2", "did you mean apache-2.0"), ("MIT License", "did you mean mit"), ("free for all", "")):
         with pytest.raises(ConfigError) as err:
-            render_card(share, license=bad)
+            render_card(share.config, license=bad)
         message = str(err.value)
         assert repr(bad) in message and hint in message and "repositories-licenses" in message, message
     with pytest.raises(ConfigError, match="'Apache 2' is not one of the Hub's license ids"):
@@ -194,11 +194,11 @@ def test_usage_and_pipeline_tag_follow_the_task_type(plain_adapter_dirs, monkeyp
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     share = SHAREModel.from_adapters(plain_adapter_dirs, num_components=4, progress=False)
     for name in share.adapter_names:
-        share.adapter_configs[name]["task_type"] = task
-    text = render_card(share)
+        share.config.adapters[name]["task_type"] = task  # the card reads the task type from the config
+    text = render_card(share.config)
     assert f"from transformers import {cls}\n" in text
     assert f'base = {cls}.from_pretrained("tiny-bert-for-tests")\n' in text  # no head here: no num_labels
-    assert card_metadata(share).get("pipeline_tag") == tag and model_class(task) == cls and pipeline_tag(task) == tag
+    assert card_metadata(share.config).get("pipeline_tag") == tag and model_class(task) == cls and pipeline_tag(task) == tag
 
 
 def test_every_peft_task_type_has_a_transformers_class():
@@ -216,7 +216,7 @@ def test_the_usage_snippet_runs(adapter_dirs, tmp_path, monkeypatch):
 
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     share = SHAREModel.from_adapters(adapter_dirs[:2], num_components=8, progress=False)  # task0: SEQ_CLS, 3 labels
-    text = render_card(share)
+    text = render_card(share.config)
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     tiny_bert(num_labels=3).save_pretrained("tiny-bert-for-tests")

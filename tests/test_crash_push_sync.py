@@ -184,7 +184,7 @@ def test_sigkill_during_push_to_hub(env, adapter_dirs, tmp_path, monkeypatch):
         i = int(sys.argv[1])
         while True:
             share = a if i % 2 else b
-            share.config.compression_stats.setdefault("card", {{}})["description"] = f"push {{i}}"  # never a no-op
+            share.config.card.description = f"push {{i}}"  # never a no-op
             share.push_to_hub({REPO!r}, commit_message=f"push {{i}}")
             print("pushed", i, flush=True)
             i += 1

@@ -519,6 +519,9 @@ CK_CASES = [
     CkCase("stats-per-layer-str", set_cfg("compression_stats", "per_layer_explained_variance", "x:A", value="0.9"), CheckpointError, _field("compression_stats.per_layer_explained_variance")),
     CkCase("stats-card-str", set_cfg("compression_stats", "card", value="acme/x"), CheckpointError, _field("compression_stats.card") + r"'acme/x'"),
     CkCase("stats-card-repo-int", set_cfg("compression_stats", "card", value={"repo_id": 5}), CheckpointError, _field("compression_stats.card")),
+    CkCase("card-str", set_cfg("card", value="acme/x"), CheckpointError, _field("card") + r"'acme/x'"),
+    CkCase("card-license-int", set_cfg("card", value={"license": 5}), CheckpointError, _field("card")),
+    CkCase("card-unknown-key", set_cfg("card", value={"licence": "mit"}), CheckpointError, _field("card")),
     CkCase("traversal-name", set_cfg("adapter_names", value=["task0", "../../etc"]), LoraShareError, r"'\.\./\.\./etc' is not allowed"),
     # adapter_meta.json
     CkCase("meta-deep", raw_meta(b"[" * DEEP), CheckpointError, rf"{re.escape(META)} is not a valid adapter meta \(adapter_meta\.json\): it is JSON nested deeper than 64"),

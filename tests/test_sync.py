@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lorashare import sync as S
+from lorashare.checkpoint import CardData
 from lorashare.checkpoint import SHAREConfig
 from lorashare.cli import main
 from lorashare.errors import ConfigError, LoraShareError
@@ -299,7 +300,7 @@ def test_plan_changes_removals_settings_force_card(hub_manifest):
     assert S.commit_message(p) == "lorashare sync: recompute: forced, legal added"
 
     pub = published_config(same_as_published())
-    pub.compression_stats = {"card": {"license": "mit"}}
+    pub.card = CardData(license="mit")
     p = S.plan_sync(hub_manifest, FP, pub)
     assert p.action == "card" and p.reasons == ["model card license changed"]
 
