@@ -333,7 +333,7 @@ def open_adapter(source: str, name: Optional[str] = None, **hub_kwargs: Any) -> 
         folder = os.path.expanduser(source)
         name = check_name(name) if name is not None else derive_name(os.path.abspath(folder))
         return open_local(folder, name, source)
-    from . import hub  # the Hub is optional: only imported for Hub ids
+    from . import hub  # imported here: hub needs checkpoint, which needs this module
 
     ref = hub.parse_adapter_id(source)
     name = check_name(name) if name is not None else derive_name(ref.subfolder or ref.repo_id)

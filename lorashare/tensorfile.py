@@ -9,7 +9,8 @@ file, sizes that match the shape, and a cap on what one tensor may allocate,
 so a hostile or truncated file gives a clear :class:`CheckpointError` /
 :class:`AdapterError` instead of a crash deep inside torch.
 
-Writing uses ``safetensors.torch.save``: it is the reference format writer.
+Writing is our own :func:`save_bytes`: deterministic (sorted names, fixed metadata order) and fast; the
+tests read its output back with the ``safetensors`` library itself.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from .errors import LoraShareError
 from .jsonfile import loads as json_loads
 
-__all__ = ["TensorInfo", "TensorFile", "read_header", "save_bytes", "MAX_TENSOR_BYTES"]
+__all__ = ["TensorInfo", "TensorFile", "read_header", "save_bytes", "header_bytes", "MAX_TENSOR_BYTES"]
 
 _DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -260,6 +261,22 @@ class TensorFile:
 _NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
+def header_bytes(entries: Iterable[tuple], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """The header (length prefix, JSON, padding) of a file holding ``entries`` ``(name, dtype, shape)``
+    (dtype as safetensors names it, ``"F32"``), sorted by name: what :func:`save_bytes` writes."""
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    at = 0
+    for name, dtype, shape in sorted(entries, key=lambda e: e[0]):
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + nbytes]}
+        at += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the spec aligns the data start to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def save_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
     """Serialise tensors to safetensors bytes, deterministically (sorted names).
 
@@ -267,21 +284,13 @@ def save_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[s
     Python per tensor, which dominated saving a checkpoint of a thousand small
     loadings.  The output is read back by ``safetensors`` itself in the tests.
     """
-    header: Dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blobs = []
-    at = 0
+    entries, blobs = [], []
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         if t.dtype not in _NAMES:
             raise ValueError(f"cannot store tensor {name!r} of dtype {t.dtype} in safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + nbytes]}
-        if nbytes:
+        entries.append((name, _NAMES[t.dtype], list(t.shape)))
+        if t.numel():
             # numpy has no bfloat16: its bytes go through an int16 view
             blobs.append((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
-        at += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the spec aligns the data start to 8 bytes
-    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
+    return header_bytes(entries, metadata) + b"".join(blobs)

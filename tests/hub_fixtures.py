@@ -61,10 +61,8 @@ def hub(hf_online: None) -> Iterator[HubServer]:
         yield server
 
 
-@pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point every huggingface_hub cache/token location into ``tmp_path``; return HF_HUB_CACHE."""
-    home = tmp_path / "hf_home"
+def fresh_cache(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
+    """Switch huggingface_hub to a new, empty HF_HOME (as on another machine); return its hub cache."""
     cache = home / "hub"
     cache.mkdir(parents=True)
     locations = {
@@ -80,6 +78,13 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.setattr(constants, name, str(path))
     # scan_cache_dir() binds HF_HUB_CACHE at import (``from ..constants import HF_HUB_CACHE``).
     monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every huggingface_hub cache/token location into ``tmp_path``; return HF_HUB_CACHE."""
+    cache = fresh_cache(monkeypatch, tmp_path / "hf_home")
     # A developer's real token must neither leak to the test server nor change auth behaviour.
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)

@@ -54,7 +54,7 @@ __all__ = [
     "Action",
     "Blob",
     "Commit",
-    "HubError",
+    "HubApiError",
     "HubServer",
     "Injection",
     "RequestRecord",
@@ -214,7 +214,7 @@ class Injection:
     fired: int = 0
 
 
-class HubError(Exception):
+class HubApiError(Exception):
     """An HTTP error answered the way the Hub does (error code header + JSON body)."""
 
     def __init__(
@@ -233,8 +233,8 @@ class HubError(Exception):
         self.extra = dict(extra or {})
 
 
-def _repo_not_found(repo_id: str, status: int = 404) -> HubError:
-    return HubError(status, f"Repository not found: {repo_id}", "RepoNotFound")
+def _repo_not_found(repo_id: str, status: int = 404) -> HubApiError:
+    return HubApiError(status, f"Repository not found: {repo_id}", "RepoNotFound")
 
 
 def validate_repo_path(path: str) -> str:
@@ -247,7 +247,7 @@ def validate_repo_path(path: str) -> str:
         or "\0" in path
         or any(part in {"", ".", ".."} for part in parts)
     ):
-        raise HubError(400, f"Invalid path in repo: {path!r}")
+        raise HubApiError(400, f"Invalid path in repo: {path!r}")
     return path
 
 
@@ -264,7 +264,7 @@ class Response:
         return cls(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
 
     @classmethod
-    def error(cls, err: HubError) -> Response:
+    def error(cls, err: HubApiError) -> Response:
         headers = {"X-Error-Message": _header_safe(err.message), **err.headers}
         if err.error_code is not None:
             headers["X-Error-Code"] = err.error_code
@@ -457,11 +457,11 @@ class HubServer:
     def create_repo(
         self, repo_id: str, *, repo_type: str = "model", private: bool = False, gated: bool | str = False
     ) -> Repo:
-        """Create a repo with its initial commit; raises HubError(409) if it exists."""
+        """Create a repo with its initial commit; raises HubApiError(409) if it exists."""
         with self._lock:
             key = (repo_type, repo_id)
             if key in self._repos:
-                raise HubError(409, f"You already created this {repo_type} repo", extra={"url": self.repo_url(key)})
+                raise HubApiError(409, f"You already created this {repo_type} repo", extra={"url": self.repo_url(key)})
             repo = Repo(repo_id=repo_id, repo_type=repo_type, private=private, gated="auto" if gated is True else gated)
             files = {".gitattributes": Blob(DEFAULT_GITATTRIBUTES)} if self.seed_gitattributes else {}
             initial = self._new_commit(repo, None, files, "initial commit", "")
@@ -470,13 +470,13 @@ class HubServer:
             return repo
 
     def delete_repo(self, repo_id: str, *, repo_type: str = "model") -> None:
-        """Delete a repo (HubError 404 RepoNotFound if missing)."""
+        """Delete a repo (HubApiError 404 RepoNotFound if missing)."""
         with self._lock:
             if self._repos.pop((repo_type, repo_id), None) is None:
                 raise _repo_not_found(repo_id)
 
     def repo(self, repo_id: str, *, repo_type: str = "model") -> Repo:
-        """The live :class:`Repo` object (raises HubError 404 if missing)."""
+        """The live :class:`Repo` object (raises HubApiError 404 if missing)."""
         with self._lock:
             repo = self._repos.get((repo_type, repo_id))
             if repo is None:
@@ -517,7 +517,7 @@ class HubServer:
         with self._lock:
             repo = self.repo(repo_id, repo_type=repo_type)
             if branch in repo.branches:
-                raise HubError(409, f"Branch {branch} already exists")
+                raise HubApiError(409, f"Branch {branch} already exists")
             repo.branches[branch] = self._resolve(repo, revision)
             return repo.branches[branch]
 
@@ -525,12 +525,12 @@ class HubServer:
         with self._lock:
             repo = self.repo(repo_id, repo_type=repo_type)
             if tag in repo.tags:
-                raise HubError(409, f"Tag {tag} already exists")
+                raise HubApiError(409, f"Tag {tag} already exists")
             repo.tags[tag] = self._resolve(repo, revision)
             return repo.tags[tag]
 
     def resolve(self, repo_id: str, revision: str = "main", *, repo_type: str = "model") -> str:
-        """Commit sha a revision points to (HubError 404 RevisionNotFound otherwise)."""
+        """Commit sha a revision points to (HubApiError 404 RevisionNotFound otherwise)."""
         with self._lock:
             return self._resolve(self.repo(repo_id, repo_type=repo_type), revision)
 
@@ -586,7 +586,7 @@ class HubServer:
             return repo.pull_requests[int(match[1])]
         if _SHA_RE.fullmatch(revision) and revision in repo.commits:
             return revision
-        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        raise HubApiError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
 
     def _walk(self, repo: Repo, oid: str | None) -> Iterator[Commit]:
         while oid is not None:
@@ -617,7 +617,7 @@ class HubServer:
             target_ref, base = self._commit_target(repo, revision)
             parent_commit = header.get("parentCommit")
             if parent_commit and parent_commit != base:
-                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+                raise HubApiError(412, "A commit has happened since. Please refresh and try again.")
             files = self._apply_operations(dict(repo.commits[base].files), ops)
             commit = self._new_commit(
                 repo, base, files, str(header.get("summary") or "commit"), str(header.get("description") or "")
@@ -640,10 +640,10 @@ class HubServer:
             return ("branch", branch), repo.branches[branch]
         if (match := _PR_RE.fullmatch(revision)) and int(match[1]) in repo.pull_requests:
             return ("pr", match[1]), repo.pull_requests[int(match[1])]
-        raise HubError(404, f"Invalid rev id: {revision} (not a branch)", "RevisionNotFound")
+        raise HubApiError(404, f"Invalid rev id: {revision} (not a branch)", "RevisionNotFound")
 
     def _apply_operations(self, files: dict[str, Blob], ops: list[dict[str, Any]]) -> dict[str, Blob]:
-        """Apply NDJSON operations to a copy of a snapshot; raise HubError on the first bad one."""
+        """Apply NDJSON operations to a copy of a snapshot; raise HubApiError on the first bad one."""
         for op in ops:
             key, value = op.get("key"), op.get("value") or {}
             raw_path = str(value.get("path", ""))
@@ -655,27 +655,27 @@ class HubServer:
                 files[path] = Blob(self._lfs_content(str(value.get("oid", ""))), lfs=True)
             elif key == "deletedFile":
                 if files.pop(path, None) is None:
-                    raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+                    raise HubApiError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
             elif key == "deletedFolder":
                 doomed = [p for p in files if p.startswith(path + "/")]
                 if not doomed:
-                    raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
+                    raise HubApiError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
                 for p in doomed:
                     del files[p]
             else:
-                raise HubError(400, f"Unknown commit operation key: {key!r}")
+                raise HubApiError(400, f"Unknown commit operation key: {key!r}")
         _check_no_file_dir_clash(files)
         return files
 
     def _lfs_content(self, oid: str) -> bytes:
         content = self._lfs_objects.get(oid)
         if content is None:
-            raise HubError(400, f"LFS object {oid} was not uploaded (missing from LFS storage)")
+            raise HubApiError(400, f"LFS object {oid} was not uploaded (missing from LFS storage)")
         return content
 
     def _store_lfs_object(self, oid: str, content: bytes) -> None:
         if hashlib.sha256(content).hexdigest() != oid:
-            raise HubError(400, f"Uploaded content does not match LFS oid {oid}")
+            raise HubApiError(400, f"Uploaded content does not match LFS oid {oid}")
         with self._lock:
             self._lfs_objects[oid] = content
 
@@ -703,11 +703,11 @@ def _decode_file_content(value: Mapping[str, Any]) -> bytes:
     if isinstance(content, bytes):  # direct seeding via HubServer.commit
         return content
     if value.get("encoding", "base64") != "base64":
-        raise HubError(400, f"Unsupported encoding {value.get('encoding')!r}")
+        raise HubApiError(400, f"Unsupported encoding {value.get('encoding')!r}")
     try:
         return base64.b64decode(content, validate=True)
     except ValueError as err:
-        raise HubError(400, f"Invalid base64 content for {value.get('path')!r}") from err
+        raise HubApiError(400, f"Invalid base64 content for {value.get('path')!r}") from err
 
 
 def _check_no_file_dir_clash(files: Mapping[str, Blob]) -> None:
@@ -716,7 +716,7 @@ def _check_no_file_dir_clash(files: Mapping[str, Blob]) -> None:
         parts = path.split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in files:
-                raise HubError(400, f"Path {path!r} conflicts with file {'/'.join(parts[:i])!r}")
+                raise HubApiError(400, f"Path {path!r} conflicts with file {'/'.join(parts[:i])!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -834,7 +834,7 @@ class _Request:
         try:
             return json.loads(self.body)
         except ValueError as err:
-            raise HubError(400, "Request body is not valid JSON") from err
+            raise HubApiError(400, "Request body is not valid JSON") from err
 
 
 class _HubRequestHandler(BaseHTTPRequestHandler):
@@ -915,7 +915,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             assert action is not None
             status = int(action[1])
             extra_headers = action[2] if len(action) > 2 else None
-            return Response.error(HubError(status, f"Injected failure ({status})", headers=extra_headers))
+            return Response.error(HubApiError(status, f"Injected failure ({status})", headers=extra_headers))
         return self._dispatch(request)
 
     def _dispatch(self, request: _Request) -> Response:
@@ -923,11 +923,11 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         try:
             _check_required_token(hub, request)
             return _Routes(hub, request).dispatch()
-        except HubError as err:
+        except HubApiError as err:
             return Response.error(err)
         except Exception:  # noqa: BLE001 - a test server must answer, and report the bug
             hub.internal_errors.append(traceback.format_exc())
-            return Response.error(HubError(500, "Internal server error (see HubServer.internal_errors)"))
+            return Response.error(HubApiError(500, "Internal server error (see HubServer.internal_errors)"))
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -988,9 +988,9 @@ def _check_required_token(hub: HubServer, request: _Request) -> None:
     if hub.required_token is None or request.segments[:1] in (["__lfs"], ["oauth"], ["__github"]):
         return
     if request.token is None:
-        raise HubError(401, "Authentication required: no token provided")
+        raise HubApiError(401, "Authentication required: no token provided")
     if request.token != hub.required_token:
-        raise HubError(401, "Invalid credentials in Authorization header")
+        raise HubApiError(401, "Invalid credentials in Authorization header")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1032,7 +1032,7 @@ class _Routes:
         if len(seg) >= 3 and seg[0] in REPO_TYPES:
             repo_type, repo_id = REPO_TYPES[seg[0]], f"{seg[1]}/{seg[2]}"
             return self._dispatch_repo_api(repo_type, repo_id, seg[3:], method)
-        raise HubError(404, f"Not found: {self.req.path}")
+        raise HubApiError(404, f"Not found: {self.req.path}")
 
     def _dispatch_repo_api(self, repo_type: str, repo_id: str, rest: list[str], method: str) -> Response:
         self.req.record.repo_id = _key_str(repo_type, repo_id)
@@ -1059,7 +1059,7 @@ class _Routes:
         if route is None:
             # Unknown repos must still say RepoNotFound, whatever the endpoint (client relies on it).
             self._readable_repo(repo_type, repo_id)
-            raise HubError(404 if method in ("GET", "HEAD") else 405, f"Unsupported endpoint: {method} {self.req.path}")
+            raise HubApiError(404 if method in ("GET", "HEAD") else 405, f"Unsupported endpoint: {method} {self.req.path}")
         return route()
 
     def _dispatch_repo_url(self, seg: list[str], method: str) -> Response:
@@ -1071,7 +1071,7 @@ class _Routes:
         is_lfs_batch = len(seg) == 6 and seg[1].endswith(".git") and seg[2:] == ["info", "lfs", "objects", "batch"]
         if is_lfs_batch and method == "POST":
             return self.lfs_batch(repo_type, f"{seg[0]}/{seg[1][: -len('.git')]}")
-        raise HubError(404, f"Not found: {self.req.path}")
+        raise HubApiError(404, f"Not found: {self.req.path}")
 
     # ---- access control --------------------------------------------------------------------------
 
@@ -1082,7 +1082,7 @@ class _Routes:
             raise _repo_not_found(repo_id)
         if repo.private and self.req.token is None:
             # Like the Hub: unauthenticated access to a private repo looks like a missing repo.
-            raise HubError(401, "Invalid username or password.", "RepoNotFound")
+            raise HubApiError(401, "Invalid username or password.", "RepoNotFound")
         return repo
 
     def _downloadable_repo(self, repo_type: str, repo_id: str) -> Repo:
@@ -1090,7 +1090,7 @@ class _Routes:
         repo = self._readable_repo(repo_type, repo_id)
         if repo.gated and self.req.token not in repo.granted_tokens:
             status = 401 if self.req.token is None else 403
-            raise HubError(
+            raise HubApiError(
                 status,
                 f"Access to model {repo_id} is restricted. You must have access to it and be authenticated"
                 " to access it.",
@@ -1102,7 +1102,7 @@ class _Routes:
 
     def whoami(self) -> Response:
         if self.req.token is None:
-            raise HubError(401, "Invalid credentials in Authorization header")
+            raise HubApiError(401, "Invalid credentials in Authorization header")
         return Response.json(
             {
                 "type": "user",
@@ -1126,14 +1126,14 @@ class _Routes:
         resource = str(payload.get("resource") or "")
         expected = self.hub.trusted_publishers.get(resource)
         if not (grant and typed and expected is not None and payload.get("subject_token") == expected):
-            raise HubError(400, f"invalid_grant: no trusted publisher matches this id token for {resource!r}")
+            raise HubApiError(400, f"invalid_grant: no trusted publisher matches this id token for {resource!r}")
         return Response.json({"access_token": self.hub.oidc_access_token, "token_type": "bearer", "expires_in": 3600})
 
     def github_id_token(self) -> Response:
         """What the GitHub Actions runtime answers a job with ``permissions: id-token: write``."""
         self.req.record.kind = "github-id-token"
         if self.req.token != self.hub.github_request_token:
-            raise HubError(401, "Bad ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+            raise HubApiError(401, "Bad ACTIONS_ID_TOKEN_REQUEST_TOKEN")
         self.hub.id_token_audiences.append(self.req.param("audience") or "")
         return Response.json({"value": self.hub.github_id_token})
 
@@ -1149,17 +1149,17 @@ class _Routes:
         if "/" in name and organization is None:  # older clients send the full id as "name"
             organization, name = name.split("/", 1)
         if not _NAME_RE.fullmatch(name) or (organization is not None and not _NAME_RE.fullmatch(str(organization))):
-            raise HubError(400, f"Invalid repo name: {organization}/{name}")
+            raise HubApiError(400, f"Invalid repo name: {organization}/{name}")
         repo_type = str(payload.get("type") or "model")
         if repo_type not in _URL_PREFIX:
-            raise HubError(400, f"Invalid repo type: {repo_type}")
+            raise HubApiError(400, f"Invalid repo type: {repo_type}")
         return repo_type, f"{organization or self.hub.user}/{name}", payload
 
     def create_repo(self) -> Response:
         repo_type, repo_id, payload = self._repo_key_from_payload()
         self.req.record.kind, self.req.record.repo_id = "create", _key_str(repo_type, repo_id)
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        # HubError(409) carries {"url": ...}: the client's exist_ok=True path needs a 409 status.
+        # HubApiError(409) carries {"url": ...}: the client's exist_ok=True path needs a 409 status.
         self.hub.create_repo(repo_id, repo_type=repo_type, private=private)
         url = self.hub.repo_url((repo_type, repo_id))
         return Response.json({"url": url, "name": repo_id, "id": hashlib.sha1(url.encode()).hexdigest()[:24]})
@@ -1225,7 +1225,7 @@ class _Routes:
             files = repo.commits[head].files
             file_paths, dir_paths = _tree_paths(files, base, _is_true(self.req.param("recursive")))
             if base and not file_paths and not dir_paths:
-                raise HubError(404, f"Entry not found: {base}", "EntryNotFound", {"X-Repo-Commit": head})
+                raise HubApiError(404, f"Entry not found: {base}", "EntryNotFound", {"X-Repo-Commit": head})
             expand = _is_true(self.req.param("expand"))
 
             def last(path: str) -> Commit | None:
@@ -1293,7 +1293,7 @@ class _Routes:
             blob = repo.commits[oid].files.get(path)
         if blob is None:
             # X-Repo-Commit lets the client cache the file's absence under .no_exist/<sha>/.
-            raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": oid})
+            raise HubApiError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": oid})
         headers = {
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
@@ -1352,16 +1352,16 @@ class _Routes:
         repo = self._readable_repo(repo_type, repo_id)
         with self.hub._lock:
             if branch == "main":
-                raise HubError(403, "Cannot delete the default branch")
+                raise HubApiError(403, "Cannot delete the default branch")
             if repo.branches.pop(branch, None) is None:
-                raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+                raise HubApiError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
         return Response.json({})
 
     def create_tag(self, repo_type: str, repo_id: str, revision: str) -> Response:
         self._readable_repo(repo_type, repo_id)
         tag = str(self.req.json().get("tag") or "")
         if not tag:
-            raise HubError(400, "Missing tag name")
+            raise HubApiError(400, "Missing tag name")
         self.hub.create_tag(repo_id, tag, revision, repo_type=repo_type)
         return Response.json({})
 
@@ -1369,7 +1369,7 @@ class _Routes:
         repo = self._readable_repo(repo_type, repo_id)
         with self.hub._lock:
             if repo.tags.pop(tag, None) is None:
-                raise HubError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
+                raise HubApiError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
         return Response.json({})
 
     # ---- LFS --------------------------------------------------------------------------------------
@@ -1380,7 +1380,7 @@ class _Routes:
         self._readable_repo(repo_type, repo_id)
         payload = self.req.json()
         if payload.get("operation") != "upload":
-            raise HubError(400, "Only the 'upload' LFS operation is supported")
+            raise HubApiError(400, "Only the 'upload' LFS operation is supported")
         objects = []
         for obj in payload.get("objects", []):
             oid, size = str(obj.get("oid")), int(obj.get("size") or 0)
@@ -1399,7 +1399,7 @@ class _Routes:
 
 def _need(value: str | None) -> str:
     if not value:
-        raise HubError(400, "Missing revision in URL")
+        raise HubApiError(400, "Missing revision in URL")
     return value
 
 
@@ -1408,12 +1408,12 @@ def _parse_ndjson_commit(body: bytes) -> tuple[dict[str, Any], list[dict[str, An
     try:
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
     except ValueError as err:
-        raise HubError(400, "Commit payload is not valid NDJSON") from err
+        raise HubApiError(400, "Commit payload is not valid NDJSON") from err
     if not lines or not isinstance(lines[0], dict) or lines[0].get("key") != "header":
-        raise HubError(400, "Commit payload must start with a header line")
+        raise HubApiError(400, "Commit payload must start with a header line")
     header = lines[0].get("value") or {}
     if not str(header.get("summary") or "").strip():
-        raise HubError(400, "Commit summary must not be empty")
+        raise HubApiError(400, "Commit summary must not be empty")
     return header, lines[1:]
 
 

@@ -33,7 +33,7 @@ def env(hub: HubServer, hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> HubS
 def _put_adapter(hub: HubServer, repo_id: str, folder: str, sub: str = "") -> str:
     try:
         hub.repo(repo_id)
-    except Exception:  # noqa: BLE001 - HubServer's HubError: not there yet
+    except Exception:  # noqa: BLE001 - HubServer's HubApiError: not there yet
         hub.create_repo(repo_id)
     files = {f"{sub + '/' if sub else ''}{p.name}": p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
     return hub.commit(repo_id, files)

@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
-
 from huggingface_hub import constants
-from huggingface_hub.utils import _cache_manager
 
 from lorashare import SHAREModel
-from tests.reliability_report import report
-from tests.hub_fixtures import HUB_TOKEN
+from tests.hub_fixtures import HUB_TOKEN, fresh_cache
 from tests.hubserver import HubServer
+from tests.reliability_report import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = "tester/crash-share"
@@ -85,18 +83,6 @@ def child_env(hub: HubServer, tmp: Path) -> Dict[str, str]:
         "TMPDIR": str(tmp / "tmp"), "PYTHONPATH": ROOT,
     })
     return env
-
-
-def fresh_cache(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    for name, p in {
-        "HF_HOME": home, "HF_HUB_CACHE": cache, "HF_ASSETS_CACHE": home / "assets", "HF_XET_CACHE": home / "xet",
-        "HF_TOKEN_PATH": home / "token", "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-    }.items():
-        monkeypatch.setenv(name, str(p))
-        monkeypatch.setattr(constants, name, str(p))
-    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(cache))
 
 
 def settle(hub: HubServer) -> None:

@@ -23,18 +23,16 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
-
 import torch
 from huggingface_hub import constants
-from huggingface_hub.utils import _cache_manager
 from huggingface_hub.utils import _http as hf_http
 
 import lorashare.hub
 from lorashare import LoraShareError, SHAREModel
 from lorashare.errors import CheckpointError, HubError, IntegrityError
-from tests.reliability_report import report
-from tests.hub_fixtures import HUB_TOKEN
+from tests.hub_fixtures import HUB_TOKEN, fresh_cache
 from tests.hubserver import HubServer
+from tests.reliability_report import report
 
 CKPT = "tester/faulty-share"
 FAULTS: Counter = Counter()
@@ -123,18 +121,6 @@ def fault(hub: HubServer, action, *, method: Optional[str] = None, path: Optiona
     inj = hub.inject_when(action, method=method, path_regex=path, times=times)
     inj.kind = action[0] if action[0] != "status" else f"http{action[1]}"
     return inj
-
-
-def fresh_cache(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    for name, p in {
-        "HF_HOME": home, "HF_HUB_CACHE": cache, "HF_ASSETS_CACHE": home / "assets", "HF_XET_CACHE": home / "xet",
-        "HF_TOKEN_PATH": home / "token", "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-    }.items():
-        monkeypatch.setenv(name, str(p))
-        monkeypatch.setattr(constants, name, str(p))
-    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(cache))
 
 
 def same(a: SHAREModel, b: SHAREModel) -> bool:

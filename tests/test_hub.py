@@ -20,14 +20,18 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 from huggingface_hub import constants
-from huggingface_hub.utils import _cache_manager
 
 import lorashare.hub
 from lorashare import LoraShareError, SHAREModel
 from lorashare.cli import main
-from lorashare.errors import AdapterNotFoundError, HubError, HubNotFoundError, IntegrityError
+from lorashare.errors import (
+    AdapterNotFoundError,
+    HubError,
+    HubNotFoundError,
+    IntegrityError,
+)
 from tests.conftest import load_state
-from tests.hub_fixtures import HUB_TOKEN
+from tests.hub_fixtures import HUB_TOKEN, fresh_cache
 from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,20 +57,6 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> List[float]:
     return delays
 
 
-def fresh_cache(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
-    """Switch huggingface_hub to a new, empty HF_HOME (as on another machine); return its hub cache."""
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    for name, path in {
-        "HF_HOME": home, "HF_HUB_CACHE": cache, "HF_ASSETS_CACHE": home / "assets", "HF_XET_CACHE": home / "xet",
-        "HF_TOKEN_PATH": home / "token", "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-    }.items():
-        monkeypatch.setenv(name, str(path))
-        monkeypatch.setattr(constants, name, str(path))
-    monkeypatch.setattr(_cache_manager, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def folder_files(folder: str, prefix: str = "") -> Dict[str, bytes]:
     """``{prefix/relpath: bytes}`` of every file under ``folder``."""
     out = {}
@@ -81,7 +71,7 @@ def put_adapter(hub: HubServer, repo_id: str, folder: str, *, sub: str = "", ext
     """Commit a PEFT adapter folder (into ``sub/``) plus ``extra`` files to ``repo_id``; return the sha."""
     try:
         hub.repo(repo_id)
-    except Exception:  # noqa: BLE001 - HubServer's own HubError: not there yet
+    except Exception:  # noqa: BLE001 - HubServer's own HubApiError: not there yet
         hub.create_repo(repo_id)
     files = {**folder_files(folder, f"{sub}/" if sub else ""), **(extra or {})}
     return hub.commit(repo_id, files, lfs=[p for p in files if p.endswith((".safetensors", ".bin", ".pt"))], message=message)
