@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -42,6 +42,8 @@ __all__ = [
     "check_adapter_target",
     "foreign_adapter_content",
     "file_sha256",
+    "default_name",
+    "name_sources",
     "num_labels",
     "check_lora_config",
 ]
@@ -329,16 +331,61 @@ def open_adapter(source: str, name: Optional[str] = None, **hub_kwargs: Any) -> 
     if not isinstance(source, (str, os.PathLike)):
         raise AdapterError(f"adapter source {source!r} must be a folder path or a Hub id string.")
     source = os.fspath(source)
-    if os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~")):
-        folder = os.path.expanduser(source)
-        name = check_name(name) if name is not None else derive_name(os.path.abspath(folder))
-        return open_local(folder, name, source)
+    name = check_name(name) if name is not None else default_name(source)
+    if _is_local(source):
+        return open_local(os.path.expanduser(source), name, source)
     from . import hub  # imported here: hub needs checkpoint, which needs this module
 
-    ref = hub.parse_adapter_id(source)
-    name = check_name(name) if name is not None else derive_name(ref.subfolder or ref.repo_id)
-    folder, revision = hub.fetch_adapter(ref, **hub_kwargs)
+    folder, revision = hub.fetch_adapter(hub.parse_adapter_id(source), **hub_kwargs)
     return open_local(folder, name, source, revision=revision)
+
+
+def _is_local(source: str) -> bool:
+    return os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~"))
+
+
+def default_name(source: Union[str, "os.PathLike[str]"]) -> str:
+    """The name an adapter gets when none is given: its folder's name, or its Hub subfolder or repo name.
+
+    Example:
+        >>> default_name("acme/multi-lora/legal@v3"), default_name("/runs/refunds lora")
+        ('legal', 'refunds_lora')
+    """
+    source = os.fspath(source)
+    if _is_local(source):
+        return derive_name(os.path.abspath(os.path.expanduser(source)))
+    return derive_name(source.split("@", 1)[0])
+
+
+def name_sources(items: Iterable[Tuple[Optional[str], str]]) -> Dict[str, str]:
+    """``{name: source}`` for ``(name or None, source)`` pairs, as the CLI and the Space take them.
+
+    Given names are kept (given twice: an error); the others get :func:`default_name`, made unique
+    with ``_1``, ``_2``, … as lorashare 0.1.x does, and the renames are logged.
+
+    Example:
+        >>> name_sources([("a", "runs/x"), (None, "runs/v1/adapter"), (None, "runs/v2/adapter")])
+        {'a': 'runs/x', 'adapter': 'runs/v1/adapter', 'adapter_1': 'runs/v2/adapter'}
+    """
+    items = list(items)
+    named: Dict[str, str] = {}
+    for name, source in items:
+        if name is None:
+            continue
+        check_name(name)
+        if name in named:
+            raise AdapterError(f"adapter name {name!r} is given twice (for {named[name]} and {source}). "
+                               "Names must be unique: choose another one.", adapter=name)
+        named[name] = source
+    out: Dict[str, str] = {}
+    for name, source in items:
+        if name is None:
+            derived = default_name(source)
+            name = unique_name(derived, set(named) | set(out))
+            if name != derived:
+                logger.warning("adapter %s: the name %r is taken, naming it %r", source, derived, name)
+        out[name] = source
+    return out
 
 
 def open_adapters(

@@ -17,7 +17,9 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
+from .adapters import name_sources
 from .errors import ConfigError, DuplicateAdapterError, LoraShareError
+from .storage import SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -89,24 +91,14 @@ def _sources(args: argparse.Namespace):
             "Example: lorashare compress runs/a runs/b -o share_ckpt"
         )
     if named and positional:
-        from .names import derive_name, unique_name
-
-        for p in positional:
-            # Derived names that clash get _1, _2, … as the library gives them (0.1.x's scheme).
-            derived = derive_name(os.path.abspath(p) if os.path.exists(p) else p.split("@", 1)[0])
-            n = unique_name(derived, named)
-            if n != derived:
-                logger.warning("adapter %s: the name %r is taken, naming it %r (choose with --name NAME=%s)",
-                               p, derived, n, p)
-            named[n] = p
-        return named
+        # Unnamed ones get their folder's (or Hub repo's) name, made unique as the library does.
+        return name_sources([*named.items(), *((None, p) for p in positional)])
     return named or positional
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .model import SHAREModel
-
     from .checkpoint import check_checkpoint_target
+    from .model import SHAREModel
 
     k = "auto" if args.auto else args.num_components
     sources = _sources(args)
@@ -243,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--variance", type=float, default=0.95, help="energy share to keep with --auto (default 0.95)")
     compress.add_argument("--name", action="append", metavar="NAME=PATH", help="a named adapter (repeatable)")
     compress.add_argument("--names", nargs="+", help="names for the positional adapters, in order (0.1.x style)")
-    compress.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="storage dtype (default float32)")
+    compress.add_argument("--dtype", choices=SCHEMES, default="float32",
+                          help="storage of bases and loadings: float32 (default), float16, bfloat16, "
+                               "int8 (one scale per component) or nf4 (4-bit NormalFloat, blocks of 64)")
     compress.add_argument("--budget-bytes", type=int, help="byte budget for bases+loadings; k chosen per module (overrides -k)")
     compress.add_argument("--target-ratio", type=float, help="compress to 1/R of the adapters' LoRA bytes; k chosen per module (overrides -k)")
     compress.add_argument("--device", default=None, help="cpu, cuda or auto")

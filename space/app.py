@@ -43,7 +43,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, Iterator, List, Optional, Tuple  # noqa: E402
+from typing import Any, Dict, Iterator, List, Optional, Tuple  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -54,6 +54,7 @@ from lorashare import (  # noqa: E402
     SHAREModel,
     hub,  # noqa: E402
 )
+from lorashare.adapters import name_sources  # noqa: E402
 from lorashare.card import (  # noqa: E402
     HUB_LICENSES,
     INSTALL,
@@ -65,7 +66,7 @@ from lorashare.checkpoint import CONFIG_FILE, checkpoint_files  # noqa: E402
 from lorashare.compress import split_group_key  # noqa: E402
 from lorashare.errors import HubError  # noqa: E402
 from lorashare.fmt import k_range, size  # noqa: E402
-from lorashare.names import check_name, derive_name  # noqa: E402
+from lorashare.names import check_name  # noqa: E402
 
 logger = logging.getLogger("lorashare.space")
 
@@ -200,6 +201,7 @@ def parse_ids(text: str) -> List[Tuple[Optional[str], str, hub.HubRef]]:
     """
     out: List[Tuple[Optional[str], str, hub.HubRef]] = []
     problems: List[str] = []
+    seen: Dict[str, int] = {}
     for number, raw in enumerate((text or "").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -225,6 +227,10 @@ def parse_ids(text: str) -> List[Tuple[Optional[str], str, hub.HubRef]]:
                 else f"line {number}: `{line}` is not a Hub id (expected {ID_FORMS})."
             )
             continue
+        if line in seen:
+            problems.append(f"line {number}: `{line}` is listed twice (first on line {seen[line]}); list each adapter once.")
+            continue
+        seen[line] = number
         out.append((name, line, ref))
     if problems:
         raise UserError("\n".join(problems[:10]) + (f"\n… and {len(problems) - 10} more" if len(problems) > 10 else ""))
@@ -418,7 +424,7 @@ def compress(
 
         progress(0.0, desc=f"Fitting shared bases for {n} adapters")
         if any(name for name, _t, _r in items):
-            sources: Any = {name or derive_name(ref.subfolder or ref.repo_id): text for name, text, ref in items}
+            sources: Any = name_sources((name, text) for name, text, _r in items)
         else:
             sources = [text for _n, text, _r in items]
         share = SHAREModel.from_adapters(

@@ -345,10 +345,11 @@ def test_push_explore_and_reconstruct(space, tmp_path):
         ("/etc/passwd\ntester/billing-lora", ["`/etc/passwd` is not a Hub id"]),
         ("tester/billing-lora/../../etc\ntester/billing-lora", ["bad subfolder"]),
         ("tester/billing-lora", ["at least 2"]),
-        ("\n".join(["tester/billing-lora"] * (MAX_ADAPTERS + 1)), [f"at most {MAX_ADAPTERS}"]),
+        ("\n".join(f"tester/billing-lora/part{i}" for i in range(MAX_ADAPTERS + 1)), [f"at most {MAX_ADAPTERS}"]),
+        ("tester/billing-lora\ntester/refunds-lora\ntester/billing-lora", ["line 3", "listed twice (first on line 1)"]),
     ],
     ids=["bad-id", "missing-repo", "mixed-base", "too-big", "gated", "private", "bad-revision", "local-folder",
-         "abs-path", "dotdot", "one", "too-many"],
+         "abs-path", "dotdot", "one", "too-many", "listed-twice"],
 )
 def test_compress_errors_are_readable(space, ids, expected):
     space.hub.reset_log()
