@@ -17,7 +17,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
-from .errors import AdapterNotFoundError, CheckpointNotFoundError, HubError, HubNotFoundError, LoraShareError
+from .errors import (
+    AdapterNotFoundError,
+    CheckpointNotFoundError,
+    HubError,
+    HubNotFoundError,
+    LoraShareError,
+)
 from .names import is_within
 
 logger = logging.getLogger(__name__)
@@ -29,6 +35,7 @@ __all__ = [
     "is_local_path",
     "fetch_adapter",
     "fetch_checkpoint",
+    "fetch_files",
     "push_folder",
     "endpoint",
     "remote_sizes",
@@ -439,6 +446,31 @@ def resolve_revision(ref: HubRef, *, token: Optional[str] = None) -> str:
     api = _api(token)
     info = _retry(lambda: api.model_info(ref.repo_id, revision=ref.revision), str(ref))
     return str(info.sha)
+
+
+def fetch_files(
+    repo_id: str, paths: Iterable[str], *, revision: Optional[str] = None, token: Optional[str] = None
+) -> str:
+    """Download exactly ``paths`` (file names at the repo's root) of a model repo; return the snapshot folder.
+
+    No patterns: a name with a folder, ``..`` or a wildcard is refused.  Each file must resolve
+    inside the repo's cache.  Used for a base model's ``config.json`` before any weight is
+    fetched, then for its safetensors and tokenizer files (``remote_sizes`` checks sizes and
+    access first).  Names missing from the repo are simply not there afterwards.
+
+    Example:
+        >>> folder = fetch_files("acme/tiny-bert", ["config.json"])  # doctest: +SKIP
+    """
+    check_repo_id(repo_id)
+    wanted = list(paths)
+    for p in wanted:
+        if not isinstance(p, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", p):
+            raise HubError(f"{repo_id}: {p!r} is not a file name at the repo's root; refusing to fetch it.", path=str(p))
+    what = f"{repo_id}@{revision or 'main'}"
+    snap = _retry(lambda: _snapshot(repo_id, revision, wanted, token), what)
+    for p in wanted:
+        _check_within(os.path.join(snap, p), _repo_cache_root(snap), what)
+    return snap
 
 
 def fetch_config(

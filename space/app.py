@@ -23,7 +23,8 @@ Security rules this file keeps:
 Limits (environment variables, with safe defaults): ``LORASHARE_SPACE_MAX_ADAPTERS`` (64),
 ``LORASHARE_SPACE_MAX_BYTES`` (2e9, bytes downloaded per request, checked before downloading),
 ``LORASHARE_SPACE_QUEUE_SIZE`` (40), ``LORASHARE_SPACE_MAX_SESSIONS`` (32 compressed results kept in
-memory), ``LORASHARE_SPACE_STATE_TTL`` (3600 s).
+memory), ``LORASHARE_SPACE_STATE_TTL`` (3600 s), ``LORASHARE_SPACE_TRY_MAX_PARAMS`` (2e8: the largest
+base model, by its config.json, that "Try it" runs) and ``LORASHARE_SPACE_TRY_MAX_ADAPTERS`` (8 per run).
 """
 
 import os
@@ -66,7 +67,9 @@ from lorashare.checkpoint import CONFIG_FILE, checkpoint_files  # noqa: E402
 from lorashare.compress import split_group_key  # noqa: E402
 from lorashare.errors import HubError  # noqa: E402
 from lorashare.fmt import k_range, size  # noqa: E402
+from lorashare.jsonfile import loads as json_loads  # noqa: E402
 from lorashare.names import check_name  # noqa: E402
+from lorashare.storage import SCHEMES  # noqa: E402
 
 logger = logging.getLogger("lorashare.space")
 
@@ -101,6 +104,8 @@ class Limits:
     queue_size: int
     max_sessions: int
     state_ttl: float
+    try_max_params: int
+    try_max_adapters: int
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -110,6 +115,8 @@ class Limits:
             queue_size=int(_env_number("LORASHARE_SPACE_QUEUE_SIZE", 40)),
             max_sessions=int(_env_number("LORASHARE_SPACE_MAX_SESSIONS", 32)),
             state_ttl=_env_number("LORASHARE_SPACE_STATE_TTL", 3600),
+            try_max_params=int(_env_number("LORASHARE_SPACE_TRY_MAX_PARAMS", 200e6)),
+            try_max_adapters=int(_env_number("LORASHARE_SPACE_TRY_MAX_ADAPTERS", 8)),
         )
 
 
@@ -382,10 +389,11 @@ def compress(
     k: Optional[float],
     variance_threshold: Optional[float],
     token_text: str,
+    storage: Optional[str],
     oauth_token: gr.OAuthToken | None,
     progress: gr.Progress = gr.Progress(),
 ):
-    """Compress Hub adapters (one id per line) into a SHARE checkpoint.
+    """Compress Hub adapters (one id per line) into a SHARE checkpoint, stored in ``storage`` (a dtype).
 
     Yields once, when done: the outputs are copied to Gradio's cache before the request's temporary
     folder is removed.
@@ -429,6 +437,7 @@ def compress(
             sources = [text for _n, text, _r in items]
         share = SHAREModel.from_adapters(
             sources, num_components=num_components, variance_threshold=threshold, token=token, progress=True,
+            dtype=storage or "float32",
         )
 
         with _workdir() as work:
@@ -580,6 +589,197 @@ def reconstruct(repo_id: str, revision: str, adapter: str, token_text: str, oaut
             yield archive, text
 
 
+# ---------------------------------------------------------------------------------- try it
+
+#: The base model's files "Try it" downloads: weights as one safetensors file, never a pickle.
+BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "generation_config.json")
+TRY_TASKS = ("SEQ_CLS", "CAUSAL_LM")
+TRY_MAX_TEXT = 2000
+TRY_NEW_TOKENS = 32
+_GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "smollm3")
+
+
+def estimate_params(config: Dict[str, Any]) -> Optional[int]:
+    """Parameters of a transformer from its ``config.json`` (embeddings + attention + MLP), or ``None``.
+
+    An estimate (biases, norms and position tables left out), within a few percent for BERT, GPT-2
+    and Llama-like models: enough to refuse a model that is too big before downloading any weight.
+    """
+    def first(*keys: str) -> Optional[int]:
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    text = config.get("text_config")
+    if isinstance(text, dict) and first("hidden_size", "n_embd", "d_model") is None:
+        config = text
+    hidden = first("hidden_size", "n_embd", "d_model")
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    vocab = first("vocab_size")
+    if not (hidden and layers and vocab):
+        return None
+    inner = first("intermediate_size", "n_inner", "d_ff", "ffn_dim") or 4 * hidden
+    mlp = (3 if config.get("model_type") in _GATED_MLP else 2) * hidden * inner
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+    return int(embeddings + layers * (4 * hidden * hidden + mlp))
+
+
+def _head_labels(share: SHAREModel, names: List[str]) -> Optional[int]:
+    """Rows of the adapters' classifier heads (their label count), if they have any."""
+    for name in names:
+        for key, tensor in share.all_classifier_heads.get(name, {}).items():
+            if key.endswith(("classifier.weight", "score.weight", "out_proj.weight")) and tensor.dim() == 2:
+                return int(tensor.shape[0])
+    return None
+
+
+def _base_of(config: Any) -> str:
+    base_id = (config.base_model_name_or_path or "").strip()
+    if not base_id:
+        raise UserError("The checkpoint does not name its base model (base_model_name_or_path), so it cannot run here.")
+    _not_local(base_id, "Hub model id")
+    try:
+        return hub.check_repo_id(base_id)
+    except HubError:
+        raise UserError(f"The checkpoint's base model `{base_id}` is not a Hub model id (owner/name).") from None
+
+
+def _base_config(base_id: str, token: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, int], int]:
+    """``(config.json, {file: bytes}, parameters)`` of a base model; refuses one too big to run here.
+
+    Reads the file sizes and the config.json only: no weight is downloaded before this passes.
+    """
+    sizes = hub.remote_sizes(base_id, BASE_FILES, token=token, probe="config.json")
+    if "config.json" not in sizes:
+        raise UserError(f"The base model {base_id} has no config.json on the Hub (or no access to it).")
+    if sizes["config.json"] > 1_000_000:
+        raise UserError(f"The base model {base_id}'s config.json is over 1 MB; not a model config.")
+    folder = hub.fetch_files(base_id, ["config.json"], token=token)
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        config = json_loads(f.read(1_000_001), path=f"{base_id}/config.json", what="model config", error=HubError)
+    if not isinstance(config, dict):
+        raise UserError(f"The base model {base_id}'s config.json is not a JSON object.")
+    params = estimate_params(config)
+    if params is None:
+        raise UserError(f"Cannot tell the size of the base model {base_id} from its config.json (no hidden size, "
+                        "layer count or vocabulary size), so this Space does not run it.")
+    if params > LIMITS.try_max_params:
+        raise UserError(
+            f"The base model {base_id} has about {params / 1e6:,.0f} M parameters (from its config.json); this Space "
+            f"runs base models of up to {LIMITS.try_max_params / 1e6:,.0f} M (LORASHARE_SPACE_TRY_MAX_PARAMS). "
+            "Serve it on your own machine: `SHAREModel.from_pretrained(...).serve(base_model)`.")
+    if "model.safetensors" not in sizes:
+        raise UserError(f"The base model {base_id} has no model.safetensors (one file). This Space loads "
+                        "safetensors weights only, never pickled ones (pytorch_model.bin), and not sharded models.")
+    return config, sizes, params
+
+
+def try_list(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthToken | None):
+    """The checkpoint's adapters to choose from, and whether its base model is small enough to run here."""
+    token = _token(token_text, oauth_token)
+    with _readable_errors(token):
+        repo_id = _repo_arg(repo_id)
+        config, sha = _checkpoint_config(repo_id, (revision or "").strip() or None, token)
+        names = list(config.adapter_names or config.adapters)
+        base_id = _base_of(config)
+        _, _, params = _base_config(base_id, token)
+        text = (f"**{repo_id}** (commit `{sha[:10]}`): {len(names)} adapters on `{base_id}` "
+                f"(about {params / 1e6:,.1f} M parameters). Pick up to {LIMITS.try_max_adapters}, type a text, "
+                "and run them all in one batch.")
+        return text, gr.Dropdown(choices=names, value=names[: min(3, LIMITS.try_max_adapters)])
+
+
+def try_adapters(repo_id: str, revision: str, adapters: Optional[List[str]], text: str, include_base: bool,
+                 token_text: str, oauth_token: gr.OAuthToken | None, progress: gr.Progress = gr.Progress()):
+    """Run one text through several adapters of a checkpoint, in ONE batch (``SHAREModel.serve``)."""
+    token = _token(token_text, oauth_token)
+    with _readable_errors(token):
+        repo_id = _repo_arg(repo_id)
+        revision = (revision or "").strip() or None
+        text = (text or "").strip()
+        if not text:
+            raise UserError("Type a text to run through the adapters.")
+        if len(text) > TRY_MAX_TEXT:
+            raise UserError(f"The text has {len(text)} characters; this Space takes at most {TRY_MAX_TEXT}.")
+        chosen = list(dict.fromkeys(a.strip() for a in (adapters or []) if a and a.strip()))
+        if not chosen:
+            raise UserError("Pick at least one adapter (List adapters first).")
+        if len(chosen) > LIMITS.try_max_adapters:
+            raise UserError(f"{len(chosen)} adapters picked; this Space runs at most {LIMITS.try_max_adapters} "
+                            "at once (LORASHARE_SPACE_TRY_MAX_ADAPTERS).")
+        for name in chosen:
+            check_name(name)
+        progress(0.05, desc="Checking the checkpoint and the base model")
+        config, sha = _checkpoint_config(repo_id, revision, token)
+        missing = [n for n in chosen if n not in config.adapter_names]
+        if missing:
+            raise UserError(f"{repo_id} has no adapter {missing[0]!r}; it holds {', '.join(config.adapter_names)}.")
+        base_id = _base_of(config)
+        base_config, base_sizes, params = _base_config(base_id, token)  # before any weight is downloaded
+        wanted = checkpoint_files(config, chosen)
+        ckpt_sizes = hub.remote_sizes(repo_id, wanted, revision=sha, token=token)
+        _check_budget(sum(ckpt_sizes.values()) + sum(base_sizes.values()), "The base model and the adapters are")
+        progress(0.2, desc="Downloading the adapters")
+        share = SHAREModel.from_pretrained(repo_id, revision=sha, token=token, adapters=chosen)
+        tasks = {str(share.adapter_configs.get(n, {}).get("task_type") or "none") for n in chosen}
+        if len(tasks) != 1 or not tasks <= set(TRY_TASKS):
+            raise UserError(f"The adapters' task types are {', '.join(sorted(tasks))}; Try it runs adapters of one "
+                            f"task type, {' or '.join(TRY_TASKS)} (set task_type when training them).")
+        task = tasks.pop()
+        progress(0.4, desc=f"Downloading {base_id}")
+        folder = hub.fetch_files(base_id, sorted(base_sizes), token=token)
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        local = dict(local_files_only=True, trust_remote_code=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, **local)
+            if task == "SEQ_CLS":
+                labels = _head_labels(share, chosen) or int(base_config.get("num_labels") or 2)
+                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=labels, use_safetensors=True,
+                                                                           **local)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **local)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"Could not load the base model {base_id} with transformers: {exc}") from None
+        progress(0.7, desc="Running the batch")
+        served = share.serve(model.eval())
+        del share  # the served model keeps its own tables
+        rows = chosen + (["__base__"] if include_base else [])
+        import torch
+
+        with torch.no_grad():
+            enc = tokenizer([text] * len(rows), return_tensors="pt", truncation=True, max_length=256)
+            if task == "CAUSAL_LM":
+                enc.pop("token_type_ids", None)  # generate() refuses what the model does not take
+            if task == "SEQ_CLS":
+                probs = served(**enc, adapter_names=rows).logits.float().softmax(-1)
+                id2label = getattr(model.config, "id2label", None) or {}
+                outputs = []
+                for p in probs:
+                    top = int(p.argmax())
+                    label = str(id2label.get(top, f"LABEL_{top}"))
+                    detail = ", ".join(f"{id2label.get(i, f'LABEL_{i}')}: {float(v):.3f}" for i, v in enumerate(p))
+                    outputs.append((label, detail))
+            else:
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                ids = served.generate(**enc, adapter_names=rows, max_new_tokens=TRY_NEW_TOKENS, do_sample=False,
+                                      pad_token_id=pad)
+                new = ids[:, enc["input_ids"].shape[1]:]
+                outputs = [(tokenizer.decode(t, skip_special_tokens=True).strip(), f"{len(t)} new tokens, greedy")
+                           for t in new]
+        added = served.served_bytes()
+        frame = pd.DataFrame([{"adapter": "base model" if n == "__base__" else n, "output": o, "detail": d}
+                              for n, (o, d) in zip(rows, outputs)], columns=["adapter", "output", "detail"])
+        summary = (f"Ran {len(rows)} rows in **one batch** on `{base_id}` (about {params / 1e6:,.1f} M parameters, "
+                   f"{'classification' if task == 'SEQ_CLS' else 'greedy generation'}): each row with its own adapter "
+                   f"over the shared bases. Serving them added {size(added['total'])} to the base model "
+                   f"(bases {size(added['bases'])}, loadings {size(added['tables'])}, heads {size(added['heads'])}).")
+        return summary, frame
+
+
 # ------------------------------------------------------------------------------------- UI
 
 INTRO = """# lorashare: many LoRA adapters, one shared basis
@@ -632,6 +832,9 @@ def build_demo() -> gr.Blocks:
                                   info="auto: the fewest that keep the variance threshold")
                 k = gr.Number(value=32, label="k", precision=0, minimum=1, interactive=False)
                 threshold = gr.Slider(0.5, 0.999, value=0.95, step=0.001, label="Variance threshold (auto)")
+                storage = gr.Dropdown(list(SCHEMES), value="float32", label="Storage",
+                                      info="int8: 8-bit, one scale per component; nf4: 4-bit NormalFloat",
+                                      elem_id="storage")
             compress_btn = gr.Button("Compress", variant="primary", elem_id="compress-btn")
             status = gr.Markdown(elem_id="compress-status")
             stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True, elem_id="stats")
@@ -676,15 +879,35 @@ def build_demo() -> gr.Blocks:
             adapter_zip = gr.File(label="PEFT adapter (.zip)", interactive=False, elem_id="adapter-zip")
             snippet = gr.Markdown(elem_id="reconstruct-snippet")
 
+        with gr.Tab("Try it", id="try"):
+            gr.Markdown("Run one text through several adapters of a SHARE checkpoint **in one batch**: every row "
+                        "gets its own adapter over the shared bases (`SHAREModel.serve`). For base models of up to "
+                        f"{LIMITS.try_max_params / 1e6:,.0f} M parameters, checked from their config.json before "
+                        "any weight is downloaded.")
+            with gr.Row():
+                try_repo = gr.Textbox(label="SHARE checkpoint repo (owner/name)", scale=3, elem_id="try-repo")
+                try_revision = gr.Textbox(label="Revision (optional)", value="", placeholder="main", scale=1)
+            try_list_btn = gr.Button("List adapters", elem_id="try-list-btn")
+            try_info = gr.Markdown(elem_id="try-info")
+            try_pick = gr.Dropdown(label=f"Adapters (up to {LIMITS.try_max_adapters})", choices=[], multiselect=True,
+                                   allow_custom_value=True, elem_id="try-adapters")
+            try_text = gr.Textbox(label="Text", lines=3, elem_id="try-text",
+                                  placeholder="A sentence to classify, or a prompt to continue")
+            try_base = gr.Checkbox(value=True, label="Also run the base model alone (a __base__ row)")
+            try_btn = gr.Button("Run all in one batch", variant="primary", elem_id="try-btn")
+            try_summary = gr.Markdown(elem_id="try-summary")
+            try_out = gr.Dataframe(label="Each adapter's output", interactive=False, wrap=True, elem_id="try-out")
+
         gr.Markdown(
             f"Limits: {LIMITS.max_adapters} adapters and {size(LIMITS.max_bytes)} of downloads per request; "
             "one job at a time, others wait in the queue. Also scriptable: "
-            "`gradio_client.Client(...).predict(..., api_name=\"/compress\")` (and `/push`, `/explore`, `/reconstruct`)."
+            "`gradio_client.Client(...).predict(..., api_name=\"/compress\")` (and `/push`, `/explore`, `/reconstruct`, "
+            "`/try_list`, `/try_run`)."
         )
 
         k_mode.change(_toggle_k, k_mode, [k, threshold], api_visibility="private", queue=False)
         compress_btn.click(
-            compress, [ids, k_mode, k, threshold, token_box],
+            compress, [ids, k_mode, k, threshold, token_box, storage],
             [status, stats, fidelity, ev_plot, bytes_plot, checkpoint_zip, result], api_name="compress",
         )
         push_btn.click(push, [result, repo_box, private, license_box, token_box], push_result, api_name="push")
@@ -694,6 +917,9 @@ def build_demo() -> gr.Blocks:
         )
         rebuild_btn.click(reconstruct, [repo_id, revision, adapter_pick, token_box], [adapter_zip, snippet],
                           api_name="reconstruct")
+        try_list_btn.click(try_list, [try_repo, try_revision, token_box], [try_info, try_pick], api_name="try_list")
+        try_btn.click(try_adapters, [try_repo, try_revision, try_pick, try_text, try_base, token_box],
+                      [try_summary, try_out], api_name="try_run")
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.queue_size)
     return demo
 

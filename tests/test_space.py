@@ -217,8 +217,9 @@ def assert_clean_error(exc: BaseException, *expected: str) -> str:
     return message
 
 
-def compress(client, ids: str, mode: str = "number", k: int = 8, threshold: float = 0.95, token: str = ""):
-    return client.predict(ids, mode, k, threshold, token, api_name="/compress")
+def compress(client, ids: str, mode: str = "number", k: int = 8, threshold: float = 0.95, token: str = "",
+             storage: str = "float32"):
+    return client.predict(ids, mode, k, threshold, token, storage, api_name="/compress")
 
 
 # --------------------------------------------------------------------------------- tests
@@ -231,7 +232,7 @@ def buttons(url: str) -> List[str]:
 
 def test_named_endpoints_and_no_login_button_locally(space):
     api = space.client().view_api(return_format="dict", print_info=False)
-    assert set(api["named_endpoints"]) == {"/compress", "/push", "/explore", "/reconstruct"}
+    assert set(api["named_endpoints"]) == {"/compress", "/push", "/explore", "/reconstruct", "/try_list", "/try_run"}
     # Not on a Space: no sign-in button (Gradio would need this machine's own login), the token field instead.
     assert "Compress" in buttons(space.url) and "Sign in with Hugging Face" not in buttons(space.url)
 
@@ -253,6 +254,13 @@ def test_sign_in_button_on_a_space(tmp_path):
         with pytest.raises(AppError) as err:  # not signed in, no token: still a clean answer
             s.client().predict("tester/nothing-here", "", "", api_name="/explore")
         assert_clean_error(err.value, "not found")
+
+
+def test_compress_to_nf4_storage(space, tmp_path):
+    status, *_, archive = compress(space.client(), THREE, storage="nf4")
+    assert "3 adapters" in status
+    share = SHAREModel.from_pretrained(unzip(archive, tmp_path))
+    assert share.config.dtype == "nf4" and share.config.format_version == 2
 
 
 def test_compress_three_hub_adapters_and_load_the_zip(space, tmp_path):
@@ -454,7 +462,7 @@ def test_inputs_the_ui_calls_optional_are_optional_in_the_api(space, tmp_path):
     required = {name: [p["parameter_name"] for p in ep["parameters"] if not p["parameter_has_default"]]
                 for name, ep in api.items()}
     assert required == {"/compress": ["adapter_ids"], "/push": ["repo_id"], "/explore": ["repo_id"],
-                        "/reconstruct": ["repo_id", "adapter"]}
+                        "/reconstruct": ["repo_id", "adapter"], "/try_list": ["repo_id"], "/try_run": ["repo_id", "text"]}
     client = space.client()
     status, *_rest, archive = client.predict("tester/billing-lora\ntester/multi-lora/legal", api_name="/compress")
     assert "Compressed **2 adapters**" in status and archive.endswith(".zip")
