@@ -105,7 +105,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -177,6 +176,9 @@ def operating_points(quick: bool) -> List[Point]:
             ours("ours k=4", "ours fp32, k", num_components=4),
             ours("ours k=8", "ours fp32, k", num_components=8),
             ours("ours 1/6 fp16", "ours fp16, byte budget", target_ratio=6, dtype="float16"),
+            ours("ours 1/16 int8", "ours int8, byte budget", target_ratio=16, dtype="int8"),
+            ours("ours 1/16 nf4", "ours nf4, byte budget", target_ratio=16, dtype="nf4"),
+            ours("ours 1/32 nf4", "ours nf4, byte budget", target_ratio=32, dtype="nf4"),
             Point("0.1.3 k=8", "reference", "0.1.3, k", {"num_components": 8}),
         ]
     ks = [2, 4, 8, 16, 32]
@@ -185,6 +187,8 @@ def operating_points(quick: bool) -> List[Point]:
     pts += [ours(f"ours auto {v:.2f}", "ours fp32, auto", num_components="auto", variance_threshold=v)
             for v in (0.9, 0.95, 0.99)]
     pts += [ours(f"ours 1/{r} fp16", "ours fp16, byte budget", target_ratio=r, dtype="float16") for r in (12, 8, 6)]
+    pts += [ours(f"ours 1/{r} int8", "ours int8, byte budget", target_ratio=r, dtype="int8") for r in (32, 16, 8)]
+    pts += [ours(f"ours 1/{r} nf4", "ours nf4, byte budget", target_ratio=r, dtype="nf4") for r in (64, 32, 16)]
     pts += [ours(f"ours k={k} factors", "ours fp32, k, weighting=factors", num_components=k, weighting="factors")
             for k in (8, 16)]
     refs = [Point(f"0.1.3 k={k}", "reference", "0.1.3, k", {"num_components": k}) for k in ks]
@@ -225,16 +229,18 @@ def _tensor_bytes(path: Path) -> int:
             n = 1
             for d in sl.get_shape():
                 n *= d
-            total += n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
+            total += n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I32": 4, "I8": 1, "U8": 1}[sl.get_dtype()]
     return total
 
 
 def checkpoint_bytes(ckpt: Path) -> Dict[str, int]:
-    """Tensor bytes of bases + loadings (no classifier heads), and every file on disk."""
+    """Tensor bytes of bases + loadings (no classifier heads), their files on disk (headers included:
+    what ``budget_bytes``/``target_ratio`` count), and every file on disk."""
     tensors = sum(_tensor_bytes(p) for p in ckpt.rglob("*.safetensors") if "classifier_head" not in p.name)
+    files = sum(p.stat().st_size for p in ckpt.rglob("*.safetensors") if "classifier_head" not in p.name)
     heads = sum(_tensor_bytes(p) for p in ckpt.rglob("*.safetensors") if "classifier_head" in p.name)
     disk = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-    return {"tensor_bytes": tensors, "head_bytes": heads, "disk_bytes": disk}
+    return {"tensor_bytes": tensors, "files_bytes": files, "head_bytes": heads, "disk_bytes": disk}
 
 
 def lora_factors(folder: Path) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -483,6 +489,7 @@ def run_point(point: Point, adapters: Dict[str, Path], splits: Dict[str, Dict[st
         }
     res = {"label": point.label, "impl": point.impl, "family": point.family, "kwargs": kwargs,
            "equal_to": point.equal_to, **info, "bytes": b, "fraction_of_lora_bytes": b["tensor_bytes"] / orig_bytes,
+           "fraction_on_disk": b["files_bytes"] / orig_bytes,
            "eval_seconds": time.time() - t0, "tasks": per_task}
     res["summary"] = summarize(res, originals)
     _write_json(path, res)
@@ -637,6 +644,15 @@ def targets(points: List[Dict[str, Any]]) -> Dict[str, Any]:
 
     checks = [check(p) for p in ours]
     out["points_within_limit"] = checks
+    # issue 14's goals: the same three, at ≤ 1/16 (stretch 1/32) of the LoRA bytes on disk, headers included
+    for limit in (16, 32):
+        within = [dict(check(p), fraction_on_disk=p["fraction_on_disk"]) for p in points
+                  if p["impl"] == "ours" and p.get("fraction_on_disk", 1.0) <= 1 / limit + 1e-9]
+        if within:
+            best16 = max(within, key=lambda c: (c["retained_mean_ok"] + c["retained_min_ok"] + c["agreement_ok"],
+                                                c["agreement_mean"], c["retained_mean"] or 0))
+            out[f"on_disk_1_{limit}"] = {"best": best16, "all_met": best16["retained_mean_ok"]
+                                         and best16["retained_min_ok"] and best16["agreement_ok"]}
     if checks:
         best = max(checks, key=lambda c: (c["retained_mean_ok"] + c["retained_min_ok"] + c["agreement_ok"],
                                           c["agreement_mean"], c["retained_mean"] or 0))
@@ -691,14 +707,15 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append(row)
     lines += ["", "\\* adapter within 5 points of the majority class: left out of the retention mean "
               "(still in agreement).", ""]
-    lines += ["| operating point | bytes (% of LoRA) | k (mean) | acc. retained: mean / min | agreement: mean / min "
-              "| ΔW err: mean / worst adapter | compress s |", "|---|---|---|---|---|---|---|"]
+    lines += ["| operating point | bytes (% of LoRA) | on disk, headers incl. (% of LoRA) | k (mean) "
+              "| acc. retained: mean / min | agreement: mean / min "
+              "| ΔW err: mean / worst adapter | compress s |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["impl"] != "ours", p["fraction_of_lora_bytes"])):
         s = p["summary"]
         k = p.get("k_mean", p.get("k"))
         lines.append(
             f"| {p['label']} | {p['bytes']['tensor_bytes'] / 1e3:.0f} kB ({_pct(p['fraction_of_lora_bytes'])}%) | "
-            f"{k:.1f} | {_pct(s['retained_mean'])} / {_pct(s['retained_min'])} | "
+            f"{p['bytes'].get('files_bytes', 0) / 1e3:.0f} kB ({_pct(p.get('fraction_on_disk'))}%) | {k:.1f} | {_pct(s['retained_mean'])} / {_pct(s['retained_min'])} | "
             f"{_pct(s['agreement_mean'])} / {_pct(s['agreement_min'])} | {s['delta_w_error_mean']:.3f} / "
             f"{s['delta_w_error_worst']:.3f} | "
             f"{p['compress_seconds']:.2f} |")
@@ -712,6 +729,14 @@ def markdown(report: Dict[str, Any]) -> str:
                      f"{_pct(b['retained_mean'], 2)}% mean, {_pct(b['retained_min'], 2)}% min ({b['retained_min_task']}); "
                      f"agreement {_pct(b['agreement_mean'], 2)}% mean, {_pct(b['agreement_min'], 2)}% min "
                      f"({b['agreement_min_task']}).")
+    for limit in (16, 32):
+        od = tg.get(f"on_disk_1_{limit}")
+        if od:
+            b = od["best"]
+            lines.append(f"Best point within 1/{limit} of the bytes on disk (headers included): **{b['point']}** "
+                         f"({_pct(b['fraction_on_disk'])}% on disk): retained {_pct(b['retained_mean'], 2)}% mean, "
+                         f"{_pct(b['retained_min'], 2)}% min ({b['retained_min_task']}); agreement "
+                         f"{_pct(b['agreement_mean'], 2)}% mean: goals {'met' if od['all_met'] else 'missed'}.")
     if tg.get("vs_reference"):
         lines += ["", "Ours vs 0.1.3 at equal checkpoint bytes (retained % / agreement % / ΔW err mean / worst):", "",
                   "| point | 0.1.3 | ours, same k (fp32, same bytes) | ours, fp16 budget = 0.1.3's bytes |",
@@ -744,16 +769,20 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _on_disk(p: Dict[str, Any]) -> float:
+    """The point's bytes on disk (files, headers included) as a fraction of the LoRA bytes (older results: tensors)."""
+    return p.get("fraction_on_disk", p["fraction_of_lora_bytes"])
+
+
 def plot(report: Dict[str, Any], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     points = report["points"]
-    xs_all = [p["fraction_of_lora_bytes"] for p in points]
+    xs_all = [_on_disk(p) for p in points]
     fams: Dict[str, List[Dict[str, Any]]] = {}
     for p in points:
         fams.setdefault(p["family"], []).append(p)
@@ -765,6 +794,8 @@ def plot(report: Dict[str, Any], png: Path) -> None:
         "ours fp32, auto": dict(color="tab:purple", marker="^", ls="none", ms=7),
         "ours fp32, k, weighting=factors": dict(color="tab:gray", marker="x", ls="--"),
         "0.1.3, k": dict(color="tab:red", marker="v", ls="--", ms=7),
+        "ours int8, byte budget": dict(color="tab:orange", marker="*", ls="-", ms=9),
+        "ours nf4, byte budget": dict(color="tab:brown", marker="X", ls="-", ms=8),
     }
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), constrained_layout=True)
     n_el = len(report["eligible"])
@@ -773,10 +804,10 @@ def plot(report: Dict[str, Any], png: Path) -> None:
                            (axes[1], "agreement_mean",
                             f"Prediction agreement with the original adapter, mean over {len(report['tasks'])} tasks")):
         for fam, ps in fams.items():
-            ps = sorted((p for p in ps if p["summary"][key] is not None), key=lambda p: p["fraction_of_lora_bytes"])
+            ps = sorted((p for p in ps if p["summary"][key] is not None), key=_on_disk)
             if not ps:
                 continue
-            xs = [p["fraction_of_lora_bytes"] for p in ps]
+            xs = [_on_disk(p) for p in ps]
             ys = [100 * p["summary"][key] for p in ps]
             ax.plot(xs, ys, label=fam, **style.get(fam, {}))
             if fam == "0.1.3, k" or fam == "ours fp32, k":
@@ -786,15 +817,17 @@ def plot(report: Dict[str, Any], png: Path) -> None:
                                 xytext=(4, -11 if fam == "0.1.3, k" else 5), color=style[fam]["color"])
         ax.axhline(100, color="black", lw=1.2, label="original adapters (100%)")
         ax.axvline(TARGET_FRACTION, color="gray", lw=1, ls=":", label="1/6 of the LoRA bytes")
+        ax.axvline(1 / 16, color="tab:brown", lw=1, ls=":", label="1/16 of the LoRA bytes on disk (issue 14)")
         ax.axhline(99 if key == "retained_mean" else 97, color="tab:green", lw=0.8, ls=":",
                    label="target: 99% retained (left), 97% agreement (right)")
         ax.set_xscale("log")
-        ticks = [t for t in (0.02, 0.05, 0.1, TARGET_FRACTION, 0.25, 0.5, 1.0, 2.0)
+        ticks = [t for t in (1 / 32, 1 / 16, 0.1, TARGET_FRACTION, 0.25, 0.5, 1.0, 2.0)
                  if min(xs_all) / 1.5 <= t <= max(xs_all) * 1.5]
         ax.set_xticks(ticks)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "1/6" if abs(v - TARGET_FRACTION) < 1e-9 else f"{100 * v:g}%"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: next(
+            (f"1/{n}" for n in (6, 16, 32) if abs(v - 1 / n) < 1e-9), f"{100 * v:g}%")))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("checkpoint bytes / original LoRA bytes (log scale)")
+        ax.set_xlabel("checkpoint bytes on disk (headers included) / original LoRA bytes (log scale)")
         ax.set_ylabel("%")
         ax.set_title(title)
         vals = [100 * p["summary"][key] for p in points if p["summary"][key] is not None]
@@ -805,7 +838,7 @@ def plot(report: Dict[str, Any], png: Path) -> None:
     fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8.5, frameon=False)
     fig.suptitle(f"lorashare vs lorashare 0.1.3: {len(report['tasks'])} LoRA adapters (r=8, query/value) of "
                  f"all-MiniLM-L6-v2 on real tasks, {report['date']}\n"
-                 "checkpoint bytes = shared bases + per-adapter loadings (classifier heads excluded), "
+                 "checkpoint bytes = the files of the shared bases + per-adapter loadings (headers included, classifier heads excluded), "
                  f"vs lora_A + lora_B of the originals ({report['original_lora_bytes'] / 1e6:.2f} MB)", fontsize=10.5)
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

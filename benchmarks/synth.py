@@ -143,6 +143,18 @@ SHAPES: dict[str, ShapeSpec] = {
         "meta-llama/Llama-2-7b-hf",
         "CAUSAL_LM",
     ),
+    # Two layers of q/v at d=4096: the auto/budget speed benchmark (benchmarks/spectra.py), N up to 800.
+    "7b-qv2": ShapeSpec(
+        "7b-qv2",
+        tuple(f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")),
+        4096,
+        4096,
+        16,
+        32,
+        ("q_proj", "v_proj"),
+        "meta-llama/Llama-2-7b-hf",
+        "CAUSAL_LM",
+    ),
     # One decoder layer of the 7B shape: per-group timing at d=4096 in seconds.
     "7b-slice": ShapeSpec(
         "7b-slice",

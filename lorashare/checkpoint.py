@@ -11,6 +11,10 @@ Layout (a superset of what lorashare 0.1.x writes)::
     adapters/<name>/adapter_meta.json      {"adapter_name", "original_config", ...}
     README.md                              model card
 
+With ``int8`` / ``nf4`` storage (format 2) each of those safetensors files holds instead three
+tensors, ``index`` (n × 2: the key's position in sorted ``k_per_group``, its width), ``codes`` and
+``scales`` (see :mod:`lorashare.storage` and ``_decode``).
+
 A factor comes back as ``B = U_B L_B`` and ``A = (U_A L_A)ᵀ``.  Only JSON and
 safetensors are read; adapter names are checked before they touch a path.
 """
@@ -35,7 +39,7 @@ from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from .jsonfile import loads as json_loads
 from .loraconfig import check_lora_config
 from .names import check_name, is_within
-from .storage import NF4_BLOCK, QUANTIZED, SCALE_SUFFIX, SCHEMES, Stored, is_quantized, quantize
+from .storage import NF4_BLOCK, PACKED_KEYS, QUANTIZED, SCHEMES, Stored, code_shape, is_quantized, quantize, scale_count
 from .tensorfile import TensorFile, save_bytes
 
 logger = logging.getLogger(__name__)
@@ -268,9 +272,9 @@ _CONFIG_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "dtype": (lambda v: isinstance(v, str) and v in SCHEMES, f"one of {', '.join(SCHEMES)}"),
     "storage": (lambda v: v is None or (isinstance(v, dict) and set(v) == {"bases", "loadings", "block_size", "layout"}
                                         and v["bases"] in QUANTIZED and v["loadings"] in QUANTIZED
-                                        and v["block_size"] == NF4_BLOCK and v["layout"] == "component-major"),
+                                        and v["block_size"] == NF4_BLOCK and v["layout"] == "packed"),
                 f'null or {{"bases": int8|nf4, "loadings": int8|nf4, "block_size": {NF4_BLOCK}, '
-                '"layout": "component-major"}'),
+                '"layout": "packed"}'),
     "budget_bytes": (_opt(lambda v: _is_int(v, 1)), "a positive integer or null"),
     "requested_components": (lambda v: v is None or v == "auto" or _is_int(v, 1), "an integer ≥ 1, 'auto' or null"),
     "k_per_group": (_str_map(_is_int), 'an object {"<module>:<A|B>": k}'),
@@ -342,7 +346,7 @@ def _check_format_version(data: Mapping[str, Any], path: str) -> None:
         return
     fv = data["format_version"]
     if isinstance(fv, bool) or not isinstance(fv, int):
-        raise _bad(path, "format_version", fv, f"the integer {FORMAT_VERSION}")
+        raise _bad(path, "format_version", fv, "the integer 1 (or 2, with int8 or nf4 storage)")
     if fv > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format_version {fv}; this lorashare reads up to {FORMAT_VERSION}. "
@@ -386,6 +390,10 @@ def _checked_config(data: Dict[str, Any], path: str) -> Dict[str, Any]:
             for need in needs:
                 if not _is_real(st.get(need)):
                     raise _bad(path, f"compression_stats.{need}", st.get(need), f"a number (compression_stats.{key} is set)")
+    capped = st.get("capped_groups")
+    if capped is not None and not (isinstance(capped, list) and all(isinstance(k, str) and k.endswith((":A", ":B"))
+                                                                   for k in capped)):
+        raise _bad(path, "compression_stats.capped_groups", capped, 'a list of "<module>:<A|B>" keys')
     card = st.get("card")
     if card is not None and not (isinstance(card, dict) and all(_opt(_is_str)(v) for v in card.values())):
         raise _bad(path, "compression_stats.card", card, "an object of strings (repo_id, license, description)")
@@ -540,47 +548,60 @@ def load_checkpoint(
 
 def _decode(raw: Mapping[str, torch.Tensor], scheme: str, cfg: SHAREConfig, folder: str, rel: str,
             adapter: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Stored]]:
-    """A quantized file's codes and scales, checked tensor by tensor: ``(dequantized floats, stored forms)``.
+    """A packed quantized file, checked field by field: ``(dequantized floats, stored forms)``.
 
-    The basis file holds ``Uᵀ`` (k × d), a loadings file ``L`` (k × r); k comes from ``k_per_group``,
-    so a file that disagrees with the config is refused before any byte is decoded.
+    ``index`` row i is (position of the tensor's key in sorted ``k_per_group``, c); its codes and
+    scales follow those of the rows before it in ``codes`` and ``scales``.  The basis file holds
+    ``Uᵀ`` (k × d), a loadings file ``L`` (k × r); k comes from ``k_per_group``, so a file that
+    disagrees with the config is refused before any byte is decoded.
     """
-    def fail(key: str, why: str) -> CheckpointError:
-        return CheckpointError(f"{rel} in {folder}: {key!r} {why}. {_FIX}", adapter=adapter,
-                               path=os.path.join(folder, *rel.split("/")), layer=key)
+    def fail(what: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{rel} in {folder}: {what} {why}. {_FIX}", adapter=adapter,
+                               path=os.path.join(folder, *rel.split("/")))
 
+    if set(raw) != set(PACKED_KEYS):
+        raise fail("tensors", f"are {sorted(raw)}; a {scheme} file holds exactly {list(PACKED_KEYS)}")
+    index, codes, scales = raw["index"], raw["codes"], raw["scales"]
+    want_codes = torch.int8 if scheme == "int8" else torch.uint8
+    if index.dtype != torch.int32 or index.dim() != 2 or index.shape[1] != 2:
+        raise fail("'index'", f"is {tuple(index.shape)} {index.dtype}; expected (n, 2) int32")
+    if codes.dtype != want_codes or codes.dim() != 1:
+        raise fail("'codes'", f"is {tuple(codes.shape)} {codes.dtype}; expected a vector of {want_codes} ({scheme})")
+    if scales.dtype != torch.float32 or scales.dim() != 1:
+        raise fail("'scales'", f"is {tuple(scales.shape)} {scales.dtype}; expected a vector of float32 scales")
+    if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+        raise fail("'scales'", "holds a negative, NaN or infinite scale")
+    if scheme == "int8" and bool((codes == -128).any()):
+        raise fail("'codes'", "holds the code -128; int8 codes are symmetric, in [-127, 127]")
+    groups = sorted(cfg.k_per_group)
     floats: Dict[str, torch.Tensor] = {}
     stored: Dict[str, Stored] = {}
-    for key in raw:
-        if key.endswith(SCALE_SUFFIX):
-            if key[: -len(SCALE_SUFFIX)] not in raw:
-                raise fail(key, "is a scale without its codes")
-            continue
-        codes, scale = raw[key], raw.get(key + SCALE_SUFFIX)
-        k = cfg.k_per_group.get(key)
+    at = sat = 0
+    for g, c in index.tolist():
+        if not (0 <= g < len(groups)) or c < 1:
+            raise fail(f"'index' row ({g}, {c})", f"is not (a position in share_config.json's {len(groups)} "
+                                                   "k_per_group keys, sorted; a width ≥ 1)")
+        key = groups[g]
+        if key in stored:
+            raise fail(f"'index' row ({g}, {c})", f"names {key!r} a second time")
+        k = cfg.k_per_group[key]
         if not _is_int(k, 1):
-            raise fail(key, "has no k in share_config.json's k_per_group (expected one for every stored tensor)")
-        if scale is None:
-            raise fail(key, f"has no scales ({key + SCALE_SUFFIX!r} is missing)")
-        want_codes = torch.int8 if scheme == "int8" else torch.uint8
-        rows = k if scheme == "int8" else -(-k // 2)
-        if codes.dtype != want_codes or codes.dim() != 2 or codes.shape[0] != rows:
-            raise fail(key, f"is {tuple(codes.shape)} {codes.dtype}; {scheme} codes are ({rows}, c) {want_codes} "
-                            f"for k = {k}")
-        c = int(codes.shape[1])
-        nscale = k if scheme == "int8" else -(-k * c // NF4_BLOCK)
-        if scale.dtype != torch.float32 or tuple(scale.shape) != (nscale,):
-            raise fail(key + SCALE_SUFFIX, f"is {tuple(scale.shape)} {scale.dtype}; expected ({nscale},) float32 scales "
-                                           f"for {scheme} codes ({rows}, {c})")
-        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-            raise fail(key + SCALE_SUFFIX, "holds a negative, NaN or infinite scale")
-        if scheme == "int8" and bool((codes == -128).any()):
-            raise fail(key, "holds the code -128; int8 codes are symmetric, in [-127, 127]")
-        if scheme == "nf4" and k % 2 and bool(((codes[-1] & 0xF) != 7).any()):
-            raise fail(key, "has padding codes other than 0.0 (code 7) in the low nibbles of its last row (k is odd)")
-        st = Stored(scheme, (k, c), codes, scale, transposed=adapter is None)
+            raise fail(f"k_per_group[{key!r}]", f"is {k!r}, expected an integer ≥ 1")
+        rows, _ = code_shape(scheme, k, c)
+        n, ns = rows * c, scale_count(k, c)
+        if at + n > codes.numel() or sat + ns > scales.numel():
+            raise fail(f"{key!r} (k = {k}, c = {c})", f"needs codes up to {at + n} and scales up to {sat + ns}, but "
+                                                     f"the file has {codes.numel()} and {scales.numel()}")
+        block = codes[at:at + n].reshape(rows, c)
+        if scheme == "nf4" and k % 2 and bool(((block[-1] & 0xF) != 7).any()):
+            raise fail(repr(key), "has padding codes other than 0.0 (code 7) in the low nibbles of its last row (k is odd)")
+        st = Stored(scheme, (k, c), block.clone(), scales[sat:sat + ns].clone(), transposed=adapter is None)
         stored[key] = st
         floats[key] = st.dequantize()
+        at, sat = at + n, sat + ns
+    if at != codes.numel() or sat != scales.numel():
+        raise fail("'codes' and 'scales'", f"hold {codes.numel()} codes and {scales.numel()} scales, but the index "
+                                           f"accounts for {at} and {sat}")
     return floats, stored
 
 
@@ -711,16 +732,18 @@ def save_checkpoint(
     cfg = data.config
     payload: Dict[str, bytes] = {}
     quantized = is_quantized(cfg.dtype)
+    groups = sorted(cfg.k_per_group)  # a packed file's index points into these
     cfg.storage = {"bases": cfg.dtype, "loadings": cfg.dtype, "block_size": NF4_BLOCK,
-                   "layout": "component-major"} if quantized else None
+                   "layout": "packed"} if quantized else None
     payload[COMPONENTS_FILE] = save_bytes(  # one key: Rust writes a map in random order
-        _encode(data.components, data.stored_components, cfg.storage and cfg.storage["bases"], True), {"format": "pt"})
+        _encode(data.components, data.stored_components, cfg.storage and cfg.storage["bases"], True, groups),
+        {"format": "pt"})
     for name in cfg.adapter_names:
         check_name(name)
         base = f"adapters/{name}"
         payload[f"{base}/{LOADINGS_FILE}"] = save_bytes(
             _encode(data.loadings[name], data.stored_loadings.get(name, {}), cfg.storage and cfg.storage["loadings"],
-                    False), {"format": "pt"})
+                    False, groups), {"format": "pt"})
         if data.heads.get(name):
             payload[f"{base}/{HEAD_FILE}"] = save_bytes(data.heads[name], {"format": "pt"})
         payload[f"{base}/{META_FILE}"] = json.dumps(data.metas.get(name, {}), indent=2, sort_keys=True).encode()
@@ -739,15 +762,22 @@ def save_checkpoint(
 
 
 def _encode(tensors: Mapping[str, torch.Tensor], stored: Mapping[str, Stored], scheme: Optional[str],
-            transposed: bool) -> Dict[str, torch.Tensor]:
-    """What a file holds: the tensors as they are for floats; codes and scales for a quantized scheme,
-    the given stored form where there is one (never re-quantized), else quantized now."""
+            transposed: bool, groups: List[str]) -> Dict[str, torch.Tensor]:
+    """What a file holds: the tensors as they are for floats; for a quantized scheme, every
+    tensor's codes and scales packed (see :func:`_decode`), from its given stored form where there
+    is one (never re-quantized), else quantized now."""
     if scheme is None:
         return dict(tensors)
-    out: Dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
+    pos = {g: i for i, g in enumerate(groups)}
+    rows, codes, scales = [], [], []
+    for key in sorted(tensors, key=lambda kk: pos[kk]):
         st = stored.get(key)
         if st is None or st.scheme != scheme:
-            st = quantize(t, scheme, transposed=transposed)
-        out.update(st.tensors(key))
-    return out
+            st = quantize(tensors[key], scheme, transposed=transposed)
+        rows.append((pos[key], st.shape[1]))
+        codes.append(st.codes.reshape(-1))
+        scales.append(st.scale.reshape(-1))
+    dt = torch.int8 if scheme == "int8" else torch.uint8
+    return {"codes": torch.cat(codes) if codes else torch.zeros(0, dtype=dt),
+            "index": torch.tensor(rows, dtype=torch.int32).reshape(-1, 2),
+            "scales": torch.cat(scales) if scales else torch.zeros(0)}

@@ -20,12 +20,23 @@ import torch
 from . import subspace as S
 from .adapters import MAX_FACTOR_ABS, Adapter
 from .errors import AdapterError, ConfigError
-from .storage import DTYPES
+from .storage import (
+    DTYPES,
+    SCHEMES,
+    Stored,
+    component_nbytes,
+    header_nbytes,
+    is_quantized,
+    packed_entries,
+    quantize,
+    stored_entries,
+    stored_nbytes,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompressOptions", "GroupPlan", "GroupResult", "plan_groups", "compress", "group_key", "split_group_key",
-           "check_storable", "check_number"]
+           "check_storable", "check_number", "files_overhead"]
 
 
 
@@ -84,8 +95,8 @@ class CompressOptions:
             raise ConfigError(f"num_components={k!r}: expected an integer ≥ 1 or 'auto' (k < 1 keeps nothing).")
         check_number("variance_threshold", self.variance_threshold, low=0.0, high=1.0,
                       expected="a number in (0, 1] (the share of ΔW energy to keep, e.g. 0.95)")
-        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}.")
+        if not isinstance(self.dtype, str) or self.dtype not in SCHEMES:
+            raise ConfigError(f"dtype={self.dtype!r}: expected one of {', '.join(SCHEMES)}.")
         if not isinstance(self.weighting, str) or self.weighting not in ("delta_w", "factors"):
             raise ConfigError(f"weighting={self.weighting!r}: expected 'delta_w' or 'factors'.")
         if self.budget_bytes is not None and (
@@ -141,6 +152,10 @@ class GroupResult:
     explained: Dict[str, float]  # side -> kept share of ΔW energy
     rel_error: List[float]  # per member: ‖ΔW − ΔŴ‖ / ‖ΔW‖
     sqnorm: List[float] = field(default_factory=list)  # per member ‖B A‖²
+    capped: Tuple[str, ...] = ()  # sides whose k stopped at the break-even (auto and budget modes)
+    # Quantized schemes: the stored forms (basis and loadings above are their dequantized floats).
+    stored_basis: Dict[str, Stored] = field(default_factory=dict)
+    stored_loadings: Dict[str, List[Stored]] = field(default_factory=dict)
 
 
 def plan_groups(adapters: Sequence[Adapter]) -> List[GroupPlan]:
@@ -283,7 +298,7 @@ def _stored_errors(FA, FB, UA_s, UB_s, LA, LB, GA, GB, ranks, work_bytes: int):
     for i0 in range(0, N, per):
         i1 = min(N, i0 + per)
         sl = slice(i0 * r, i1 * r)
-        blk = lambda t: t.unflatten(-2, (i1 - i0, r))  # noqa: E731  (G, m, r, d)
+        blk = lambda t, m=i1 - i0: t.unflatten(-2, (m, r))  # noqa: E731  (G, m, r, d)
         e, o = S.delta_w_error_rows(
             blk(FA[..., sl, :]), blk(FB[..., sl, :]),
             blk(S.reconstruct_rows(UA_s, LA[..., sl])), blk(S.reconstruct_rows(UB_s, LB[..., sl])),
@@ -309,15 +324,24 @@ def _finish_chunk(
     UB: torch.Tensor,
     totals: Dict[str, torch.Tensor],
     kept: Dict[str, torch.Tensor],
-    dtype: torch.dtype,
+    scheme: str,
     work_bytes: int = 16 * 1024 * 1024,
 ) -> List[GroupResult]:
-    """Project onto the bases, round to the storage dtype, and measure the ΔW error."""
+    """Project onto the bases, round to the storage scheme, and measure the ΔW error of what is stored."""
     ranks = chunk[0].ranks
-    UA_s, UB_s = UA.to(dtype), UB.to(dtype)
-    UAf, UBf = UA_s.float(), UB_s.float()
-    QA, QB = S.project(UAf, FA), S.project(UBf, FB)  # exact coordinates (G, k, n)
-    LA, LB = QA.to(dtype), QB.to(dtype)
+    stored_b: Dict[str, List[Stored]] = {}
+    stored_l: Dict[str, List[List[Stored]]] = {}
+    if is_quantized(scheme):
+        (UA_s, stored_b["A"]), (UB_s, stored_b["B"]) = _store_bases(UA, scheme), _store_bases(UB, scheme)
+        UAf, UBf = UA_s, UB_s
+        QA, QB = S.project(UAf, FA), S.project(UBf, FB)  # exact coordinates (G, k, n) on the stored bases
+        (LA, stored_l["A"]), (LB, stored_l["B"]) = _store_loadings(QA, ranks, scheme), _store_loadings(QB, ranks, scheme)
+    else:
+        dtype = DTYPES[scheme]
+        UA_s, UB_s = UA.to(dtype), UB.to(dtype)
+        UAf, UBf = UA_s.float(), UB_s.float()
+        QA, QB = S.project(UAf, FA), S.project(UBf, FB)  # exact coordinates (G, k, n)
+        LA, LB = QA.to(dtype), QB.to(dtype)
     err, orig = _coord_errors(QA, QB, LA, LB, UAf, UBf, GA, GB, ranks)
     # Expanding the square loses precision for tiny errors: measure those groups on the residual.
     redo = ((err < 1e-4 * orig) & (orig > 0)).any(-1).nonzero().flatten().tolist()
@@ -343,9 +367,25 @@ def _finish_chunk(
                 explained=expl,
                 rel_error=[float(x) for x in rel[g]],
                 sqnorm=[float(x) for x in orig[g]],
+                stored_basis={s: b[g] for s, b in stored_b.items()},
+                stored_loadings={s: ls[g] for s, ls in stored_l.items()},
             )
         )
     return out
+
+
+def _store_bases(U: torch.Tensor, scheme: str) -> Tuple[torch.Tensor, List[Stored]]:
+    """Quantize each basis (G, d, k): the stored forms, and their dequantized floats on U's device."""
+    stored = [quantize(U[g].cpu(), scheme, transposed=True) for g in range(U.shape[0])]
+    return torch.stack([s.dequantize(U.device) for s in stored]), stored
+
+
+def _store_loadings(Q: torch.Tensor, ranks: Tuple[int, ...], scheme: str) -> Tuple[torch.Tensor, List[List[Stored]]]:
+    """Quantize each member's loading (k × r_i) of coordinates Q (G, k, n): dequantized floats, stored forms."""
+    Qc = Q.cpu()
+    stored = [[quantize(Qc[g, :, sl], scheme) for sl in S._blocks(ranks)] for g in range(Q.shape[0])]
+    deq = torch.stack([torch.cat([s.dequantize() for s in row], -1) for row in stored]).to(Q.device)
+    return deq, stored
 
 
 def _weights(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...], weighting: str = "delta_w"):
@@ -353,32 +393,198 @@ def _weights(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...], weighti
     GB = S.factor_gram(FB, ranks)
     WA, WB, sq = S.side_weights(GA, GB)
     if weighting == "factors":  # the plain factor PCA of the paper (uncentred), for comparison
-        WA = [torch.eye(g.shape[-1], dtype=g.dtype).expand_as(g) for g in GA]
-        WB = [torch.eye(g.shape[-1], dtype=g.dtype).expand_as(g) for g in GB]
+        WA = [torch.eye(g.shape[-1], dtype=g.dtype, device=g.device).expand_as(g) for g in GA]
+        WB = [torch.eye(g.shape[-1], dtype=g.dtype, device=g.device).expand_as(g) for g in GB]
     # Total weighted energy of each side: Σ_i tr(Wᵢᵀ Gᵢ Wᵢ) (= number of non-zero ΔW_i).
     tot_A = sum((g * (w @ w.transpose(-1, -2))).sum((-1, -2)) for w, g in zip(WA, GA))
     tot_B = sum((g * (w @ w.transpose(-1, -2))).sum((-1, -2)) for w, g in zip(WB, GB))
     return GA, GB, WA, WB, sq, {"A": tot_A, "B": tot_B}
 
 
+#: Up to this many factor rows (n = Σ r_i) a side's full spectrum is one cheap ``eigh``; above, it is grown.
+EXACT_SPECTRUM_ROWS = 256
+
+
+#: Budget mode keeps pass 1's bases for pass 2 up to this many bytes (beyond, pass 2 fits again).
+KEEP_BASES_BYTES = 1 << 30
+
+
 def _spectra(
-    adapters: Sequence[Adapter], plans: Sequence[GroupPlan], opts: CompressOptions, bar,
-    where: Optional[List[GroupPlan]] = None,
+    adapters: Sequence[Adapter], plans: Sequence[GroupPlan], opts: CompressOptions, depth: Dict[str, int], bar,
+    where: Optional[List[GroupPlan]] = None, bases: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Full weighted spectrum of every (module, side): pass 1 of the budget mode."""
+    """Top ``depth[key]`` eigenvalues of every (module, side)'s weighted Gram: pass 1 of the budget mode.
+
+    Small stacks get the full spectrum from one ``eigh``; larger ones only the
+    partial spectrum that the budget can reach (:func:`subspace.spectrum_to_depth`),
+    whose bases go into ``bases`` (on the CPU, within ``KEEP_BASES_BYTES``) for pass 2.
+    """
     out: Dict[str, torch.Tensor] = {}
+    seed = 0
     for chunk in _chunks(plans, opts.chunk_bytes, where):
         FA, FB = _read_chunk(chunk, adapters)
+        if opts.device:
+            FA, FB = FA.to(opts.device), FB.to(opts.device)
         ranks = chunk[0].ranks
         _, _, WA, WB, _, _ = _weights(FA, FB, ranks, opts.weighting)
         for side, F, W in (("A", FA, WA), ("B", FB, WB)):
-            # float32 is plenty to rank directions for the allocation, and twice as fast
-            evals, _ = S.top_eigh(S.weighted_gram(F, W, ranks, torch.float32))
+            seed += 1
+            n, d = F.shape[-2], F.shape[-1]
+            want = max(depth[group_key(p.module, side)] for p in chunk)
+            if n <= EXACT_SPECTRUM_ROWS or _exact_cheaper(n, d, want + 16, vectors=False):
+                # float32 is plenty to rank directions for the allocation, and twice as fast
+                evals, _, _ = _exact_spectrum(F, W, ranks, torch.float32, vectors=False)
+            else:
+                evals, U = S.spectrum_to_depth(F, W, ranks, want, power_iters=opts.power_iters, seed=seed, basis=True)
+                if bases is not None:
+                    held = sum(b.numel() * b.element_size() for b, _ in bases.values())
+                    for g, p in enumerate(chunk):
+                        if held + U[g].numel() * U[g].element_size() <= KEEP_BASES_BYTES:
+                            bases[group_key(p.module, side)] = (U[g].cpu(), evals[g].cpu())
+                            held += U[g].numel() * U[g].element_size()
             for g, p in enumerate(chunk):
-                out[group_key(p.module, side)] = evals[g]
+                out[group_key(p.module, side)] = evals[g].cpu()
         if bar is not None:
             bar.update(len(chunk))
     return out
+
+
+def _exact_cheaper(n: int, d: int, ell: int, vectors: bool = True) -> bool:
+    """Whether a full ``eigh`` on the small side beats a randomized range ``ell`` wide.
+
+    Rough flop counts: the Gram (d·m², m = min(n, d)) plus an ``eigh`` (~10·m³ with
+    vectors, ~2·m³ for values only, weighted for LAPACK's lower speed) against ~8
+    passes over the stack (d·n·ℓ each) plus the orthonormalisations (~6·d·ℓ²).
+    """
+    m = min(n, d)
+    return d * m * m + (10 if vectors else 2) * m**3 < 8 * d * n * ell + 6 * d * ell * ell
+
+
+def _exact_spectrum(
+    F: torch.Tensor, W: List[torch.Tensor], ranks: Tuple[int, ...], dtype: torch.dtype, vectors: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
+    """Full spectrum of the weighted Gram on the stack's small side: ``(evals, V or None, on_range_side)``.
+
+    For n ≤ d the n × n Gram (vectors: coordinates for :func:`subspace.basis_from_eigh`);
+    for n > d the d × d one, whose vectors are the basis itself.
+    """
+    n, d = F.shape[-2], F.shape[-1]
+    K = S.weighted_gram(F, W, ranks, dtype) if n <= d else S.range_gram(F, W, ranks, dtype)
+    if not vectors:
+        return S.top_eigvals(K), None, n > d
+    evals, V = S.top_eigh(K)
+    return evals, V, n > d
+
+
+def _column_bytes(scheme: str, d: int, ranks: Sequence[int]) -> float:
+    """Bytes of one more component of a side: a basis column of d values and one loading row per adapter."""
+    return component_nbytes(scheme, d) + sum(component_nbytes(scheme, r) for r in ranks)
+
+
+def _caps(adapters: Sequence[Adapter], plans: Sequence[GroupPlan], scheme: str) -> Dict[str, int]:
+    """Per (module, side): the largest k whose bases + loadings stay smaller than the factors they replace.
+
+    The factors are counted at their own size on disk (float16 adapters are half the
+    bytes of float32 ones), the components at the storage scheme's.
+    """
+    caps: Dict[str, int] = {}
+    for p in plans:
+        for side, d in (("A", p.d_in), ("B", p.d_out)):
+            original = 0
+            for i in p.members:
+                info = adapters[i].modules[p.module]
+                original += adapters[i]._tf().infos[info.a_key if side == "A" else info.b_key].nbytes
+            caps[group_key(p.module, side)] = S.largest_saving_k(original, _column_bytes(scheme, d, p.ranks))
+    return caps
+
+
+def _budget_ks(
+    adapters: Sequence[Adapter], plans: Sequence[GroupPlan], opts: CompressOptions, caps: Dict[str, int],
+    budget: float, bar, where: List[GroupPlan], bases: Dict[str, Tuple[torch.Tensor, torch.Tensor]],
+) -> Tuple[Dict[str, int], List[str], float]:
+    """k per (module, side) by water-filling the budget over partial spectra, never past the break-even.
+
+    The spectra are computed only as deep as the budget reaches: a first depth from
+    the budget's average k, then a module side whose every computed direction was
+    bought is deepened (twice as deep) and the filling redone.  A direction that
+    was not computed is worth at most the smallest computed one, so once no side is
+    exhausted the allocation is the one the full spectra would give.
+    Returns ``(k per key, keys capped with budget to spare, bytes spent)``; ``bases`` receives
+    the partial spectra's bases (top directions first), which pass 2 reuses.
+    """
+    keys, costs, lims, lossless = [], [], {}, {}
+    for p in plans:
+        for side, d in (("A", p.d_in), ("B", p.d_out)):
+            key = group_key(p.module, side)
+            keys.append(key)
+            costs.append(_column_bytes(opts.dtype, d, p.ranks))
+            lossless[key] = min(p.n, d)
+            lims[key] = max(1, min(caps[key], lossless[key]))
+    mean_k = budget / max(1.0, sum(costs))
+    depth = {key: min(lims[key], max(16, math.ceil(2 * mean_k))) for key in keys}
+    spectra: Dict[str, torch.Tensor] = {}
+    todo = list(plans)
+    while True:
+        spectra.update(_spectra(adapters, todo, opts, depth, bar, where, bases))
+        specs = [spectra[key][: lims[key]] for key in keys]
+        ks = S.water_fill(specs, costs, budget)
+        deepen = {key for key, k, sp in zip(keys, ks, specs) if k == len(sp) < lims[key]}
+        if not deepen:
+            break
+        for key in deepen:
+            depth[key] = min(lims[key], 2 * depth[key])
+        todo = [p for p in plans if group_key(p.module, "A") in deepen or group_key(p.module, "B") in deepen]
+        logger.debug("budget: deepening the spectra of %d module sides", len(deepen))
+    ks = _fit_exact_bytes(plans, specs, ks, opts.dtype, budget)  # quantized storage rounds up per tensor
+    spent = sum(_group_nbytes(p, side, k, opts.dtype) for (p, side), k in zip(((p, s) for p in plans for s in "AB"), ks))
+    # Capped: stopped at the break-even while the budget could buy another direction.
+    capped = [key for key, k, c in zip(keys, ks, costs) if k == caps[key] < lossless[key] and spent + c <= budget]
+    return dict(zip(keys, ks)), capped, spent
+
+
+def _auto_side(
+    F: torch.Tensor, W: List[torch.Tensor], ranks: Tuple[int, ...], total: torch.Tensor, caps: Sequence[int],
+    opts: CompressOptions, seed: int,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[bool]]:
+    """``num_components="auto"``: per group, the smallest k keeping ``variance_threshold``, capped at break-even.
+
+    Small stacks: one ``eigh`` whose vectors also give the basis.  Larger ones: the
+    spectrum is grown only as deep as the threshold needs (:func:`subspace.threshold_bases`).
+    Returns ``(bases, kept energies, capped)`` per group.
+    """
+    G, n, d = F.shape[0], F.shape[-2], F.shape[-1]
+    Us: List[Optional[torch.Tensor]] = [None] * G
+    kept: List[Optional[torch.Tensor]] = [None] * G
+    capped = [False] * G
+    if n > EXACT_SPECTRUM_ROWS:
+        # Grow while that is cheaper than the exact path; what is left goes there.
+        widest = 16
+        while widest < min(n, d) and not _exact_cheaper(n, d, 2 * widest):
+            widest *= 2
+        Us, kept, capped = S.threshold_bases(F, W, ranks, total, opts.variance_threshold, caps,
+                                             power_iters=opts.power_iters, seed=seed, max_block=widest)
+    rest = [g for g in range(G) if Us[g] is None]
+    if rest:
+        Fr, Wr = F[rest], [w[rest] for w in W]
+        evals, V, range_side = _exact_spectrum(Fr, Wr, ranks, torch.float64, vectors=True)
+        for j, g in enumerate(rest):
+            k = S.choose_k(evals[j], opts.variance_threshold)
+            capped[g] = k > max(1, caps[g])
+            k = min(k, max(1, caps[g]))
+            if range_side:
+                Us[g] = V[j, :, :k].to(F.dtype).contiguous()
+            else:
+                Us[g] = S.basis_from_eigh(Fr[j : j + 1], [w[j : j + 1] for w in Wr], ranks, V[j : j + 1], evals[j : j + 1], k)[0]
+            kept[g] = evals[j, :k]
+    return Us, kept, capped  # type: ignore[return-value]
+
+
+def _warn_capped(capped: Sequence[str], total: int, why: str) -> None:
+    if capped:
+        shown = ", ".join(capped[:8]) + (f" and {len(capped) - 8} more" if len(capped) > 8 else "")
+        logger.warning(
+            "%d of %d module sides stopped at the break-even k (%s): beyond it their bases and loadings would "
+            "take more bytes than the factors they replace. Capped: %s.", len(capped), total, why, shown)
 
 
 def compress(
@@ -416,26 +622,22 @@ def _compress(
 ) -> List[GroupResult]:
     opts.validate()
     plans = list(plans) if plans is not None else plan_groups(adapters)
-    dtype = DTYPES[opts.dtype]
-    elem = torch.empty(0, dtype=dtype).element_size()
+    scheme = opts.dtype
     bar = _progress(opts, len(plans) * (2 if opts.budget_bytes else 1))
 
     fixed_k: Dict[str, int] = {}
-    spectra: Dict[str, torch.Tensor] = {}
+    capped: Dict[str, bool] = {}
+    pass1_bases: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (basis, its energies)
+    caps = _caps(adapters, plans, scheme) if (opts.budget_bytes is not None or opts.num_components == "auto") else {}
     if opts.budget_bytes is not None:
-        spectra = _spectra(adapters, plans, opts, bar, where)
-        keys, specs, costs = [], [], []
-        for p in plans:
-            for side, d in (("A", p.d_in), ("B", p.d_out)):
-                key = group_key(p.module, side)
-                keys.append(key)
-                specs.append(spectra[key][: min(p.n, d)])
-                costs.append((d + p.n) * elem)
-        ks = S.water_fill(specs, costs, opts.budget_bytes)
-        fixed_k = dict(zip(keys, ks))
-        spent = sum(k * c for k, c in zip(ks, costs))
+        overhead = files_overhead(plans, [a.name for a in adapters], scheme)
+        fixed_k, hit, spent = _budget_ks(adapters, plans, opts, caps, max(0, opts.budget_bytes - overhead), bar, where,
+                                         pass1_bases)
+        capped = dict.fromkeys(hit, True)
+        spent += overhead
         if spent > opts.budget_bytes:
             logger.warning("budget of %d bytes is below one component per module; using %d bytes", opts.budget_bytes, spent)
+        _warn_capped(hit, 2 * len(plans), "the budget could buy more")
 
     results: List[GroupResult] = []
     seed = 0
@@ -452,24 +654,27 @@ def _compress(
                 # Budget mode: each module has its own k, so fit group by group.
                 Us, kk = [], []
                 for g, p in enumerate(chunk):
-                    k = fixed_k[group_key(p.module, side)]
+                    key = group_key(p.module, side)
+                    k = fixed_k[key]
+                    U0, e0 = pass1_bases.pop(key, (None, None))
+                    if U0 is not None and U0.shape[-1] >= k:  # pass 1 already found it
+                        Us.append(U0[:, :k].to(F.device, F.dtype).contiguous())
+                        kk.append(e0[:k].to(F.device, torch.float64))
+                        continue
                     U, kv, _ = _fit_side(F[g : g + 1], [w[g : g + 1] for w in W], ranks, k, opts, seed)
                     Us.append(U[0])
                     kk.append(kv[0])
                 bases[side], kept[side] = Us, kk
             elif opts.num_components == "auto":
-                _, _, evals = _fit_side(F, W, ranks, None, opts, seed)
-                Us, kk = [], []
-                for g in range(len(chunk)):
-                    k = S.choose_k(evals[g], opts.variance_threshold)
-                    U, kv, _ = _fit_side(F[g : g + 1], [w[g : g + 1] for w in W], ranks, k, opts, seed)
-                    Us.append(U[0])
-                    kk.append(kv[0])
-                bases[side], kept[side] = Us, kk
+                group_caps = [caps[group_key(p.module, side)] for p in chunk]
+                bases[side], kept[side], hit = _auto_side(F, W, ranks, totals[side], group_caps, opts, seed)
+                capped.update({group_key(p.module, side): True for p, h in zip(chunk, hit) if h})
             else:
                 U, kv, _ = _fit_side(F, W, ranks, int(opts.num_components), opts, seed)
                 bases[side], kept[side] = list(U.unbind(0)), list(kv.unbind(0))
-        finished = _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype)
+        finished = _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, scheme)
+        for r in finished:
+            r.capped = tuple(side for side in "AB" if capped.get(group_key(r.plan.module, side)))
         for r in finished:
             check_storable(r.plan.module, opts.dtype, [
                 (adapters[i].name, L) for side in "AB" for i, L in zip(r.plan.members, r.loadings[side])])
@@ -478,16 +683,18 @@ def _compress(
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    if opts.num_components == "auto" and opts.budget_bytes is None:
+        _warn_capped(sorted(capped), 2 * len(plans), f"variance_threshold={opts.variance_threshold:g} was not reached")
     return results
 
 
-def _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype) -> List[GroupResult]:
+def _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, scheme: str) -> List[GroupResult]:
     """Finish a chunk; bases may differ in k per group, so batch only equal-k runs."""
     same = len({(u.shape, v.shape) for u, v in zip(bases["A"], bases["B"])}) == 1
     if same:
         UA, UB = torch.stack(bases["A"]), torch.stack(bases["B"])
         kd = {"A": torch.stack(kept["A"]), "B": torch.stack(kept["B"])}
-        res = _finish_chunk(chunk, FA, FB, GA, GB, sq, UA, UB, totals, kd, dtype)
+        res = _finish_chunk(chunk, FA, FB, GA, GB, sq, UA, UB, totals, kd, scheme)
     else:
         res = []
         for g in range(len(chunk)):
@@ -496,7 +703,7 @@ def _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype) -> Lis
                 _finish_chunk(
                     chunk[sl], FA[sl], FB[sl], [t[sl] for t in GA], [t[sl] for t in GB], [t[sl] for t in sq],
                     bases["A"][g][None], bases["B"][g][None], {s: totals[s][sl] for s in "AB"},
-                    {s: kept[s][g][None] for s in "AB"}, dtype,
+                    {s: kept[s][g][None] for s in "AB"}, scheme,
                 )
             )
     if FA.device.type != "cpu":
@@ -504,6 +711,58 @@ def _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, dtype) -> Lis
             r.basis = {s: t.cpu() for s, t in r.basis.items()}
             r.loadings = {s: [t.cpu() for t in ts] for s, ts in r.loadings.items()}
     return res
+
+
+def _group_nbytes(p: GroupPlan, side: str, k: int, scheme: str) -> int:
+    """Exact data bytes (scales and padding included) of one module side's basis and loadings at k."""
+    d = p.d_in if side == "A" else p.d_out
+    return stored_nbytes(scheme, k, d) + sum(stored_nbytes(scheme, k, r) for r in p.ranks)
+
+
+def _fit_exact_bytes(plans: Sequence[GroupPlan], specs: Sequence[torch.Tensor], ks: List[int], scheme: str,
+                     budget: float) -> List[int]:
+    """Water-filling prices a component at its average cost, but quantized blocks and nibble pairs
+    round up per tensor: drop the components that keep the least energy until the exact bytes fit."""
+    sides = [(p, s) for p in plans for s in "AB"]
+    cost = [_group_nbytes(p, s, k, scheme) for (p, s), k in zip(sides, ks)]
+    total = sum(cost)
+    ks = list(ks)
+    while total > budget:
+        live = [i for i, k in enumerate(ks) if k > 1]
+        if not live:
+            break
+        i = min(live, key=lambda j: float(specs[j][ks[j] - 1]) if ks[j] - 1 < len(specs[j]) else 0.0)
+        ks[i] -= 1
+        new = _group_nbytes(*sides[i], ks[i], scheme)
+        total += new - cost[i]
+        cost[i] = new
+    return ks
+
+
+def files_overhead(plans: Sequence[GroupPlan], names: Sequence[str], scheme: str) -> int:
+    """Bytes of the bases' and loadings' files beyond their data (headers; a quantized file's index), for a budget.
+
+    Shapes are taken at the largest k each module can have, so the digits (and the bytes)
+    are never underestimated.
+    """
+    kmax = {p.module: min(p.n, p.d_in, p.d_out) for p in plans}
+    bases: list = []
+    per: Dict[int, list] = {}
+    for p in plans:
+        k = kmax[p.module]
+        for side, d in (("A", p.d_in), ("B", p.d_out)):
+            key = group_key(p.module, side)
+            bases.append((key, k, d))
+            for i, r in zip(p.members, p.ranks):
+                per.setdefault(i, []).append((key, k, r))
+    meta = {"format": "pt"}
+    total = 0
+    for entries in [bases, *per.values()]:
+        if is_quantized(scheme):
+            total += header_nbytes(packed_entries(scheme, [(k, c) for _, k, c in entries]), meta) + 8 * len(entries)
+        else:
+            total += header_nbytes([e for key, k, c in entries for e in stored_entries(key, scheme, k, c)], meta)
+    return total
 
 
 def _progress(opts: CompressOptions, total: int):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -233,9 +232,12 @@ class SHAREModel:
             layer_by_layer, chunk_size: accepted for 0.1.x compatibility; lorashare
                 always streams one bounded chunk of modules at a time.
             on_error: ``"raise"``, or ``"skip"`` to log and drop unreadable adapters.
-            dtype: storage dtype of bases and loadings: ``float32``, ``float16`` or ``bfloat16``.
-            budget_bytes: bytes for bases + loadings together; k is then chosen per module
-                by water-filling on the spectra (``num_components`` is ignored).
+            dtype: storage of bases and loadings: ``float32``, ``float16``, ``bfloat16``, ``int8``
+                (8-bit, a scale per block of 64) or ``nf4`` (4-bit NormalFloat); both quantized
+                schemes are dequantized to float32 on load.
+            budget_bytes: bytes of the bases' and loadings' files on disk (headers and scales
+                included); k is then chosen per module by water-filling on the spectra
+                (``num_components`` is ignored).
             target_ratio: the same, as a compression ratio: a budget of the adapters'
                 LoRA bytes divided by ``target_ratio`` (e.g. 6 for 1/6 of the size).
             strict: refuse mixed ranks or mixed target modules.
@@ -351,7 +353,8 @@ class SHAREModel:
             model.records[a.name].stored = stored_loadings[a.name]
         model._stored_components = stored_components
         model._input_folders = [a.folder for a in opened]
-        model._refresh_stats(explained)
+        capped = sorted(group_key(r.plan.module, side) for r in results for side in r.capped)
+        model._refresh_stats(explained, capped=capped)
         return model
 
     # --------------------------------------------------------------- disk I/O
@@ -619,7 +622,7 @@ class SHAREModel:
                     )
 
     # ------------------------------------------------------------ statistics
-    def _refresh_stats(self, explained: Optional[Dict[str, float]] = None) -> None:
+    def _refresh_stats(self, explained: Optional[Dict[str, float]] = None, capped: Optional[List[str]] = None) -> None:
         cfg = self.config
         elem = lambda t: t.numel() * t.element_size()  # noqa: E731
         # What the files hold: codes and scales for quantized storage (bases are stored k × d)
@@ -655,6 +658,8 @@ class SHAREModel:
             "delta_w_rel_error_mean": sum(errs) / len(errs) if errs else None,
             "delta_w_rel_error_max": max(errs) if errs else None,
             "largest_saving_k": self._largest_saving_k() if original else None,
+            # module sides whose k auto/budget stopped at the break-even (a record of the compression run)
+            "capped_groups": list(capped) if capped is not None else list(old.get("capped_groups", [])),
         }
         cfg.compression_stats = stats
         cfg.adapters = {n: r.info() for n, r in self.records.items()}
@@ -695,7 +700,7 @@ class SHAREModel:
                 continue
             original = sum(r * d * elem[n] for n, r in ranks)
             width = (d + sum(r for _, r in ranks)) * storage
-            k = max(0, math.ceil(original / width) - 1)  # k·width < original
+            k = S.largest_saving_k(original, width)
             best = k if best is None else min(best, k)
         return best or 0
 
@@ -728,6 +733,9 @@ class SHAREModel:
                 k = st.get("largest_saving_k")
                 lines.append("  note                larger than the adapters: the bases cost more than they save"
                              + (f"; k ≤ {k} would save space" if k else "; compress more adapters together"))
+        if st.get("capped_groups"):
+            lines.append(f"  capped at break-even {len(st['capped_groups'])} module sides (a larger k would cost more "
+                         "than the factors it replaces)")
         if st.get("delta_w_rel_error_mean") is not None:
             lines.append(
                 f"  ΔW relative error   mean {st['delta_w_rel_error_mean']:.4f}, max {st['delta_w_rel_error_max']:.4f}"

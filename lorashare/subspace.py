@@ -30,6 +30,7 @@ Functions are batched: leading dimensions are independent groups.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,10 +41,17 @@ __all__ = [
     "delta_w_sqnorm",
     "side_weights",
     "weighted_gram",
+    "range_gram",
+    "top_eigvals",
     "top_eigh",
     "gram_subspace",
     "basis_from_eigh",
     "randomized_basis",
+    "extend_range",
+    "ritz_values",
+    "threshold_bases",
+    "spectrum_to_depth",
+    "largest_saving_k",
     "lossless_basis",
     "orthonormalize",
     "project",
@@ -61,11 +69,13 @@ Ranks = Sequence[int]
 
 @contextlib.contextmanager
 def _serial() -> Iterator[None]:
-    """Run batched LAPACK on small matrices on one thread.
+    """Run LAPACK factorisations on one thread.
 
     torch parallelises a batch of tiny factorisations over OpenMP threads; on a
     busy machine the threads' spin-waits made a (24, 48, 48) eigh 150× slower
-    (1.4 s instead of 10 ms, measured here).  Big matmuls keep every thread.
+    (1.4 s instead of 10 ms, measured here).  Large ones suffer too: a (2, 1800, 1800)
+    eigh took 52 s on 2 threads against 5.4 s on one (busy 2-core host).  Big
+    matmuls keep every thread.
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -165,6 +175,22 @@ def weighted_gram(F: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks, dtyp
     return _blockdiag_congruence(K, W, ranks)
 
 
+def range_gram(F: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``X Xᵀ`` (…, d, d) of the weighted stack: the small side when the stack is taller than wide (n > d).
+
+    Its eigenvectors are the basis itself.
+    """
+    Y = _apply_blocks_t(W, F.to(dtype), ranks)  # Xᵀ (…, n, d)
+    return Y.transpose(-1, -2) @ Y
+
+
+def top_eigvals(K: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues only (descending, clamped at 0) of symmetric ``K``: several times cheaper than with vectors."""
+    with _serial():
+        w = torch.linalg.eigvalsh(K)
+    return w.flip(-1).clamp_min(0)
+
+
 def gram_subspace(
     K: torch.Tensor, k: int, *, iters: int = 2, oversample: int = 16, seed: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +203,9 @@ def gram_subspace(
     """
     n = K.shape[-1]
     ell = min(n, k + oversample)
+    # Drawn on the CPU from a seeded generator, then moved: the same start on every device.
     g = torch.Generator().manual_seed(seed)
-    Q = torch.randn(*K.shape[:-2], n, ell, generator=g, dtype=K.dtype)
+    Q = torch.randn(*K.shape[:-2], n, ell, generator=g, dtype=K.dtype).to(K.device)
     for _ in range(iters):
         Q = orthonormalize(K @ Q)
     evals, Vs = top_eigh(Q.transpose(-1, -2) @ K @ Q)
@@ -208,7 +235,8 @@ def orthonormalize(U: torch.Tensor) -> torch.Tensor:
             if bool((info != 0).any()):
                 return _householder(U)
             # Q·L⁻ᵀ through the small inverse: one batched matmul beats a batched trsm.
-            Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[-1], dtype=L.dtype), upper=False)
+            eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
         Q = Q @ Linv.transpose(-1, -2).to(U.dtype)
     return Q
 
@@ -263,8 +291,8 @@ def randomized_basis(
     """
     n = F.shape[-2]
     ell = min(n, k + oversample)
-    g = torch.Generator().manual_seed(seed)
-    omega = torch.randn(*F.shape[:-2], n, ell, generator=g, dtype=F.dtype)
+    g = torch.Generator().manual_seed(seed)  # on the CPU, then moved: the same sketch on every device
+    omega = torch.randn(*F.shape[:-2], n, ell, generator=g, dtype=F.dtype).to(F.device)
     # X Ω = Fᵀ (blockdiag(W) Ω)
     Y = F.transpose(-1, -2) @ _apply_blocks(W, omega.double(), ranks).to(F.dtype)
     for _ in range(power_iters):
@@ -277,6 +305,179 @@ def randomized_basis(
     evals, V = top_eigh(B.transpose(-1, -2) @ B)
     U = orthonormalize(Q @ V[..., :k].to(F.dtype))
     return U, evals[..., :k]
+
+
+def _x_times(F: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks, M: torch.Tensor) -> torch.Tensor:
+    """``X M = Fᵀ·(blockdiag(W) M)`` (…, d, m) for the weighted stack, in ``F``'s dtype."""
+    return F.transpose(-1, -2) @ _apply_blocks(W, M.double(), ranks).to(F.dtype)
+
+
+def _xt_times(F: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks, Y: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ Y = blockdiag(W)ᵀ·(F Y)`` (…, n, m), in float64."""
+    return _apply_blocks_t(W, (F @ Y.to(F.dtype)).double(), ranks)
+
+
+def _deflate(Q: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``Y`` with its components along the orthonormal columns of ``Q`` removed."""
+    return Y if Q.shape[-1] == 0 else Y - Q @ (Q.transpose(-1, -2) @ Y)
+
+
+def extend_range(
+    F: torch.Tensor,
+    W: Sequence[torch.Tensor],
+    ranks: Ranks,
+    Q: torch.Tensor,
+    width: int,
+    *,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``width`` more orthonormal directions of the weighted stack's range, orthogonal to ``Q`` (…, d, ℓ).
+
+    A blocked randomized range finder with power iterations (Martinsson & Voronin's
+    randQB): each new block is a Gaussian sketch ``X Ω`` refined by
+    ``(X Xᵀ)^power_iters`` with the known directions projected out, so a spectrum
+    can be grown block by block at O(d n width) per pass; no n × n Gram is formed.
+    Returns ``(Q_new (…, d, width), Xᵀ Q_new (…, n, width) in float64)``.
+    """
+    n = F.shape[-2]
+    # Drawn on the CPU from a seeded generator, then moved: the same sketch on every device.
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(*F.shape[:-2], n, width, generator=g, dtype=F.dtype).to(F.device)
+    Y = _x_times(F, W, ranks, omega)
+    for _ in range(power_iters):
+        Y = orthonormalize(_deflate(Q, Y))
+        Y = _x_times(F, W, ranks, orthonormalize(_xt_times(F, W, ranks, Y).to(F.dtype)))
+    # Twice: one projection leaves rounding-level components along Q when the block is nearly inside it.
+    Y = orthonormalize(_deflate(Q, orthonormalize(_deflate(Q, Y))))
+    return Y, _xt_times(F, W, ranks, Y)
+
+
+def ritz_values(B: torch.Tensor) -> torch.Tensor:
+    """Ritz values (descending) of the weighted Gram on the span of ``Q``, from ``B = Xᵀ Q`` (…, n, ℓ).
+
+    By Cauchy interlacing the i-th is at most the i-th exact eigenvalue, so a
+    threshold reached on them is reached by the exact spectrum too.
+    """
+    with _serial():
+        w = torch.linalg.eigvalsh(B.transpose(-1, -2) @ B)
+    return w.flip(-1).clamp_min(0)
+
+
+def largest_saving_k(original_bytes: float, column_bytes: float) -> int:
+    """The largest k whose basis and loadings take fewer bytes than the factors they replace.
+
+    Per module and side, each component costs ``column_bytes``: one basis column
+    (d values) and one loading row per adapter (n = Σ r_i values).  Past the
+    break-even ``k·column_bytes ≥ original_bytes`` (``k·(d + n) ≥ d·n`` at equal
+    value sizes) sharing costs more than it saves.  0 if no k saves.
+
+    Example:
+        >>> largest_saving_k(4 * 32 * 4096, 4 * (4096 + 32))  # d = 4096, n = 32, float32
+        31
+    """
+    if not column_bytes > 0:
+        raise ValueError(f"column_bytes={column_bytes!r}: expected a positive number of bytes")
+    return max(0, math.ceil(original_bytes / column_bytes) - 1)
+
+
+def threshold_bases(
+    F: torch.Tensor,
+    W: Sequence[torch.Tensor],
+    ranks: Ranks,
+    totals: torch.Tensor,
+    threshold: float,
+    k_max: Sequence[int],
+    *,
+    start: int = 32,
+    oversample: int = 16,
+    power_iters: int = 2,
+    seed: int = 0,
+    max_block: Optional[int] = None,
+) -> Tuple[List[Optional[torch.Tensor]], List[Optional[torch.Tensor]], List[bool]]:
+    """Per group (leading dim of ``F``): the smallest k keeping ``threshold`` of the energy, capped at ``k_max``.
+
+    The spectrum is grown only as deep as the threshold needs: the block of
+    :func:`extend_range` grows until the top Ritz values reach
+    ``threshold·totals`` (the total energy is the Gram's trace, known up front)
+    with ``oversample`` directions to spare, or until the cap.  The work is that
+    of a fixed-k fit at the k found, instead of a cubic full ``eigh``.
+    A group that would need a block wider than ``max_block`` (where a full
+    ``eigh`` is cheaper) is given up: its basis and energies are ``None``.
+    Returns ``(bases (d × k) per group, kept energies (k,) per group, capped per group)``.
+    """
+    G, n, d = F.shape[0], F.shape[-2], F.shape[-1]
+    lim = min(n, d)
+    caps = [max(1, min(int(c), lim)) for c in k_max]
+    out_U: List[Optional[torch.Tensor]] = [None] * G
+    out_kept: List[Optional[torch.Tensor]] = [None] * G
+    out_capped = [False] * G
+    active = list(range(G))
+    Fa, Wa = F, list(W)
+    Q = F.new_zeros(G, d, 0)
+    B = torch.zeros(G, n, 0, dtype=torch.float64, device=F.device)
+    ell = min(lim, start + oversample)
+    rnd = 0
+    while active:
+        rnd += 1
+        Qn, Bn = extend_range(Fa, Wa, ranks, Q, ell - Q.shape[-1], power_iters=power_iters, seed=seed + 7919 * rnd)
+        Q, B = torch.cat([Q, Qn], -1), torch.cat([B, Bn], -1)
+        evals = ritz_values(B)
+        done, grow = [], []
+        for j, g in enumerate(active):
+            total = float(totals[g])
+            cum = torch.cumsum(evals[j], 0)
+            hit = torch.nonzero(cum >= (threshold - 1e-12) * total).flatten()
+            k = 1 if total <= 0 else (int(hit[0]) + 1 if len(hit) else None)
+            sure = ell >= lim or (k is not None and k <= ell - oversample)
+            if k is not None and sure:
+                done.append((j, g, min(k, caps[g]), k > caps[g]))
+            elif ell >= min(lim, caps[g] + oversample):  # the cap is reached before the threshold
+                done.append((j, g, caps[g], True))
+            else:  # directions still needed if the rest were as large as the last reliable one (a lower bound)
+                at = ell - oversample - 1
+                short = threshold * total - float(cum[at])
+                grow.append(math.ceil(short / max(float(evals[j, at]), 1e-300 * total + 1e-300)) + oversample)
+        if done:
+            with _serial():
+                _, V = torch.linalg.eigh(B[[j for j, *_ in done]].transpose(-1, -2) @ B[[j for j, *_ in done]])
+            V = V.flip(-1)
+            for (j, g, k, capped), v in zip(done, V):
+                out_U[g] = orthonormalize(Q[j] @ v[:, :k].to(Q.dtype))
+                out_kept[g] = evals[j, :k]
+                out_capped[g] = capped
+        keep = [j for j in range(len(active)) if j not in {j for j, *_ in done}]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            Fa, Wa, Q, B = Fa[keep], [w[keep] for w in Wa], Q[keep], B[keep]
+        active = [active[j] for j in keep]
+        # Grow by the estimate, and at least by half: geometric growth bounds the rounds.
+        ell = min(lim, max(caps[g] for g in active) + oversample, ell + max(ell // 2, max(grow)))
+        if max_block is not None and ell > max_block:
+            break  # the rest are left to the caller's exact path
+    return out_U, out_kept, out_capped
+
+
+def spectrum_to_depth(
+    F: torch.Tensor, W: Sequence[torch.Tensor], ranks: Ranks, depth: int, *,
+    oversample: int = 16, power_iters: int = 2, seed: int = 0, basis: bool = False,
+):
+    """The top ``depth`` eigenvalues (…, depth) of the weighted Gram, as Ritz values of a randomized range.
+
+    ``depth + oversample`` directions are found (all of them at ``min(n, d)``,
+    where the result is exact); only the ``depth`` reliable ones are returned.
+    With ``basis=True`` returns ``(evals, U)``: ``U[..., :k]`` (…, d, depth) is the
+    top-k basis for every k ≤ depth, so a later fit at a chosen k costs nothing.
+    """
+    n, d = F.shape[-2], F.shape[-1]
+    ell = min(n, d, depth + oversample)
+    m = min(depth, ell)
+    Q, B = extend_range(F, W, ranks, F.new_zeros(*F.shape[:-2], d, 0), ell, power_iters=power_iters, seed=seed)
+    if not basis:
+        return ritz_values(B)[..., :m]
+    evals, V = top_eigh(B.transpose(-1, -2) @ B)
+    return evals[..., :m], Q @ V[..., :m].to(Q.dtype)
 
 
 def lossless_basis(F: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _table(lines, header_start):
-    start = next(i for i, l in enumerate(lines) if l.startswith(header_start))
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     rows = []
-    for l in lines[start:]:
-        if not l.startswith("|"):
+    for line in lines[start:]:
+        if not line.startswith("|"):
             break
-        rows.append([c.strip() for c in l.strip().strip("|").split("|")])
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
     return rows[0], rows[2:]
 
 

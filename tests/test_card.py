@@ -13,7 +13,14 @@ from huggingface_hub import HfApi, ModelCard
 
 from lorashare import SHAREModel, __version__
 from lorashare.card import (
-    HUB_LICENSES, INSTALL, TASK_MODEL_CLASSES, card_metadata, check_license, load_template, model_class, pipeline_tag,
+    HUB_LICENSES,
+    INSTALL,
+    TASK_MODEL_CLASSES,
+    card_metadata,
+    check_license,
+    load_template,
+    model_class,
+    pipeline_tag,
     render_card,
 )
 from lorashare.errors import ConfigError

@@ -149,15 +149,23 @@ def test_load_into_switches_adapters(adapter_dirs):
 
 def test_auto_k_meets_threshold_per_module(adapter_dirs):
     share = SHAREModel.from_adapters(adapter_dirs, num_components="auto", variance_threshold=0.9, progress=False)
-    ev = share.config.compression_stats["per_layer_explained_variance"]
-    assert ev and min(ev.values()) >= 0.9 - 1e-9
+    st = share.config.compression_stats
+    ev = st["per_layer_explained_variance"]
+    assert ev
+    for key, kept in ev.items():  # the threshold is met, unless k stopped at the break-even (issue #14)
+        if kept < 0.9 - 1e-9:
+            d, k = share.components[key].shape
+            n = sum(int(r.loadings[key].shape[1]) for r in share.records.values())
+            assert key in st["capped_groups"] and k * (d + n) < d * n <= (k + 1) * (d + n), (key, k, d, n)
     assert share.config.component_selection == "auto"
     assert max(share.config.k_per_group.values()) < 16  # auto kept fewer than all 16 directions
 
 
-def test_budget_mode_respects_bytes_and_beats_uniform(adapter_dirs):
+def test_budget_mode_respects_bytes_and_beats_uniform(adapter_dirs, tmp_path):
     uniform = SHAREModel.from_adapters(adapter_dirs, num_components=3, progress=False)
-    budget = uniform.config.compression_stats["compressed_bytes"]
+    uniform.save_pretrained(tmp_path / "uniform")
+    # a budget counts the files' bytes, safetensors headers included (heads are not LoRA bytes)
+    budget = sum(p.stat().st_size for p in (tmp_path / "uniform").rglob("*.safetensors") if "classifier_head" not in p.name)
     fill = SHAREModel.from_adapters(adapter_dirs, budget_bytes=budget, progress=False)
     assert fill.config.compression_stats["compressed_bytes"] <= budget
     # equal-size modules: water-filling can only reshuffle k between sides, so it stays close

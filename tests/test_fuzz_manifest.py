@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator
 
 import pytest
-
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

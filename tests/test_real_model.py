@@ -47,7 +47,7 @@ def test_adapters_learned_something(trained):
 
 def test_full_k_reproduces_original_logits(trained, tmp_path):
     share = SHAREModel.from_adapters([f for f, _, _ in trained], num_components=64, progress=False)
-    for name, (folder, test, want) in zip(share.adapter_names, trained):
+    for name, (_folder, test, want) in zip(share.adapter_names, trained):
         got = rt.logits(share.apply(rt.load_base(), name), test)
         assert torch.allclose(got, want, atol=1e-4), (name, float((got - want).abs().max()))
         # reconstruct → PEFT folder → PeftModel gives the same predictions as apply()
@@ -60,7 +60,7 @@ def test_full_k_reproduces_original_logits(trained, tmp_path):
 def test_moderate_k_keeps_predictions(trained):
     share = SHAREModel.from_adapters([f for f, _, _ in trained], num_components=8, dtype="float16", progress=False)
     assert share.config.compression_stats["compressed_bytes"] < share.config.compression_stats["original_lora_bytes"]
-    for name, (folder, test, logits) in zip(share.adapter_names, trained):
+    for name, (_folder, test, logits) in zip(share.adapter_names, trained):
         want = logits.argmax(-1)
         got = rt.logits(share.apply(rt.load_base(), name), test).argmax(-1)
         agreement = float((want == got).float().mean())
@@ -70,6 +70,17 @@ def test_moderate_k_keeps_predictions(trained):
 def test_load_into_switches_tasks(trained):
     share = SHAREModel.from_adapters([f for f, _, _ in trained], num_components=64, progress=False)
     pm = share.load_into(rt.load_base(), share.adapter_names)
-    for name, (folder, test, want) in zip(share.adapter_names, trained):
+    for name, (_folder, test, want) in zip(share.adapter_names, trained):
         pm.set_adapter(name)
         assert torch.allclose(rt.logits(pm, test), want, atol=1e-4), name
+
+
+def test_lossless_k_int8_keeps_original_logits(trained):
+    """int8 storage (tests/test_quantized.py) at lossless k: the logits move by at most 0.05
+    (their spread is ~1) and ≥ 99% of the predictions are kept."""
+    share = SHAREModel.from_adapters([f for f, _, _ in trained], num_components=64, dtype="int8", progress=False)
+    for name, (_folder, test, want) in zip(share.adapter_names, trained):
+        got = rt.logits(share.apply(rt.load_base(), name), test)
+        assert float((got - want).abs().max()) < 0.05, (name, float((got - want).abs().max()))
+        agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+        assert agree >= 0.99, (name, agree)

@@ -20,13 +20,12 @@ import pytest
 import torch
 
 from lorashare import sync as S
-from lorashare.checkpoint import CardData
-from lorashare.checkpoint import SHAREConfig
+from lorashare.checkpoint import CardData, SHAREConfig
 from lorashare.cli import main
 from lorashare.errors import ConfigError, LoraShareError
 from tests.action_runner import parse_output_file
 from tests.hub_fixtures import HUB_TOKEN
-from tests.hubserver import HubServer
+from tests.hubserver import HubApiError, HubServer
 
 REPO = "tester/support-share"
 RUNNER_VARS = (
@@ -111,12 +110,12 @@ def test_full_manifest_parses_with_kinds_and_lines(ws):
     assert m.repo_id == "acme/support-adapters-share" and m.private is True
     assert m.compression == S.Compression("auto", 0.9, "float16", None)
     assert m.card == S.CardOptions("apache-2.0", "Support adapters")
-    b, r, l, s = (m.adapters[n] for n in ("billing", "refunds", "legal", "spare"))
+    b, r, legal, s = (m.adapters[n] for n in ("billing", "refunds", "legal", "spare"))
     assert (b.kind, b.text, b.folder) == ("folder", "adapters/billing", str(ws / "adapters" / "billing"))
     assert s.kind == "folder" and s.text == "adapters/spare"  # absolute inside the workspace: fine, recorded relative
     assert (r.kind, r.ref.repo_id, r.ref.revision) == ("hub", "acme/refunds-lora", "v3")
-    assert (l.kind, l.ref.repo_id, l.ref.subfolder, l.ref.revision) == ("hub", "acme/multi-lora", "legal", None)
-    assert (b.line, r.line, l.line) == (6, 7, 8)
+    assert (legal.kind, legal.ref.repo_id, legal.ref.subfolder, legal.ref.revision) == ("hub", "acme/multi-lora", "legal", None)
+    assert (b.line, r.line, legal.line) == (6, 7, 8)
     assert m.lines["compression"] == 4 and m.lines["card"] == 10
 
 
@@ -335,7 +334,7 @@ def test_dry_run_needs_no_token_and_pushes_nothing(env, ws, capsys, monkeypatch)
     assert out["commit_sha"] is None and out["adapters"] == list(ABC)
     assert out["plan"]["billing"]["fingerprint"] == S.fingerprint_sources(S.load_manifest("lorashare.yaml"))["billing"]
     assert env.count("POST") == 0 and env.count(kind="commit") == 0
-    with pytest.raises(Exception):
+    with pytest.raises(HubApiError):
         env.repo(REPO)
 
 
