@@ -25,9 +25,7 @@ import importlib.metadata
 import inspect
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import statistics
 import struct
@@ -41,11 +39,8 @@ logger = logging.getLogger("benchmarks.worker")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# PEFT key -> (module path, side); tolerates a missing prefix and ".default".
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(.+?)\.lora_([AB])(?:\.default)?\.weight$"
-)
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ itself, for oracle.py
+from oracle import adapter_errors  # noqa: E402  (imports no lorashare: either one may load here)
 
 # ── process memory ────────────────────────────────────────────────────────────
 
@@ -108,51 +103,10 @@ def safetensors_payload_bytes(path: Path) -> int:
 # ── ΔW fidelity ───────────────────────────────────────────────────────────────
 
 
-def lora_scale(cfg: dict[str, Any]) -> float:
-    """PEFT's scaling alpha/r (alpha/sqrt(r) with rsLoRA)."""
-    r = cfg.get("r", 1) or 1
-    alpha = cfg.get("lora_alpha", r)
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-def split_lora(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{module: {"A": tensor, "B": tensor}} from a PEFT state dict; heads dropped."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, t in state.items():
-        m = _LORA_KEY.match(key)
-        if m:
-            out.setdefault(m.group(1), {})[m.group(2)] = t
-    return out
-
-
-def delta_w_rel_err(
-    a, b, a_hat, b_hat, scale: float, scale_hat: float
-) -> tuple[float, float]:
-    """(||ΔW - ΔŴ||_F / ||ΔW||_F, ||ΔW||_F) without forming d_out x d_in matrices.
-
-    With ΔW - ΔŴ = [sB, -ŝB̂] [A; Â], ||X Y||_F^2 = sum((XᵀX) ⊙ (YYᵀ)): only
-    (r+r̂)² Gram matrices are built, in float64 so that the cancellation of
-    nearly equal ΔW's keeps ~1e-7 relative resolution. Works whatever
-    factorisation (gauge, even rank) the reconstruction uses.
-    """
-    import torch
-
-    x = torch.cat([b.double() * scale, b_hat.double() * -scale_hat], dim=1)
-    y = torch.cat([a.double(), a_hat.double()], dim=0)
-    gx, gy = x.T @ x, y @ y.T
-    r = b.shape[1]
-    ref_sq = float((gx[:r, :r] * gy[:r, :r]).sum())
-    err_sq = max(float((gx * gy).sum()), 0.0)
-    ref = math.sqrt(max(ref_sq, 0.0))
-    if ref < 1e-30:
-        return (0.0 if err_sq < 1e-60 else math.inf), ref
-    return math.sqrt(err_sq) / ref, ref
-
-
 def evaluate_errors(
     model, adapters: dict[str, str], max_adapters: int | None
 ) -> dict[str, Any]:
-    """ΔW relative error of every module of (up to max_adapters) adapters."""
+    """ΔW relative error of every module of (up to max_adapters) adapters, by benchmarks/oracle.py."""
     from safetensors.torch import load_file
 
     names = list(adapters)
@@ -165,19 +119,11 @@ def evaluate_errors(
     for name in names:
         path = Path(adapters[name])
         cfg = json.loads((path / "adapter_config.json").read_text())
-        scale = lora_scale(cfg)
-        orig = split_lora(load_file(str(path / "adapter_model.safetensors")))
-        rec = split_lora(model.reconstruct(name))
-        for module, ab in orig.items():
-            got = rec.get(module)
-            if got is None or "A" not in got or "B" not in got:
-                missing += 1
-                continue
-            if got["A"].shape[0] != ab["A"].shape[0]:
-                rank_changed += 1
-            # The reconstruction carries the original adapter_config, hence the same scale.
-            err, _ = delta_w_rel_err(ab["A"], ab["B"], got["A"], got["B"], scale, scale)
-            errors.append(err)
+        # The reconstruction carries the original adapter_config, hence the same scales.
+        res = adapter_errors(load_file(str(path / "adapter_model.safetensors")), cfg, model.reconstruct(name), cfg)
+        errors += res["errors"].values()
+        missing += len(res["missing"])
+        rank_changed += res["rank_changed"]
     return {
         "err_mean": statistics.fmean(errors) if errors else None,
         "err_max": max(errors) if errors else None,

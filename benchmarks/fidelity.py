@@ -120,6 +120,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import realtasks as rt  # noqa: E402
+from benchmarks.oracle import adapter_errors, ensure_reference  # noqa: E402
 
 log = logging.getLogger("fidelity")
 
@@ -127,7 +128,6 @@ CACHE = REPO / "benchmarks" / ".cache" / "fidelity"
 RESULTS = REPO / "benchmarks" / "results"
 PNG = REPO / "docs" / "fidelity.png"
 REFERENCE_DIR = REPO / "benchmarks" / ".reference"
-REFERENCE_VERSION = "0.1.3"
 HEAD_LABELS = 8
 ELIGIBLE_MARGIN = 0.05  # retention counts tasks whose adapter beats the majority class by ≥ 5 points
 TARGET_FRACTION = 1 / 6
@@ -262,26 +262,18 @@ def lora_bytes(folder: Path) -> int:
     return sum(v.numel() * v.element_size() for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k)
 
 
-def delta_ws(folder: Path) -> Dict[str, torch.Tensor]:
-    """ΔW = scale·B·A per module, scale from the folder's own adapter_config.json."""
-    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
-    out = {}
-    for module, f in lora_factors(folder).items():
-        r = f["A"].shape[0]
-        short = module.rsplit(".", 1)[-1]
-        r_cfg = (cfg.get("rank_pattern") or {}).get(short, cfg.get("r", r))
-        alpha = (cfg.get("alpha_pattern") or {}).get(short, cfg.get("lora_alpha", r_cfg))
-        scale = alpha / (r_cfg ** 0.5 if cfg.get("use_rslora") else r_cfg)
-        out[module] = scale * (f["B"] @ f["A"])
-    return out
-
-
 def delta_w_error(original: Path, rebuilt: Path) -> Dict[str, Any]:
-    want, got = delta_ws(original), delta_ws(rebuilt)
-    missing = sorted(set(want) - set(got))
-    errs = {m: float((got[m] - w).norm() / w.norm().clamp_min(1e-12)) for m, w in want.items() if m in got}
+    """ΔW relative error per module of a rebuilt adapter folder, by benchmarks/oracle.py."""
+    from safetensors.torch import load_file
+
+    def read(folder: Path):
+        return (load_file(str(Path(folder) / "adapter_model.safetensors")),
+                json.loads((Path(folder) / "adapter_config.json").read_text()))
+
+    res = adapter_errors(*read(original), *read(rebuilt))
+    errs = res["errors"]
     return {"mean": sum(errs.values()) / max(1, len(errs)), "max": max(errs.values(), default=None),
-            "missing_modules": missing}
+            "missing_modules": res["missing"]}
 
 
 # ───────────────────────────────── data & training ─────────────────────────────────
@@ -421,14 +413,6 @@ for name in share.adapter_names:
 print(json.dumps({"compress_seconds": t1 - t0, "file": str(where), "version": getattr(lorashare, "__version__", None),
                   "k": int(share.config.num_components)}))
 """
-
-
-def ensure_reference(ref_dir: Path) -> None:
-    if (ref_dir / "lorashare" / "__init__.py").exists() and (ref_dir / f"lorashare-{REFERENCE_VERSION}.dist-info").exists():
-        return
-    log.info("installing lorashare==%s into %s (measurement only)", REFERENCE_VERSION, ref_dir)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(ref_dir),
-                    f"lorashare=={REFERENCE_VERSION}"], check=True)
 
 
 def compress_point(point: Point, adapters: Dict[str, Path], work: Path, kwargs: Dict[str, Any],

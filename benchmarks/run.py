@@ -38,15 +38,16 @@ from typing import Any
 
 try:
     import synth  # run as a script: benchmarks/ is sys.path[0]
+    from oracle import ensure_reference
 except ImportError:  # run as python -m benchmarks.run
     from benchmarks import synth
+    from benchmarks.oracle import ensure_reference
 
 logger = logging.getLogger("benchmarks.run")
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 WORKER = BENCH_DIR / "_worker.py"
-REFERENCE_VERSION = "0.1.3"
 FP32_BYTES = 4
 # 1-minute load average above which a row is flagged: our worker alone is ~cpu_count.
 BUSY_LOAD = (os.cpu_count() or 1) + 1.0
@@ -119,30 +120,6 @@ def reference_tensor_bytes(spec: synth.ShapeSpec, n: int, k: int) -> int:
     fp32 component matrix, plus a (k, r) fp32 loading per adapter per group."""
     per_module = (spec.d_in + spec.d_out) * k + n * 2 * k * spec.r
     return spec.num_modules * per_module * FP32_BYTES
-
-
-def ensure_reference(ref_dir: Path) -> None:
-    """pip-install lorashare==0.1.3 into ``ref_dir`` unless it is already there."""
-    dist = ref_dir / f"lorashare-{REFERENCE_VERSION}.dist-info"
-    if (ref_dir / "lorashare" / "__init__.py").exists() and dist.exists():
-        return
-    logger.info(
-        "installing reference lorashare==%s into %s", REFERENCE_VERSION, ref_dir
-    )
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--target",
-            str(ref_dir),
-            f"lorashare=={REFERENCE_VERSION}",
-        ],
-        check=True,
-    )
 
 
 def worker_env(threads: int | None) -> dict[str, str]:
