@@ -29,6 +29,8 @@ from .names import is_within
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "disable_progress_bars",
+    "cache_roots",
     "HubRef",
     "parse_adapter_id",
     "is_hub_id",
@@ -206,7 +208,7 @@ def _cache_dir() -> str:
 
 def redact(text: str) -> str:
     """Hide anything that looks like a Hugging Face token (``hf_…``) in ``text``."""
-    return re.sub(r"hf_[A-Za-z0-9]{6,}", "hf_***", text)
+    return re.sub(r"hf_[A-Za-z0-9_]{6,}", "hf_***", text)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -609,3 +611,17 @@ def push_space(
         what,
         attempts=2,  # parent_commit makes a retry after a lost response fail (412) instead of committing twice
     )
+
+
+def disable_progress_bars() -> None:
+    """Turn huggingface_hub's own download bars off (CI logs, ``--json``)."""
+    from huggingface_hub.utils import disable_progress_bars as off
+
+    off()
+
+
+def cache_roots() -> Dict[str, str]:
+    """The folders huggingface_hub keeps files in: ``{"HF_HOME": ..., "HF_HUB_CACHE": ...}`` (for redacting paths)."""
+    from huggingface_hub import constants
+
+    return {"HF_HOME": str(constants.HF_HOME), "HF_HUB_CACHE": str(constants.HF_HUB_CACHE)}

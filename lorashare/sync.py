@@ -41,8 +41,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, Any, Dict, List, Optional
 
-from huggingface_hub.utils import disable_progress_bars
-
 from . import hub
 from .errors import ConfigError, LoraShareError
 from .fmt import md_cell
@@ -166,7 +164,7 @@ def run_sync(config: str = "lorashare.yaml", *, dry_run: bool = False, force: bo
     _use_runner_temp()
     progress = progress and not gha
     if not progress:
-        disable_progress_bars()
+        hub.disable_progress_bars()
     try:
         return _run(config, dry_run=dry_run, force=force, progress=progress, rep=rep)
     except BaseException as exc:

@@ -128,12 +128,11 @@ LIMITS = Limits.from_env()
 
 def _public(message: str, token: Optional[str] = None) -> str:
     """A message fit for a visitor: no token, no server paths, no HTML."""
-    from huggingface_hub import constants
-
     if token:
         message = message.replace(token, "***")
-    message = re.sub(r"hf_[A-Za-z0-9_]{6,}", "hf_***", message)
-    roots = {constants.HF_HUB_CACHE: "<hf-cache>", constants.HF_HOME: "<hf-home>",
+    message = hub.redact(message)
+    cache = hub.cache_roots()
+    roots = {cache["HF_HUB_CACHE"]: "<hf-cache>", cache["HF_HOME"]: "<hf-home>",
              tempfile.gettempdir(): "<tmp>", os.getcwd(): "<app>"}
     for root in sorted(roots, key=len, reverse=True):
         if root and len(root) > 1:
