@@ -151,7 +151,6 @@ class GroupResult:
     loadings: Dict[str, List[torch.Tensor]]  # side -> per member (k × r_i)
     explained: Dict[str, float]  # side -> kept share of ΔW energy
     rel_error: List[float]  # per member: ‖ΔW − ΔŴ‖ / ‖ΔW‖
-    sqnorm: List[float] = field(default_factory=list)  # per member ‖B A‖²
     capped: Tuple[str, ...] = ()  # sides whose k stopped at the break-even (auto and budget modes)
     # Quantized schemes: the stored forms (basis and loadings above are their dequantized floats).
     stored_basis: Dict[str, Stored] = field(default_factory=dict)
@@ -366,7 +365,6 @@ def _finish_chunk(
                 loadings={"A": [t[g].contiguous() for t in la], "B": [t[g].contiguous() for t in lb]},
                 explained=expl,
                 rel_error=[float(x) for x in rel[g]],
-                sqnorm=[float(x) for x in orig[g]],
                 stored_basis={s: b[g] for s, b in stored_b.items()},
                 stored_loadings={s: ls[g] for s, ls in stored_l.items()},
             )
