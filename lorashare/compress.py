@@ -9,9 +9,9 @@ whatever the total adapter bytes.  The math itself is :mod:`lorashare.subspace`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,10 +19,11 @@ import torch
 
 from . import subspace as S
 from .adapters import MAX_FACTOR_ABS, Adapter
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError, ConfigError, StorageRangeError
+from .names import group_key
+from .spec import CompressionSpec, check_number
 from .storage import (
     DTYPES,
-    SCHEMES,
     Stored,
     component_nbytes,
     header_nbytes,
@@ -35,19 +36,9 @@ from .storage import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompressOptions", "GroupPlan", "GroupResult", "plan_groups", "compress", "group_key", "split_group_key",
-           "check_storable", "check_number", "files_overhead"]
+__all__ = ["CompressOptions", "GroupPlan", "GroupResult", "plan_groups", "compress",
+           "check_storable", "check_number", "files_overhead", "resolve_device"]
 
-
-
-def group_key(module: str, side: str) -> str:
-    """The checkpoint key of one side of one module: ``"<module>:<A|B>"``."""
-    return f"{module}:{side}"
-
-
-def split_group_key(key: str) -> Tuple[str, str]:
-    module, _, side = key.rpartition(":")
-    return module, side
 
 
 def check_storable(module: str, dtype: str, tensors: Sequence[Tuple[str, torch.Tensor]]) -> None:
@@ -62,66 +53,46 @@ def check_storable(module: str, dtype: str, tensors: Sequence[Tuple[str, torch.T
     if dtype == "float16":
         rule = (f"the loadings exceed float16's range (largest finite value {torch.finfo(torch.float16).max:g}), "
                 "so they would be stored as Inf")
-        fix = "Compress with dtype='float32' or 'bfloat16' (CLI: --dtype float32 or --dtype bfloat16), which hold the range."
+        problem = f"{who}, module {module}: {rule}."
+        raise StorageRangeError(f"{problem} Compress with dtype='float32' or 'bfloat16', which hold the range.",
+                                dtype=dtype, adapter=bad[0], layer=module, problem=problem)
     else:
         rule = f"the loadings are not finite in {dtype} (the factors are too large)"
         fix = "Check the adapter's factors (diverged training?) and retrain or rescale it."
     raise AdapterError(f"{who}, module {module}: {rule}. {fix}", adapter=bad[0], layer=module)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressOptions:
-    """How to compress.  ``num_components`` is an int (per side and module, capped
-    at what is lossless), ``"auto"`` (smallest k reaching ``variance_threshold`` of
-    the ΔW energy, per module and side), or ignored when ``budget_bytes`` is set
-    (per-module k by water-filling under one byte budget for bases + loadings)."""
+    """One compression run: the :class:`~lorashare.spec.CompressionSpec`, plus how the work runs.
 
-    num_components: Union[int, str] = 32
-    variance_threshold: float = 0.95
+    ``budget_bytes`` is the spec's byte budget resolved for these adapters (a ``target_ratio``
+    becomes bytes); the rest never changes the result, only where and how it is computed.
+    """
+
+    spec: CompressionSpec = field(default_factory=CompressionSpec)
     budget_bytes: Optional[int] = None
-    dtype: str = "float32"
     device: Optional[str] = None
+    progress: bool = True
     chunk_bytes: int = 32 * 1024 * 1024  # raw factors per batch: peak memory is a few times this
     power_iters: int = 2
-    progress: bool = True
-    weighting: str = "delta_w"  # "delta_w" (gauge-free, per-adapter normalised) or "factors" (plain PCA of A, B)
 
-    def validate(self) -> None:
-        k = self.num_components
-        if isinstance(k, str):
-            if k != "auto":
-                raise ConfigError(f"num_components={k!r}: expected an integer ≥ 1 or 'auto'.")
-        elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"num_components={k!r}: expected an integer ≥ 1 or 'auto' (k < 1 keeps nothing).")
-        check_number("variance_threshold", self.variance_threshold, low=0.0, high=1.0,
-                      expected="a number in (0, 1] (the share of ΔW energy to keep, e.g. 0.95)")
-        if not isinstance(self.dtype, str) or self.dtype not in SCHEMES:
-            raise ConfigError(f"dtype={self.dtype!r}: expected one of {', '.join(SCHEMES)}.")
-        if not isinstance(self.weighting, str) or self.weighting not in ("delta_w", "factors"):
-            raise ConfigError(f"weighting={self.weighting!r}: expected 'delta_w' or 'factors'.")
-        if self.budget_bytes is not None and (
-            isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0
-        ):
-            raise ConfigError(f"budget_bytes={self.budget_bytes!r}: expected a positive integer number of bytes.")
+    # The spec's settings, read where the pipeline needs them (the spec stays their one owner).
+    @property
+    def num_components(self) -> Union[int, str]:
+        return self.spec.num_components
 
+    @property
+    def variance_threshold(self) -> float:
+        return self.spec.variance_threshold
 
-def check_number(
-    name: str, value: Any, *, low: float = 0.0, high: float = math.inf, low_open: bool = True, expected: str
-) -> float:
-    """``value`` as a float if it is a real number in ``(low, high]`` (``[low, high]`` without
-    ``low_open``), else a :class:`ConfigError` naming ``name`` and saying what is ``expected``.
+    @property
+    def dtype(self) -> str:
+        return self.spec.dtype
 
-    Example:
-        >>> check_number("target_ratio", 6, expected="a number > 0")
-        6.0
-    """
-    try:
-        x = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
-    except (OverflowError, ValueError):  # an int too large for a float
-        x = math.nan
-    if not (math.isfinite(x) and (low < x if low_open else low <= x) and x <= high):
-        raise ConfigError(f"{name}={value!r}: expected {expected}.")
-    return x
+    @property
+    def weighting(self) -> str:
+        return self.spec.weighting
 
 
 @dataclass
@@ -230,6 +201,77 @@ def _raise_non_finite(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -
         for idx in p.members:
             for side in "AB":
                 adapters[idx].read_factor(p.module, side)  # raises, naming adapter and layer
+
+
+#: Factors whose peak is outside 2^±32 are rescaled before their Grams, which would under- or overflow.
+_SAFE_EXPONENT = 32
+
+
+def _rescale(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...], weighting: str
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Factor stacks scaled by exact powers of two so that Grams neither underflow nor overflow.
+
+    Returns ``(FA, FB, e)`` with ``e`` (G, members, 2) the exponents each member's A and B rows
+    were divided by (``None``, and the stacks untouched, in the common case: a few reductions).
+    With ΔW weighting each member is scaled on its own (the fit normalises every adapter, so the
+    bases do not change); the plain factor PCA weighs adapters by their size, so there one scale
+    per group keeps it.
+    """
+    if FA.numel() == 0:
+        return FA, FB, None
+    bounds = [0, *torch.tensor(ranks).cumsum(0).tolist()]
+    peaks = torch.stack([torch.stack([F[:, a:b].abs().amax((-1, -2)) for a, b in zip(bounds, bounds[1:])], -1)
+                         for F in (FA, FB)], -1).double()  # (G, members, 2)
+    if weighting != "delta_w":
+        peaks = peaks.amax(1, keepdim=True).expand_as(peaks)
+    tiny_or_huge = ((peaks > 2.0 ** _SAFE_EXPONENT) | ((peaks < 2.0 ** -_SAFE_EXPONENT) & (peaks > 0)))
+    if not bool(tiny_or_huge.any()):
+        return FA, FB, None
+    e = torch.where(tiny_or_huge, torch.frexp(peaks).exponent, torch.zeros_like(peaks, dtype=torch.int32))
+    rows = torch.repeat_interleave(e, torch.tensor(ranks), dim=1)  # (G, n, 2): one exponent per factor row
+    return _pow2(FA, -rows[..., 0]), _pow2(FB, -rows[..., 1]), e
+
+
+def _pow2(F: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``F · 2^e`` per (group, row), exact: two steps, so that no factor leaves float32's range."""
+    half = torch.div(e, 2, rounding_mode="floor")
+    for step in (half, e - half):
+        F = F * torch.exp2(step.to(F.dtype)).to(F.device)[..., None]
+    return F
+
+
+def _unscale(results: Sequence["GroupResult"], e: Optional[torch.Tensor]) -> None:
+    """Give each member's loadings back the scale :func:`_rescale` took from its factors."""
+    if e is None:
+        return
+    for g, r in enumerate(results):
+        for side, col in (("A", 0), ("B", 1)):
+            for j in range(len(r.plan.members)):
+                shift = int(e[g, j, col])
+                if shift == 0:
+                    continue
+                factor = torch.tensor(float(shift), dtype=torch.float64)
+                r.loadings[side][j] = _pow2(r.loadings[side][j][None].float(), factor.expand(1, 1).int())[0].to(
+                    r.loadings[side][j].dtype)
+                if side in r.stored_loadings:
+                    st = r.stored_loadings[side][j]
+                    scale = _pow2(st.scale[None, :, None], factor.expand(1, st.scale.numel()).int())[0, :, 0]
+                    r.stored_loadings[side][j] = dataclasses.replace(st, scale=scale)
+                    r.loadings[side][j] = r.stored_loadings[side][j].dequantize()
+
+
+def _remeasure(results: Sequence["GroupResult"], FA: torch.Tensor, FB: torch.Tensor) -> None:
+    """Each member's ΔW error measured on its own factors (scale-invariant), where one scale per
+    group would let a small adapter's Gram underflow next to a large one."""
+    for g, r in enumerate(results):
+        bounds = [0, *torch.tensor(r.plan.ranks).cumsum(0).tolist()]
+        UA, UB = r.basis["A"].float().to(FA.device), r.basis["B"].float().to(FA.device)
+        for j, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            A, B = FA[g, a:b], FB[g, a:b].T
+            A_hat = (UA @ r.loadings["A"][j].float().to(FA.device)).T
+            B_hat = UB @ r.loadings["B"][j].float().to(FA.device)
+            err, orig = S.delta_w_error(A, B, A_hat, B_hat)
+            r.rel_error[j] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
 
 
 def _fit_side(
@@ -424,6 +466,7 @@ def _spectra(
         if opts.device:
             FA, FB = FA.to(opts.device), FB.to(opts.device)
         ranks = chunk[0].ranks
+        FA, FB, _ = _rescale(FA, FB, ranks, opts.weighting)  # spectra only: no loadings to scale back
         _, _, WA, WB, _, _ = _weights(FA, FB, ranks, opts.weighting)
         for side, F, W in (("A", FA, WA), ("B", FB, WB)):
             seed += 1
@@ -591,7 +634,7 @@ def compress(
     """Fit one basis per module and side, and every adapter's loadings.
 
     Example:
-        >>> results = compress(open_adapters(["a", "b"]), CompressOptions(num_components=8))  # doctest: +SKIP
+        >>> results = compress(open_adapters(["a", "b"]), CompressOptions(CompressionSpec(num_components=8)))  # doctest: +SKIP
     """
     where: List[GroupPlan] = []  # the batch of modules being fitted
     try:
@@ -618,7 +661,6 @@ def _linalg_error(exc: Exception, where: Sequence[GroupPlan], adapters: Sequence
 def _compress(
     adapters: Sequence[Adapter], opts: CompressOptions, plans: Optional[Sequence[GroupPlan]], where: List[GroupPlan]
 ) -> List[GroupResult]:
-    opts.validate()
     plans = list(plans) if plans is not None else plan_groups(adapters)
     scheme = opts.dtype
     bar = _progress(opts, len(plans) * (2 if opts.budget_bytes else 1))
@@ -644,6 +686,8 @@ def _compress(
         if opts.device:
             FA, FB = FA.to(opts.device), FB.to(opts.device)
         ranks = chunk[0].ranks
+        raw = (FA, FB)
+        FA, FB, shifts = _rescale(FA, FB, ranks, opts.weighting)
         GA, GB, WA, WB, sq, totals = _weights(FA, FB, ranks, opts.weighting)
         bases, kept = {}, {}
         for side, F, W in (("A", FA, WA), ("B", FB, WB)):
@@ -671,6 +715,9 @@ def _compress(
                 U, kv, _ = _fit_side(F, W, ranks, int(opts.num_components), opts, seed)
                 bases[side], kept[side] = list(U.unbind(0)), list(kv.unbind(0))
         finished = _finish_groups(chunk, FA, FB, GA, GB, sq, bases, totals, kept, scheme)
+        if shifts is not None:  # rare: tiny or huge factors; measure each member on its own scale
+            _unscale(finished, shifts)
+            _remeasure(finished, *raw)
         for r in finished:
             r.capped = tuple(side for side in "AB" if capped.get(group_key(r.plan.module, side)))
         for r in finished:
@@ -769,3 +816,40 @@ def _progress(opts: CompressOptions, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="compressing modules", unit="module", leave=False, disable=None)
+
+
+_DEVICES = "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
+
+
+def resolve_device(device: Any) -> Optional[str]:
+    """The device to compute on (``None`` = the CPU); a GPU that is not there falls back to the CPU with a warning.
+
+    Example:
+        >>> resolve_device("cpu") is None
+        True
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is None or device == "cpu":
+        return None
+    if not isinstance(device, str):
+        raise ConfigError(f"device={device!r}: expected a string, one of {_DEVICES}.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device!r}: expected {_DEVICES}.")
+    if dev.type == "cpu":
+        return None
+    backend = torch.cuda if dev.type == "cuda" else torch.backends.mps
+    if not backend.is_available():
+        logger.warning("device=%r requested but %s is not available; using the CPU", device, dev.type.upper())
+        return None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
+        )
+    return device

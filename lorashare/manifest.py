@@ -12,6 +12,9 @@ The manifest, ``lorashare.yaml``, lives in the repository that holds (or names) 
                                                # threshold when an adapter is added (default 0.95)
       dtype: float32                           # float32 (default), float16, bfloat16, int8 or nf4
       budget_bytes: 50000000                   # optional byte budget for bases + loadings (k chosen per module)
+      target_ratio: 6                          # optional, instead of budget_bytes: 1/6 of the adapters' LoRA bytes
+      weighting: delta_w                       # delta_w (default: fit the updates ΔW) or factors (plain PCA)
+      strict: false                            # true: refuse adapters of mixed ranks or target modules
     adapters:                                  # required: at least 2; name → source
       billing: adapters/billing                # a folder in this repository, relative to the manifest's folder
       refunds: acme/refunds-lora@v3            # a Hub repo, optionally pinned to a branch, tag or commit
@@ -46,7 +49,8 @@ from . import hub
 from .adapters import CONFIG_NAME, WEIGHTS_NAME
 from .card import check_license
 from .errors import ConfigError, HubError, LoraShareError
-from .names import check_name, is_within
+from .names import check_name, is_within, open_regular
+from .spec import WEIGHTINGS, CompressionSpec
 from .storage import SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -66,7 +70,8 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024
 DTYPE_NAMES = SCHEMES
 TOP_KEYS = ("version", "repo_id", "private", "compression", "adapters", "card")
-COMPRESSION_KEYS = ("num_components", "variance_threshold", "dtype", "budget_bytes")
+COMPRESSION_KEYS = ("num_components", "variance_threshold", "dtype", "budget_bytes", "target_ratio", "weighting",
+                    "strict")
 CARD_KEYS = ("license", "description")
 _STR_TAG = "tag:yaml.org,2002:str"
 _MAP_TAG = "tag:yaml.org,2002:map"
@@ -82,14 +87,16 @@ class ManifestError(ConfigError):
         self.line = line
 
 
-@dataclass(frozen=True)
-class Compression:
-    """The ``compression:`` block (defaults: auto k at 95% energy, float32, no budget)."""
+def default_compression() -> CompressionSpec:
+    """The spec of a manifest without a ``compression:`` block: auto k at 95% energy, float32, no budget."""
+    return Compression()
 
-    num_components: Union[int, str] = "auto"
-    variance_threshold: float = 0.95
-    dtype: str = "float32"
-    budget_bytes: Optional[int] = None
+
+def Compression(num_components: Union[int, str] = "auto", variance_threshold: float = 0.95, dtype: str = "float32",
+                budget_bytes: Optional[int] = None, **more: Any) -> CompressionSpec:  # noqa: N802
+    """The spec of a ``compression:`` block, with the manifest's defaults (kept for the old class's callers)."""
+    return CompressionSpec(num_components=num_components, variance_threshold=variance_threshold, dtype=dtype,
+                           budget_bytes=budget_bytes, **more)
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ class Manifest:
     root: str  # the workspace: folders must stay inside it
     repo_id: str
     private: bool = False
-    compression: Compression = field(default_factory=Compression)
+    compression: CompressionSpec = field(default_factory=default_compression)
     adapters: Dict[str, AdapterSource] = field(default_factory=dict)
     card: CardOptions = field(default_factory=CardOptions)
     lines: Dict[str, int] = field(default_factory=dict)  # "compression.dtype" → line
@@ -240,11 +247,16 @@ def load_manifest(path: str, *, root: Optional[str] = None) -> Manifest:
         if not is_within(apath, root):
             raise ManifestError(
                 f"{file}: the manifest is outside the workspace ({root}); put it in the repository.", file=file)
-        if not os.path.isfile(apath):
+        try:
+            f = open_regular(apath)  # a FIFO or a device would block the read forever
+        except FileNotFoundError:
             raise ManifestError(
                 f"{file}: no such file. Create a lorashare.yaml (see `lorashare sync --help`) or pass --config PATH.",
-                file=file)
-        with open(apath, "rb") as f:
+                file=file) from None
+        except OSError as exc:
+            raise ManifestError(f"{file}: cannot read the manifest: {exc.strerror or exc}. Give the lorashare.yaml "
+                                "file itself (--config PATH).", file=file) from None
+        with f:
             data = f.read(MAX_MANIFEST_BYTES + 1)
     except LoraShareError:
         raise
@@ -328,18 +340,18 @@ def _parse(data: Union[str, bytes], apath: str, root: str, file: str) -> Manifes
         if not isinstance(private, bool):
             raise walker.error(p_node, "private", f"expected true or false, got {_show(private)}")
 
-    compression = _compression(walker, top["compression"][1]) if "compression" in top else Compression()
+    compression = _compression(walker, top["compression"][1]) if "compression" in top else default_compression()
     card = _card(walker, top["card"][1]) if "card" in top else CardOptions()
     adapters = _adapters(walker, top["adapters"][1], os.path.dirname(apath), root)
     return Manifest(file=file, path=apath, root=root, repo_id=repo_id, private=private, compression=compression,
                     adapters=adapters, card=card, lines=dict(walker.lines))
 
 
-def _compression(walker: _Walker, node: Any) -> Compression:
+def _compression(walker: _Walker, node: Any) -> CompressionSpec:
     import yaml
 
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
-        return Compression()
+        return default_compression()
     items = walker.mapping(node, "compression", COMPRESSION_KEYS)
     values: Dict[str, Any] = {}
     if "num_components" in items:
@@ -368,7 +380,30 @@ def _compression(walker: _Walker, node: Any) -> Compression:
         if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool) and 1 <= budget <= 2**62):
             raise walker.error(item, "compression.budget_bytes", f"expected a number of bytes ≥ 1, got {_show(budget)}")
         values["budget_bytes"] = budget
-    return Compression(**values)
+    if "target_ratio" in items:
+        item = items["target_ratio"][1]
+        ratio = walker.scalar(item, "compression.target_ratio")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not math.isfinite(ratio) or ratio <= 0):
+            raise walker.error(item, "compression.target_ratio", f"expected a number > 0 (e.g. 6 for 1/6 of the size), "
+                               f"got {_show(ratio)}")
+        values["target_ratio"] = None if ratio is None else float(ratio)
+    if "weighting" in items:
+        item = items["weighting"][1]
+        weighting = walker.scalar(item, "compression.weighting")
+        if weighting not in WEIGHTINGS:
+            raise walker.error(item, "compression.weighting", f"expected one of {', '.join(WEIGHTINGS)}, got {_show(weighting)}")
+        values["weighting"] = weighting
+    if "strict" in items:
+        item = items["strict"][1]
+        strict = walker.scalar(item, "compression.strict")
+        if not isinstance(strict, bool):
+            raise walker.error(item, "compression.strict", f"expected true or false, got {_show(strict)}")
+        values["strict"] = strict
+    try:
+        return default_compression().replace(**values)
+    except ConfigError as exc:  # a rule between settings (budget_bytes and target_ratio both set)
+        raise walker.error(node, "compression", str(exc)) from None
 
 
 def _card(walker: _Walker, node: Any) -> CardOptions:

@@ -12,6 +12,11 @@ Which table?  Per module, the smaller of the adapters' cores ``C_i = s_i L_A,i L
 Memory and per-row work are both proportional to that size, so the same rule picks the
 smaller and the faster: loadings unless k < 2r, cores otherwise.
 
+Tables belong to a *snapshot*: every table of one revision of the SHARE model, built
+once per revision.  A call takes the snapshot of the latest revision when it starts and
+every layer reads that one, so an edit made during a call (another thread adding,
+removing or replacing an adapter) is served from the next call on, never half-way.
+
 Rows pick their adapter through a router that the top-level ``forward``/``generate``
 sets for the duration of one call (``adapter_names=[...]``, one per row, PEFT's
 convention with ``"__base__"``); without it, the adapter chosen with ``set_adapter``
@@ -33,13 +38,14 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
-from .compress import group_key, split_group_key
 from .errors import AdapterError, ConfigError, UnknownAdapterError
 from .loraconfig import module_scale
+from .names import group_key, split_group_key
+from .state import SHAREState
 from .storage import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -53,13 +59,25 @@ _MTS_INFIX = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
 _SAVED_PREFIX = "base_model.model."
 
 
+class Servable(Protocol):
+    """What serving needs of a SHARE model (a :class:`~lorashare.model.SHAREModel`): its current state."""
+
+    @property
+    def state(self) -> SHAREState: ...
+
+    @property
+    def adapter_names(self) -> List[str]: ...
+
+
 # --------------------------------------------------------------------------- routing
 class _Route:
     """Which adapter each row of the current call uses (global indices; 0 is the base model)."""
 
-    __slots__ = ("rows", "idx", "single", "uniques", "expand", "_cache")
+    __slots__ = ("plan", "rows", "idx", "single", "uniques", "expand", "_cache")
 
-    def __init__(self, idx: Optional[torch.Tensor], single: Optional[int], *, expand: bool = False) -> None:
+    def __init__(self, plan: "_Plan", idx: Optional[torch.Tensor], single: Optional[int], *,
+                 expand: bool = False) -> None:
+        self.plan = plan  # the snapshot every layer of this call reads
         self.idx = idx  # (rows,) int64 on the CPU, or None when every row shares ``single``
         self.rows = None if idx is None else int(idx.shape[0])
         self.single = single
@@ -98,7 +116,7 @@ class _Router:
     """The served model's routing state, per thread (a call in one thread never sees another's rows)."""
 
     def __init__(self) -> None:
-        self.default = _Route(None, 0)
+        self.default = _Route(_Plan([], {}, {}), None, 0)
         self._local = threading.local()
 
     def current(self) -> _Route:
@@ -126,6 +144,7 @@ class _LinearPlan:
     core: Optional[torch.Tensor] = None  # (S+1) × k_A × k_B
     la: Optional[torch.Tensor] = None  # (S+1) × k_A × r, scale folded in
     lb: Optional[torch.Tensor] = None  # (S+1) × k_B × r
+    slot_map: Optional[torch.Tensor] = None  # ``slots`` as a tensor, on the tables' device
 
 
 @dataclass
@@ -135,13 +154,27 @@ class _HeadPlan:
     module: str
     slots: List[int]  # global index → 1 + position in ``tensors`` (0 = the base module's own)
     tensors: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # {param path inside the module: tensor}
+    copies: List[torch.nn.Module] = field(default_factory=list)  # per adapter, the module with its tensors
 
 
 @dataclass
 class _Plan:
+    """A snapshot: every table of one revision, for one served set of adapters (never changed once built)."""
+
     names: List[str]
     linears: Dict[str, _LinearPlan]
     heads: Dict[str, _HeadPlan]
+    state: Any = None  # a weak reference to the state it was built from (None: nothing served)
+    placement: Any = None  # the base model's (device, dtype) the tables were built for
+    requested: Optional[Tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        self.index = {n: i + 1 for i, n in enumerate(self.names)}
+        for lp in self.linears.values():
+            lp.slot_map = torch.tensor(lp.slots, dtype=torch.long, device=lp.u_a.device)
+
+    def built_from(self, state: Any) -> bool:
+        return self.state is not None and self.state() is state
 
 
 def _linear_features(module: torch.nn.Module) -> Optional[Tuple[int, int]]:
@@ -162,8 +195,16 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _mismatch_hint(share: Any, base_model: torch.nn.Module) -> str:
-    trained = getattr(share.config, "base_model_name_or_path", "") or ""
+def _placement(model: torch.nn.Module) -> Tuple[torch.device, Optional[torch.dtype]]:
+    """Where and in which float dtype the base model computes: tables follow it (``.to()`` moves them)."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return _module_device(model), None
+
+
+def _mismatch_hint(state: SHAREState, base_model: torch.nn.Module) -> str:
+    trained = state.base_model or ""
     this = getattr(base_model, "name_or_path", None) or type(base_model).__name__
     if trained and trained != this:
         return f"The adapters were trained on {trained!r}, and this model is {this!r}; load that base model."
@@ -191,13 +232,16 @@ def _plain_modules(model: torch.nn.Module, router: "_Router") -> Dict[str, torch
     return out
 
 
-def _plan(share: Any, model: torch.nn.Module, names: Sequence[str], dtype: Optional[torch.dtype],
+def _plan(state: SHAREState, model: torch.nn.Module, names: Sequence[str], dtype: Optional[torch.dtype],
           router: "_Router") -> _Plan:
-    """Every table for ``names``, checked against ``model``; nothing in ``model`` changes."""
+    """Every table of ``state`` for ``names``, checked against ``model``; nothing in ``model`` changes."""
     modules = _plain_modules(model, router)
-    hint = _mismatch_hint(share, model)
+    hint = _mismatch_hint(state, model)
     index = {n: i + 1 for i, n in enumerate(names)}
-    all_loadings, configs, heads = share.all_loadings, share.adapter_configs, share.all_classifier_heads
+    components = state.components
+    all_loadings = {n: r.loadings for n, r in state.records.items()}
+    configs = {n: r.config for n, r in state.records.items()}
+    heads = {n: r.heads for n, r in state.records.items() if r.heads}
     # module → [(global index, adapter, L_A, L_B, scale)]
     members: Dict[str, List[Tuple[int, str, torch.Tensor, torch.Tensor, float]]] = {}
     for n in names:
@@ -214,7 +258,7 @@ def _plan(share: Any, model: torch.nn.Module, names: Sequence[str], dtype: Optio
             if side != "A":
                 continue
             kb = group_key(module, "B")
-            if kb not in loadings or key not in share.components or kb not in share.components:
+            if kb not in loadings or key not in components or kb not in components:
                 raise AdapterError(
                     f"adapter {n!r}: module {module} lacks its {'B' if kb not in loadings else 'A'} loading or "
                     "its shared basis in the checkpoint. The checkpoint is corrupt; save it again from its adapters.",
@@ -222,10 +266,10 @@ def _plan(share: Any, model: torch.nn.Module, names: Sequence[str], dtype: Optio
                 )
             la, lb = loadings[key], loadings[kb]
             if la.dim() != 2 or lb.dim() != 2 or la.shape[1] != lb.shape[1] \
-                    or la.shape[0] != share.components[key].shape[1] or lb.shape[0] != share.components[kb].shape[1]:
+                    or la.shape[0] != components[key].shape[1] or lb.shape[0] != components[kb].shape[1]:
                 raise AdapterError(
                     f"adapter {n!r}: module {module} has loadings {tuple(la.shape)} (A) and {tuple(lb.shape)} (B) "
-                    f"for bases of k = {share.components[key].shape[1]} and {share.components[kb].shape[1]}; "
+                    f"for bases of k = {components[key].shape[1]} and {components[kb].shape[1]}; "
                     "expected (k_A, r) and (k_B, r). The checkpoint is corrupt; save it again from its adapters.",
                     adapter=n, layer=module,
                 )
@@ -234,7 +278,7 @@ def _plan(share: Any, model: torch.nn.Module, names: Sequence[str], dtype: Optio
 
     linears: Dict[str, _LinearPlan] = {}
     for module, group in members.items():
-        ua_src, ub_src = share.components[group_key(module, "A")], share.components[group_key(module, "B")]
+        ua_src, ub_src = components[group_key(module, "A")], components[group_key(module, "B")]
         if module not in modules:
             raise AdapterError(
                 f"adapter {group[0][1]!r}: module {module} is not in the base model. {hint}",
@@ -267,6 +311,8 @@ def _plan(share: Any, model: torch.nn.Module, names: Sequence[str], dtype: Optio
         linears[module] = _linear_plan(module, ua_src, ub_src, group, len(names), dt, device)
 
     head_plans = _head_plans(names, index, heads, configs, modules, set(linears), dtype, hint)
+    for root, hp in head_plans.items():
+        hp.copies = [_head_copy(modules[root], tensors) for tensors in hp.tensors]
     return _Plan(list(names), linears, head_plans)
 
 
@@ -398,46 +444,56 @@ def _per_row_cheaper(n: int, m: int, distinct: int, d_in: int, d_out: int, ka: i
 
 
 class _ServedLinear(torch.nn.Module):
-    """A linear layer plus, per row, its adapter's update through the shared bases."""
+    """A linear layer plus, per row, its adapter's update through the shared bases.
 
-    def __init__(self, base_layer: torch.nn.Module, router: _Router, plan: _LinearPlan) -> None:
+    It holds no table itself: each call reads the tables of its own snapshot (``route.plan``),
+    so a call that started before an edit keeps the tables it started with.
+    """
+
+    def __init__(self, base_layer: torch.nn.Module, router: _Router, module_name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
         self._router = router
-        self.load(plan)
-
-    def load(self, plan: _LinearPlan) -> None:
-        """Replace the tables (a refresh); the base layer stays."""
-        self.module_name = plan.module
-        self.slots = list(plan.slots)
-        self.is_core = plan.core is not None
-        self.register_buffer("u_a", plan.u_a, persistent=False)
-        self.register_buffer("u_b", plan.u_b, persistent=False)
-        self.register_buffer("slot_map", torch.tensor(plan.slots, dtype=torch.long, device=plan.u_a.device),
-                             persistent=False)
-        self.register_buffer("core", plan.core, persistent=False)
-        self.register_buffer("la", plan.la, persistent=False)
-        self.register_buffer("lb", plan.lb, persistent=False)
+        self.module_name = module_name
+        # One adapter's factors for the latest (tables, slot): decode steps reuse them.
         self._cache: Optional[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
+    @property
+    def tables(self) -> Optional[_LinearPlan]:
+        """This layer's tables in the latest snapshot (``None``: no served adapter targets it)."""
+        return self._router.default.plan.linears.get(self.module_name)
+
+    # The latest snapshot's tensors, for inspection (a call reads its own snapshot's).
+    u_a = property(lambda self: getattr(self.tables, "u_a", None))
+    u_b = property(lambda self: getattr(self.tables, "u_b", None))
+    core = property(lambda self: getattr(self.tables, "core", None))
+    la = property(lambda self: getattr(self.tables, "la", None))
+    lb = property(lambda self: getattr(self.tables, "lb", None))
+
     def extra_repr(self) -> str:
-        table = self.core if self.is_core else self.la
-        return f"{self.module_name}, k=({self.u_a.shape[1]}, {self.u_b.shape[1]}), adapters={table.shape[0] - 1}, " \
-               f"table={'cores' if self.is_core else 'loadings'}"
+        lp = self.tables
+        if lp is None:
+            return f"{self.module_name}, no adapter"
+        table = lp.core if lp.core is not None else lp.la
+        return f"{self.module_name}, k=({lp.u_a.shape[1]}, {lp.u_b.shape[1]}), adapters={table.shape[0] - 1}, " \
+               f"table={'cores' if lp.core is not None else 'loadings'}"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         route = self._router.current()
+        lp = route.plan.linears.get(self.module_name)
         if route.idx is None:  # one adapter for every row, whatever the shape of x
-            slot = self.slots[route.single]
-            return out if slot == 0 else self._add(out, *self._single(x, slot))
+            slot = lp.slots[route.single] if lp is not None else 0
+            return out if slot == 0 else self._add(out, *self._single(lp, x, slot))
         idx = route.index(int(x.shape[0]), x.device, self.module_name)  # checks the row count, even with no delta
-        local = sorted({self.slots[g] for g in route.uniques})
+        if lp is None:
+            return out
+        local = sorted({lp.slots[g] for g in route.uniques})
         if local == [0]:
             return out
         if len(local) == 1:
-            return self._add(out, *self._single(x, local[0]))
-        return self._add(out, *self._mixed(x, self.slot_map[idx], local))
+            return self._add(out, *self._single(lp, x, local[0]))
+        return self._add(out, *self._mixed(lp, x, lp.slot_map[idx], local))
 
     def _add(self, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``out + left @ right``, in place when the dtypes allow: no full-size temporary at prefill."""
@@ -450,113 +506,115 @@ class _ServedLinear(torch.nn.Module):
             return out
         return out + (left @ right).reshape(out.shape).to(out.dtype)
 
-    def _factors(self, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self, lp: _LinearPlan, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """One adapter's ``(U_A s L_A, (U_B L_B)ᵀ)`` (d_in × r, r × d_out), cached for the latest slot."""
         c = self._cache
-        if c is not None and c[0] == slot and c[1] is self.la:
+        if c is not None and c[0] == slot and c[1] is lp.la:
             return c[2], c[3]
-        a, b = self.u_a @ self.la[slot], (self.u_b @ self.lb[slot]).mT
-        self._cache = (slot, self.la, a, b)
+        a, b = lp.u_a @ lp.la[slot], (lp.u_b @ lp.lb[slot]).mT
+        self._cache = (slot, lp.la, a, b)
         return a, b
 
-    def _single(self, x: torch.Tensor, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _single(self, lp: _LinearPlan, x: torch.Tensor, slot: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Every row with one adapter: ``delta = left @ right`` over the flattened tokens."""
-        x2 = x.to(self.u_a.dtype).reshape(-1, int(x.shape[-1]))
-        if self.is_core:
-            return (x2 @ self.u_a) @ self.core[slot], self.u_b.mT
-        a, b = self._factors(slot)
+        x2 = x.to(lp.u_a.dtype).reshape(-1, int(x.shape[-1]))
+        if lp.core is not None:
+            return (x2 @ lp.u_a) @ lp.core[slot], lp.u_b.mT
+        a, b = self._factors(lp, slot)
         return x2 @ a, b
 
-    def _mixed(self, x: torch.Tensor, local: torch.Tensor, slots: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _mixed(self, lp: _LinearPlan, x: torch.Tensor, local: torch.Tensor,
+               slots: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rows with different adapters: shared products, or per-row factors when the rows are long."""
         n, d_in = int(x.shape[0]), int(x.shape[-1])
-        x3 = x.to(self.u_a.dtype).reshape(n, -1, d_in)
+        x3 = x.to(lp.u_a.dtype).reshape(n, -1, d_in)
         m = int(x3.shape[1])
-        d_out, ka, kb = int(self.u_b.shape[0]), int(self.u_a.shape[1]), int(self.u_b.shape[1])
-        if self.is_core:
-            z = torch.bmm(x3 @ self.u_a, self.core[local])
+        d_out, ka, kb = int(lp.u_b.shape[0]), int(lp.u_a.shape[1]), int(lp.u_b.shape[1])
+        if lp.core is not None:
+            z = torch.bmm(x3 @ lp.u_a, lp.core[local])
         else:
-            r = int(self.la.shape[2])
+            r = int(lp.la.shape[2])
             if _per_row_cheaper(n, m, len(slots), d_in, d_out, ka, kb, r):
                 u = torch.tensor(slots, device=local.device)
-                pos = torch.zeros(self.la.shape[0], dtype=torch.long, device=local.device)
+                pos = torch.zeros(lp.la.shape[0], dtype=torch.long, device=local.device)
                 pos[u] = torch.arange(len(slots), device=local.device)
                 inv = pos[local]
-                a = (self.u_a @ self.la[u])[inv]  # (n, d_in, r)
-                b = (self.u_b @ self.lb[u])[inv]  # (n, d_out, r)
+                a = (lp.u_a @ lp.la[u])[inv]  # (n, d_in, r)
+                b = (lp.u_b @ lp.lb[u])[inv]  # (n, d_out, r)
                 return torch.bmm(x3, a), b.mT
-            z = torch.bmm(torch.bmm(x3 @ self.u_a, self.la[local]), self.lb[local].mT)
-        return z.reshape(n * m, kb), self.u_b.mT
+            z = torch.bmm(torch.bmm(x3 @ lp.u_a, lp.la[local]), lp.lb[local].mT)
+        return z.reshape(n * m, kb), lp.u_b.mT
 
 
 def _batch_first(value: Any) -> Optional[int]:
     return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.dim() > 0 else None
 
 
+def _head_copy(base: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``base`` with ``tensors`` in place of its own, sharing every other tensor with it."""
+    memo: Dict[int, Any] = {id(t): t for t in (*base.parameters(), *base.buffers())}  # shared, not copied
+    mod = copy.deepcopy(base, memo)
+    for path, t in tensors.items():
+        owner, _, name = path.rpartition(".")
+        sub = mod.get_submodule(owner)
+        if name in sub._parameters:
+            sub._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+        else:
+            sub._buffers[name] = t
+    return mod
+
+
 class _ServedHead(torch.nn.Module):
     """A ``modules_to_save`` module (a classifier head...): each row runs it with its adapter's tensors.
 
-    Each adapter gets its own copy of the module, sharing every tensor it does not replace
-    with the original: a copy per adapter (as PEFT does) keeps concurrent calls apart,
-    where swapping tensors in and out of one module would not.
+    Each adapter gets its own copy of the module (built with the snapshot), sharing every tensor
+    it does not replace with the original: a copy per adapter (as PEFT does) keeps concurrent
+    calls apart, where swapping tensors in and out of one module would not.
     """
 
-    def __init__(self, base_layer: torch.nn.Module, router: _Router, plan: _HeadPlan) -> None:
+    def __init__(self, base_layer: torch.nn.Module, router: _Router, module_name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
         self._router = router
-        self.load(plan)
+        self.module_name = module_name
 
-    def load(self, plan: _HeadPlan) -> None:
-        self.module_name = plan.module
-        self.slots = list(plan.slots)
-        self.copies = torch.nn.ModuleList([self._copy(tensors) for tensors in plan.tensors])
-
-    def _copy(self, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-        base = self.base_layer
-        memo: Dict[int, Any] = {id(t): t for t in (*base.parameters(), *base.buffers())}  # shared, not copied
-        mod = copy.deepcopy(base, memo)
-        for path, t in tensors.items():
-            owner, _, name = path.rpartition(".")
-            sub = mod.get_submodule(owner)
-            if name in sub._parameters:
-                sub._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
-            else:
-                sub._buffers[name] = t
-        return mod
-
-    def own_tensors(self) -> List[torch.Tensor]:
-        """The adapters' tensors (not the ones shared with the original module)."""
-        shared = {id(t) for t in (*self.base_layer.parameters(), *self.base_layer.buffers())}
-        return [t for c in self.copies for t in (*c.parameters(), *c.buffers()) if id(t) not in shared]
+    @property
+    def copies(self) -> List[torch.nn.Module]:
+        """The per-adapter copies of this module in the latest snapshot."""
+        hp = self._router.default.plan.heads.get(self.module_name)
+        return list(hp.copies) if hp is not None else []
 
     def extra_repr(self) -> str:
         return f"{self.module_name}, adapters={len(self.copies)}"
 
-    def _run(self, slot: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        return (self.base_layer if slot == 0 else self.copies[slot - 1])(*args, **kwargs)
+    def _run(self, hp: Optional[_HeadPlan], slot: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        return (self.base_layer if slot == 0 or hp is None else hp.copies[slot - 1])(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         route = self._router.current()
+        hp = route.plan.heads.get(self.module_name)
+        slots = hp.slots if hp is not None else [0]
         if route.single is not None and route.idx is None:
-            return self._run(self.slots[route.single] if route.single < len(self.slots) else 0, args, kwargs)
+            return self._run(hp, slots[route.single] if route.single < len(slots) else 0, args, kwargs)
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         if first is None:
             raise ConfigError(f"module {self.module_name} got no tensor input to route per row.",
                               layer=self.module_name)
         n = int(first.shape[0])
         idx = route.index(n, torch.device("cpu"), self.module_name)
-        local = torch.tensor(self.slots, dtype=torch.long)[idx]
+        if hp is None:
+            return self._run(None, 0, args, kwargs)
+        local = torch.tensor(slots, dtype=torch.long)[idx]
         groups = sorted(set(local.tolist()))
         if len(groups) == 1:
-            return self._run(groups[0], args, kwargs)
+            return self._run(hp, groups[0], args, kwargs)
         out: Optional[torch.Tensor] = None
         for slot in groups:
             rows = torch.nonzero(local == slot).squeeze(1)
             def pick(v: Any, rows: torch.Tensor = rows) -> Any:
                 return v.index_select(0, rows.to(v.device)) if _batch_first(v) == n else v
 
-            part = self._run(slot, [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()})
+            part = self._run(hp, slot, [pick(a) for a in args], {k: pick(v) for k, v in kwargs.items()})
             if not isinstance(part, torch.Tensor) or _batch_first(part) != len(rows):
                 raise ConfigError(
                     f"module {self.module_name} (modules_to_save) returned {type(part).__name__}, not a batch-first "
@@ -595,7 +653,7 @@ class ServedModel(torch.nn.Module):
         >>> model.set_adapter("refunds"); model.generate(**batch, max_new_tokens=8)  # doctest: +SKIP
     """
 
-    def __init__(self, share: Any, model: torch.nn.Module, *, adapters: Optional[Sequence[str]] = None,
+    def __init__(self, share: Servable, model: torch.nn.Module, *, adapters: Optional[Sequence[str]] = None,
                  dtype: Any = None) -> None:
         super().__init__()
         if not isinstance(model, torch.nn.Module):
@@ -606,25 +664,23 @@ class ServedModel(torch.nn.Module):
                 "model, or peft_model.unload().")
         self.model = model
         # A weak reference: the served model keeps its own tables, so dropping the SHAREModel frees its
-        # copy of the loadings; keep it to add or remove adapters later (refresh).
+        # copy of the loadings; keep it to add or remove adapters later.
         self._share_ref = weakref.ref(share)
         self._dtype = _resolve_dtype(dtype)
         self._requested = None if adapters is None else self._check_requested(adapters)
         self._router = _Router()
-        self._names: List[str] = []
-        self._index: Dict[str, int] = {}
-        self._active = BASE
-        self._seen: Tuple[Any, ...] = ()
+        self._lock = threading.Lock()  # one snapshot is built at a time; calls never wait for another's
+        self._active: Optional[str] = None  # None: the first served adapter (logged once)
+        self._told_default = False
+        self._plan = _Plan([], {}, {})
         self.refresh()
-        self._active = self._names[0] if self._names else BASE
-        self._router.default = _Route(None, self._index.get(self._active, 0))
 
     @property
-    def share(self) -> Any:
-        """The :class:`SHAREModel` served from; ``None`` once it has been dropped (then nothing is refreshed)."""
+    def share(self) -> Optional[Servable]:
+        """The :class:`SHAREModel` served from; ``None`` once it has been dropped (then nothing changes)."""
         return self._share_ref()
 
-    def _live_share(self) -> Any:
+    def _live_share(self) -> Servable:
         share = self._share_ref()
         if share is None:
             raise ConfigError(
@@ -639,6 +695,7 @@ class ServedModel(torch.nn.Module):
         names = list(adapters)
         if not names:
             raise ConfigError("adapters=[]: name at least one adapter to serve, or leave adapters=None for all.")
+        _check_names("adapters", names)
         known = set(self._live_share().adapter_names)
         for n in names:
             if n not in known:
@@ -651,94 +708,118 @@ class ServedModel(torch.nn.Module):
     # ------------------------------------------------------------ state
     @property
     def adapter_names(self) -> List[str]:
-        """The adapters this model serves, in table order."""
-        return list(self._names)
+        """The adapters this model serves (in the latest snapshot), in table order."""
+        return list(self._snapshot().names)
 
     @property
     def active_adapter(self) -> str:
         """The adapter applied to every row when ``adapter_names`` is not given."""
-        return self._active
+        return self._active_in(self._snapshot())
+
+    def _active_in(self, plan: _Plan) -> str:
+        if self._active is not None and (self._active == BASE or self._active in plan.index):
+            return self._active
+        if self._active is not None:
+            logger.warning("active adapter %r is no longer served; now %r", self._active,
+                           plan.names[0] if plan.names else BASE)
+            self._active = None
+        return plan.names[0] if plan.names else BASE
 
     def set_adapter(self, name: str) -> None:
         """Apply ``name`` (or ``"__base__"``) to every row of calls without ``adapter_names``."""
-        self._sync()
-        if name != BASE and name not in self._index:
+        if not isinstance(name, str):
+            raise ConfigError(f"set_adapter({name!r}): expected one adapter name (a string), or {BASE!r}; "
+                              "for one adapter per row, pass adapter_names=[...] to the call.")
+        plan = self._snapshot()
+        if name != BASE and name not in plan.index:
             raise UnknownAdapterError(
-                f"adapter {name!r} is not served. Served: {_few(self._names)} (or {BASE!r}).", adapter=name)
+                f"adapter {name!r} is not served. Served: {_few(plan.names)} (or {BASE!r}).", adapter=name)
         self._active = name
-        self._router.default = _Route(None, self._index.get(name, 0))
+        self._router.default = _Route(plan, None, plan.index.get(name, 0))
 
     def get_base_model(self) -> torch.nn.Module:
         """The wrapped base model (its targeted layers are the serving wrappers)."""
         return self.model
 
     def refresh(self, adapters: Optional[Sequence[str]] = None) -> None:
-        """Pick up adapters added to or removed from the checkpoint since ``serve()`` (automatic on each call).
+        """Rebuild the tables now, optionally serving another set of ``adapters``.
 
-        ``adapters`` changes the served set (default: the set given to ``serve()``, or all).
-        Tables are rebuilt; the base model's weights are never copied.  On an error the model
-        keeps serving what it served before.
+        Each call already serves the latest revision of the SHARE model, so this is only
+        needed to change the served set (default: the set given to ``serve()``, or all).
+        The base model's weights are never copied.  On an error the model keeps serving
+        what it served before.
 
         Example:
-            >>> share.add_adapter("runs/legal"); model.refresh()  # doctest: +SKIP
+            >>> model.refresh(adapters=["billing"])  # doctest: +SKIP
         """
-        if adapters is not None:
-            self._requested = self._check_requested(adapters)
+        requested = self._requested if adapters is None else self._check_requested(adapters)
         share = self._live_share()
-        current = share.adapter_names
-        if self._requested is None:
-            names = list(current)
+        with self._lock:
+            self._plan = self._build(share.state, requested)
+            self._requested = requested
+            self._router.default = _Route(self._plan, None, self._plan.index.get(self._active_in(self._plan), 0))
+
+    def _build(self, state: SHAREState, requested: Optional[List[str]]) -> _Plan:
+        """The snapshot of ``state``, with wrappers installed for every module it needs."""
+        current = list(state.names)
+        if requested is None:
+            names = current
         else:
             present = set(current)
-            gone = [n for n in self._requested if n not in present]
+            gone = [n for n in requested if n not in present]
             if gone:
                 logger.info("no longer serving %s: removed from the checkpoint", ", ".join(gone))
-            names = [n for n in self._requested if n in present]
+            names = [n for n in requested if n in present]
         if BASE in names:
             raise ConfigError(f"an adapter is named {BASE!r}, the name reserved for the base model in adapter_names. "
                               "Rename it (remove_adapter, then add it under another name).", adapter=BASE)
-        plan = _plan(share, self.model, names, self._dtype, self._router) if names else _Plan([], {}, {})
-        self._install(plan)
-        self._seen = self._signature()
+        plan = _plan(state, self.model, names, self._dtype, self._router) if names else _Plan([], {}, {})
+        plan.state, plan.placement = weakref.ref(state), _placement(self.model)
+        plan.requested = None if requested is None else tuple(requested)
+        self._wrap(plan)
+        return plan
 
-    def _signature(self) -> Tuple[Any, ...]:
+    def _snapshot(self) -> _Plan:
+        """The snapshot of the SHARE model's latest revision (built on first use after an edit)."""
+        plan = self._plan
         share = self._share_ref()
-        return self._seen if share is None else (tuple(share.adapter_names), id(share.components))
+        if share is None:
+            return plan
+        state = share.state
+        if plan.built_from(state) and plan.placement == _placement(self.model):
+            return plan
+        with self._lock:
+            plan = self._plan
+            if not (plan.built_from(state) and plan.placement == _placement(self.model)):
+                logger.debug("serving revision %d of the SHARE model", state.revision)
+                plan = self._plan = self._build(state, self._requested)
+                self._router.default = _Route(plan, None, plan.index.get(self._active_in(plan), 0))
+        return plan
 
-    def _sync(self) -> None:
-        if self._signature() != self._seen:
-            logger.info("the checkpoint changed since serve(): refreshing the served adapters")
-            self.refresh()
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "ServedModel":
+        # .to() / .half() / .cuda(): tables follow the base model now, not only at the next call.
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_plan", None) is not None:
+            self._snapshot()
+        return out
 
-    def _install(self, plan: _Plan) -> None:
-        # Wrappers for modules no longer needed go first, so their originals are back in place.
+    def _wrap(self, plan: _Plan) -> None:
+        """Wrap every module ``plan`` has tables for; wrappers stay while serving (without tables they
+        pass through), so a call in flight never finds a module swapped under it."""
         for cls, wanted in ((_ServedLinear, plan.linears), (_ServedHead, plan.heads)):
-            for path, mod in list(self.model.named_modules()):
-                if isinstance(mod, cls) and path not in wanted:
-                    _set_child(self.model, path, mod.base_layer)
-        for path, lp in plan.linears.items():
-            mod = self.model.get_submodule(path)
-            if isinstance(mod, _ServedLinear):
-                mod.load(lp)
-            else:
-                _set_child(self.model, path, _ServedLinear(mod, self._router, lp))
-        for path, hp in plan.heads.items():
-            mod = self.model.get_submodule(path)
-            if isinstance(mod, _ServedHead):
-                mod.load(hp)
-            else:
-                _set_child(self.model, path, _ServedHead(mod, self._router, hp))
-        self._names = list(plan.names)
-        self._index = {n: i + 1 for i, n in enumerate(self._names)}
-        if self._active != BASE and self._active not in self._index:
-            new = self._names[0] if self._names else BASE
-            logger.warning("active adapter %r is no longer served; now %r", self._active, new)
-            self._active = new
-        self._router.default = _Route(None, self._index.get(self._active, 0))
+            for path in wanted:
+                mod = self.model.get_submodule(path)
+                if not isinstance(mod, cls):
+                    _set_child(self.model, path, cls(mod, self._router, path))
 
     def unload(self) -> torch.nn.Module:
         """Put the original layers back and return the plain base model."""
-        self._install(_Plan([], {}, {}))
+        with self._lock:
+            for path, mod in list(self.model.named_modules()):
+                if isinstance(mod, (_ServedLinear, _ServedHead)):
+                    _set_child(self.model, path, mod.base_layer)
+            self._plan = _Plan([], {}, {})
+            self._router.default = _Route(self._plan, None, 0)
         return self.model
 
     def served_bytes(self) -> Dict[str, int]:
@@ -746,36 +827,46 @@ class ServedModel(torch.nn.Module):
         ``cache`` (one adapter's factors per layer, after a single-adapter call) and ``total``."""
         out = {"bases": 0, "tables": 0, "heads": 0, "index": 0, "cache": 0}
         size = lambda t: t.numel() * t.element_size() if t is not None else 0  # noqa: E731
+        plan = self._snapshot()
+        for lp in plan.linears.values():
+            out["bases"] += size(lp.u_a) + size(lp.u_b)
+            out["tables"] += size(lp.core) + size(lp.la) + size(lp.lb)
+            out["index"] += size(lp.slot_map)
         for mod in self.model.modules():
-            if isinstance(mod, _ServedLinear):
-                out["bases"] += size(mod.u_a) + size(mod.u_b)
-                out["tables"] += size(mod.core) + size(mod.la) + size(mod.lb)
-                out["index"] += size(mod.slot_map)
-                if mod._cache is not None:
-                    out["cache"] += size(mod._cache[2]) + size(mod._cache[3])
-            elif isinstance(mod, _ServedHead):
-                out["heads"] += sum(size(t) for t in mod.own_tensors())
+            if isinstance(mod, _ServedLinear) and mod._cache is not None:
+                out["cache"] += size(mod._cache[2]) + size(mod._cache[3])
+        for path, hp in plan.heads.items():
+            base = self.model.get_submodule(path)
+            base = base.base_layer if isinstance(base, _ServedHead) else base
+            shared = {id(t) for t in (*base.parameters(), *base.buffers())}
+            out["heads"] += sum(size(t) for c in hp.copies for t in (*c.parameters(), *c.buffers())
+                                if id(t) not in shared)
         out["total"] = sum(out.values())
         return out
 
     # ------------------------------------------------------------ calls
     def _route(self, adapter_names: Any, args: Sequence[Any], kwargs: Mapping[str, Any], *, expand: bool) -> _Route:
-        self._sync()
+        plan = self._snapshot()  # this call's tables, from its first layer to its last
         if adapter_names is None:
-            return self._router.default
+            if self._active is None and plan.names and not self._told_default:
+                self._told_default = True
+                logger.info("no adapter_names and no set_adapter(): every row uses the first served adapter, %r",
+                            plan.names[0])
+            return _Route(plan, None, plan.index.get(self._active_in(plan), 0))
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise ConfigError(
                 f"adapter_names={adapter_names!r}: expected a list with one adapter name per row of the batch "
                 f"(or {BASE!r}); for one adapter on every row, use set_adapter(name).")
+        _check_names("adapter_names", adapter_names)
         idx = []
         for i, n in enumerate(adapter_names):
             if n == BASE:
                 idx.append(0)
-            elif n in self._index:
-                idx.append(self._index[n])
+            elif n in plan.index:
+                idx.append(plan.index[n])
             else:
                 raise UnknownAdapterError(
-                    f"adapter_names[{i}] is {n!r}, which this model does not serve. Served: {_few(self._names)} "
+                    f"adapter_names[{i}] is {n!r}, which this model does not serve. Served: {_few(plan.names)} "
                     f"(or {BASE!r} for the base model). Add it to the checkpoint (share.add_adapter) or serve it "
                     "(refresh(adapters=[...])).", adapter=str(n))
         rows = next((b for b in (_batch_first(kwargs.get(k)) for k in ("input_ids", "inputs_embeds")) if b is not None),
@@ -788,15 +879,19 @@ class ServedModel(torch.nn.Module):
                 f"per row (use {BASE!r} for rows without an adapter).")
         if not idx:
             raise ConfigError("adapter_names is empty: give one adapter name per row of the batch.")
-        return _Route(torch.tensor(idx, dtype=torch.long), None, expand=expand)
+        return _Route(plan, torch.tensor(idx, dtype=torch.long), None, expand=expand)
 
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``adapter_names`` (one per row) picks each row's adapter."""
+        """The base model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) picks each
+        row's adapter.  Without it, every row uses the adapter of ``set_adapter()`` (by default the
+        first served adapter)."""
         with self._router.use(self._route(adapter_names, args, kwargs, expand=False)):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        """The base model's ``generate``; beams and ``num_return_sequences`` keep each row's adapter."""
+        """The base model's ``generate``; beams and ``num_return_sequences`` keep each row's adapter.
+
+        ``adapter_names`` works as in :meth:`forward`."""
         with self._router.use(self._route(adapter_names, args, kwargs, expand=True)):
             return self.model.generate(*args, **kwargs)
 
@@ -814,7 +909,16 @@ class ServedModel(torch.nn.Module):
             return getattr(self.model, name)
 
     def __repr__(self) -> str:
-        return f"ServedModel(adapters={_few(self._names)}, active={self._active!r},\n  model={self.model!r})"
+        plan = self._plan
+        return f"ServedModel(adapters={_few(plan.names)}, active={self._active_in(plan)!r},\n  model={self.model!r})"
+
+
+def _check_names(what: str, names: Sequence[Any]) -> None:
+    """Every adapter name must be a string: a list or dict inside would fail deep in torch."""
+    for i, n in enumerate(names):
+        if not isinstance(n, str):
+            raise ConfigError(f"{what}[{i}] is {type(n).__name__} {n!r}: expected an adapter name (a string), "
+                              f"one per row (or {BASE!r}).")
 
 
 def _few(names: Any, limit: int = 12) -> str:
@@ -823,7 +927,7 @@ def _few(names: Any, limit: int = 12) -> str:
     return f"[{shown}{f', … {len(names) - limit} more' if len(names) > limit else ''}]"
 
 
-def serve(share: Any, base_model: torch.nn.Module, *, adapters: Optional[Sequence[str]] = None,
+def serve(share: Servable, base_model: torch.nn.Module, *, adapters: Optional[Sequence[str]] = None,
           dtype: Union[None, str, torch.dtype] = None) -> ServedModel:
     """Serve ``share``'s adapters (all, or ``adapters``) on ``base_model``, one adapter per row.
 

@@ -123,6 +123,24 @@ class Stored:
             x = lut[idx] * blocks
         return (x.T if self.transposed else x).contiguous()
 
+    def value(self) -> torch.Tensor:
+        """The float32 tensor, decoded once and cached: the value a model computes with."""
+        cached = self.__dict__.get("_value")
+        if cached is None:
+            cached = self.dequantize()
+            object.__setattr__(self, "_value", cached)
+            object.__setattr__(self, "_version", cached._version)
+        return cached
+
+    def unchanged(self) -> bool:
+        """Whether the cached float tensor (if decoded) still holds what the codes decode to.
+
+        An in-place edit (``mul_``, ``copy_``) bumps a tensor's version counter, so a save
+        quantizes the edited floats instead of writing stale codes.
+        """
+        cached = self.__dict__.get("_value")
+        return cached is None or cached._version == self.__dict__.get("_version")
+
     def tensors(self, key: str) -> Dict[str, torch.Tensor]:
         """What a safetensors file holds for it: ``{key: codes, key + ".scale": scale}``."""
         return {key: self.codes, key + SCALE_SUFFIX: self.scale}

@@ -8,7 +8,6 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from . import hub
 from .adapters import WEIGHTS_NAME, file_sha256
-from .checkpoint import CardData
 from .errors import ConfigError, HubError, LoraShareError
 from .manifest import AdapterSource, Manifest
 from .model import SHAREModel
@@ -74,11 +73,9 @@ def _restamp(share: Any, manifest: Manifest) -> None:
 
 
 def _compress_all(manifest: Manifest, fingerprints: Mapping[str, str], *, token: Optional[str], progress: bool) -> Any:
-    c = manifest.compression
     share = SHAREModel.from_adapters(
         {n: _build_source(s, fingerprints.get(n)) for n, s in manifest.adapters.items()},
-        num_components=c.num_components, variance_threshold=c.variance_threshold, dtype=c.dtype,
-        budget_bytes=c.budget_bytes, progress=progress, token=token,
+        spec=manifest.compression, progress=progress, token=token,
     )
     _restamp(share, manifest)
     return share
@@ -111,5 +108,5 @@ def apply_plan(manifest: Manifest, plan: Plan, fingerprints: Mapping[str, str], 
 
 
 def set_card(share: Any, manifest: Manifest) -> None:
-    share.config.card = CardData(repo_id=manifest.repo_id, license=manifest.card.license or None,
-                                 description=manifest.card.description or None)
+    share.set_card(repo_id=manifest.repo_id, license=manifest.card.license or None,
+                   description=manifest.card.description or None)

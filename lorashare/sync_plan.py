@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from .manifest import CARD_KEYS, CardOptions, Compression, Manifest
+from .manifest import CARD_KEYS, CardOptions, Manifest
+from .spec import CompressionSpec
 
 __all__ = ["ACTIONS", "AdapterPlan", "Plan", "plan_sync", "commit_message", "plan_json"]
 
@@ -48,27 +48,9 @@ def _short(value: Optional[str]) -> str:
     return value[:8] if value else "–"
 
 
-def _settings_diff(c: Compression, published: Any) -> List[str]:
-    """Compression settings of the manifest that differ from the published checkpoint's."""
-    diffs = []
-    pub_budget = published.budget_bytes if getattr(published, "component_selection", "") == "budget" else None
-    if c.budget_bytes != pub_budget:
-        diffs.append(f"budget_bytes {pub_budget} → {c.budget_bytes}")
-    if c.budget_bytes is None:
-        pub_k = published.requested_components
-        if pub_k is None:  # written before requested_components existed
-            pub_k = "auto" if published.component_selection == "auto" else published.num_components
-        if pub_k != c.num_components:
-            diffs.append(f"num_components {pub_k} → {c.num_components}")
-    try:
-        same_v = math.isclose(float(published.variance_threshold), c.variance_threshold, rel_tol=0, abs_tol=1e-9)
-    except (TypeError, ValueError):
-        same_v = False
-    if not same_v:
-        diffs.append(f"variance_threshold {published.variance_threshold} → {c.variance_threshold}")
-    if (published.dtype or "float32") != c.dtype:
-        diffs.append(f"dtype {published.dtype} → {c.dtype}")
-    return diffs
+def _settings_diff(spec: CompressionSpec, published: Any) -> List[str]:
+    """Compression settings of the manifest that differ from the published checkpoint's (field by field)."""
+    return CompressionSpec.from_config(published).diff(spec)
 
 
 def _card_diff(card: CardOptions, published: Any) -> List[str]:

@@ -124,9 +124,10 @@ def test_generic_head_key_forms(adapter_dirs, bert_batch):
         path = k.replace("base_model.model.", "")
         module, _, param = path.rpartition(".")
         renamed[f"base_model.model.{module}.modules_to_save.{name}.{param}" if i == 0 else path] = t
-    heads.clear()
-    heads.update(renamed)
-    got = share.serve(tiny_bert())
+    # The views are read-only: a model with the renamed heads is built through the 0.1.x constructor.
+    other = SHAREModel(share.config, dict(share.components), {n: dict(v) for n, v in share.all_loadings.items()},
+                       dict(share.adapter_configs), {**share.all_classifier_heads, name: renamed})
+    got = other.serve(tiny_bert())
     with torch.no_grad():
         assert torch.equal(got(input_ids=bert_batch, adapter_names=[name] * 6).logits,
                            want(input_ids=bert_batch, adapter_names=[name] * 6).logits)
@@ -482,3 +483,16 @@ def test_minilm_mixed_seq_cls_batch(minilm):
     st, added = share.config.compression_stats, served.served_bytes()
     assert added["bases"] + added["tables"] + added["heads"] <= 1.1 * (st["compressed_bytes"] + st["heads_bytes"])
 
+
+
+@pytest.mark.parametrize("bad", [[["t"]], [{"a": 1}], [None], [3], [b"x"]], ids=["list", "dict", "None", "int", "bytes"])
+def test_names_that_are_not_strings_get_a_clear_error(bert_share, bert_batch, bad):
+    """A list or dict where an adapter name belongs is a ConfigError naming its position, never a raw TypeError."""
+    served = bert_share.serve(tiny_bert())
+    rows = list(bert_share.adapter_names[:1]) * 5 + bad
+    with pytest.raises(ConfigError, match=r"adapter_names\[5\] is .*expected an adapter name \(a string\)"):
+        served(input_ids=bert_batch, adapter_names=rows)
+    with pytest.raises(ConfigError, match=r"set_adapter\(.*\): expected one adapter name \(a string\)"):
+        served.set_adapter(bad[0])
+    with pytest.raises(ConfigError, match=r"adapters\[0\] is .*expected an adapter name"):
+        bert_share.serve(tiny_bert(), adapters=bad)

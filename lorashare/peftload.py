@@ -1,0 +1,99 @@
+"""PEFT loading: rebuilt adapters of a state registered on a transformers model as a ``PeftModel``.
+
+peft is imported only here, and only when a model is loaded.
+
+Example:
+    >>> pm = load_into(share.state, base_model, ["billing", "refunds"])  # doctest: +SKIP
+    >>> pm.set_adapter("refunds")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import AdapterError
+from .names import group_key, split_group_key
+from .state import AdapterRecord, SHAREState, rebuild
+
+__all__ = ["peft_config", "load_into", "check_fits"]
+
+
+def peft_config(rec: AdapterRecord, name: str) -> Dict[str, Any]:
+    """The adapter's own ``adapter_config.json``; refused when it has none."""
+    cfg = dict(rec.config)
+    if not cfg:
+        # Never invent one from checkpoint-wide values: a wrong lora_alpha or a lost
+        # use_rslora rescales the adapter without a word.
+        raise AdapterError(
+            f"adapter {name!r} has no LoRA config (its adapter_config.json), so it cannot be rebuilt as a "
+            "PEFT adapter. Give it in adapter_configs, or compress the adapter again from its folder.",
+            adapter=name,
+        )
+    return cfg
+
+
+def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
+    """Register the adapters ``names`` of ``state`` on ``model`` (a base model or a ``PeftModel``); ``names[0]`` is active."""
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+    check_fits(state, model, names)
+    # PEFT cannot load a head-less adapter once another adapter has wrapped a head
+    # (modules_to_save), so head-less adapters go in first; the active one is names[0].
+    for n in sorted(names, key=lambda n: bool(state.records[n].heads)):
+        cfg = PeftConfig.from_peft_type(**peft_config(state.records[n], n))
+        cfg.inference_mode = True
+        if isinstance(model, PeftModel):
+            model.add_adapter(n, cfg)
+        else:
+            model = get_peft_model(model, cfg, adapter_name=n)
+        # PEFT's saved key form, whatever keys the adapter had: set_peft_model_state_dict
+        # needs the base_model.model. prefix and no adapter-name infix.
+        result = set_peft_model_state_dict(model, rebuild(state, n, peft_keys=True), adapter_name=n)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{n}." in k]
+        if missing:
+            raise AdapterError(f"adapter {n!r}: the model has no weights for {missing[0]}", adapter=n)
+    if names:
+        model.set_adapter(names[0])
+    model.eval()
+    return model
+
+
+def check_fits(state: SHAREState, model: Any, names: Sequence[str]) -> None:
+    """Refuse a base model whose modules do not have the adapters' shapes, before PEFT touches it."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    modules = dict(base.named_modules())
+    this = getattr(base, "name_or_path", None) or type(base).__name__
+    comps = state.components
+    for n in names:
+        trained = state.records[n].config.get("base_model_name_or_path") or state.base_model
+        hint = f"The adapters were trained on {trained!r}; load that base model." if trained else \
+            "Load the base model the adapters were trained on."
+        for key in state.records[n].weights:
+            module, side = split_group_key(key)
+            if side != "A" or group_key(module, "B") not in comps:
+                continue
+            want = (int(comps[key].shape[0]), int(comps[group_key(module, "B")].shape[0]))
+            if module not in modules:
+                raise AdapterError(
+                    f"adapter {n!r}: module {module} is not in the model ({this}). {hint}", adapter=n, layer=module)
+            have = _features(modules[module])
+            if have is not None and have != want:
+                raise AdapterError(
+                    f"adapter {n!r}: module {module} expects {want[0]} → {want[1]} features (lora_A (r, {want[0]}), "
+                    f"lora_B ({want[1]}, r)), but in the model ({this}) it maps {have[0]} → {have[1]}. {hint}",
+                    adapter=n, layer=module,
+                )
+
+
+def _features(module: Any) -> Optional[Tuple[int, int]]:
+    """``(in, out)`` features of a linear-like module (PEFT-wrapped or not), ``None`` if not linear-like."""
+    getter = getattr(module, "get_base_layer", None)  # a PEFT LoRA layer wraps the original
+    m = getter() if callable(getter) else module
+    if isinstance(m, torch.nn.Linear):
+        return int(m.in_features), int(m.out_features)
+    w = getattr(m, "weight", None)
+    if type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:  # GPT-2's: weight is (in, out)
+        return int(w.shape[0]), int(w.shape[1])
+    return None
