@@ -6,6 +6,10 @@ Weights are then streamed one module at a time by the compressor.
 
 Sources are local folders, or Hub ids (``user/repo``, ``user/repo@rev``,
 ``user/repo/subfolder``) which :mod:`lorashare.hub` turns into cached folders.
+
+Every file is checked to be a regular file before it is opened (a FIFO named
+``adapter_config.json`` would block a read forever), and refused with the adapter's
+name and the file's path otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -24,7 +29,7 @@ from .atomic import atomic_folder, check_target
 from .errors import AdapterError, AdapterNotFoundError, IncompatibleAdaptersError
 from .jsonfile import loads as json_loads
 from .loraconfig import check_lora_config, module_scale, pattern_value
-from .names import check_name, derive_name, unique_name
+from .names import check_name, derive_name, file_kind, open_regular, unique_name
 from .tensorfile import TensorFile, read_header, save_bytes
 
 logger = logging.getLogger(__name__)
@@ -162,7 +167,14 @@ class Adapter:
     def sha256(self) -> str:
         """sha256 of ``adapter_model.safetensors``: the adapter's fingerprint (``sha256sum`` agrees)."""
         if self._sha256 is None:
-            self._sha256 = file_sha256(self.weights_path)
+            try:
+                self._sha256 = file_sha256(self.weights_path)
+            except OSError as exc:
+                raise AdapterError(
+                    f"adapter {self.name!r} ({self.source}): cannot read {self.weights_path}: {exc.strerror or exc}. "
+                    f"Check that {WEIGHTS_NAME} is the regular file PEFT wrote.",
+                    adapter=self.name, path=self.weights_path,
+                ) from None
         return self._sha256
 
     def scale(self, module: str) -> float:
@@ -184,9 +196,9 @@ def num_labels(heads: Mapping[str, torch.Tensor]) -> Optional[int]:
 
 
 def file_sha256(path: str, *, chunk: int = 8 * 1024 * 1024) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a regular file, read in chunks; an ``OSError`` for anything else (a FIFO never blocks)."""
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path) as f:
         buf = bytearray(chunk)
         view = memoryview(buf)
         while True:
@@ -199,7 +211,7 @@ def file_sha256(path: str, *, chunk: int = 8 * 1024 * 1024) -> str:
 
 def _load_config(path: str, who: str) -> Dict[str, Any]:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             raw = f.read(10 * 1024 * 1024 + 1)
     except FileNotFoundError:
         raise AdapterNotFoundError(
@@ -208,9 +220,10 @@ def _load_config(path: str, who: str) -> Dict[str, Any]:
             adapter=who,
             path=path,
         ) from None
-    except OSError as exc:  # a folder named adapter_config.json, no permission...
+    except OSError as exc:  # a folder or a FIFO named adapter_config.json, no permission...
         raise AdapterError(
-            f"adapter {who!r}: cannot read {path}: {exc.strerror or exc}. Check the adapter folder.",
+            f"adapter {who!r}: cannot read {path}: {exc.strerror or exc}. {CONFIG_NAME} must be the regular file "
+            "that PEFT wrote (PeftModel.save_pretrained); check the adapter folder.",
             adapter=who,
             path=path,
         ) from None
@@ -299,6 +312,7 @@ def open_local(folder: str, name: str, source: Optional[str] = None, revision: O
     config = _load_config(cfg_path, name)
     check_lora_config(config, name, cfg_path)
     weights = os.path.join(folder, WEIGHTS_NAME)
+    _check_regular(weights, name)
     if not os.path.isfile(weights):
         pickled = [p for p in _PICKLE_NAMES if os.path.exists(os.path.join(folder, p))]
         hint = (
@@ -316,8 +330,30 @@ def open_local(folder: str, name: str, source: Optional[str] = None, revision: O
     for m in modules.values():
         expect = pattern_value(config.get("rank_pattern") or {}, m.module, r)
         if expect is not None and expect != m.rank:
-            logger.warning("adapter %r: %s has rank %d but its config says r=%s", name, m.module, m.rank, expect)
+            # PEFT would refuse it too, and a checkpoint made from it could not be rebuilt as this config says.
+            raise AdapterError(
+                f"adapter {name!r}: module {m.module} has rank {m.rank} in {WEIGHTS_NAME}, but its "
+                f"{CONFIG_NAME} says r={expect}{' (rank_pattern)' if config.get('rank_pattern') else ''}. "
+                "Make the config's r / rank_pattern match the weights, or save the adapter again with PEFT.",
+                adapter=name, layer=m.module, path=weights)
     return Adapter(name=name, source=source, folder=folder, config=config, modules=modules, head_keys=heads, revision=revision)
+
+
+def _check_regular(path: str, who: str) -> None:
+    """Refuse ``path`` if it exists and is not a regular file (symlinks followed); never opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # the caller says what is missing
+    except OSError as exc:
+        raise AdapterError(f"adapter {who!r}: cannot read {path}: {exc.strerror or exc}. Check the adapter folder.",
+                           adapter=who, path=path) from None
+    if not stat.S_ISREG(mode):
+        raise AdapterError(
+            f"adapter {who!r}: {path} is {file_kind(mode)}, not a regular file. Replace it with the file that "
+            "PEFT wrote (PeftModel.save_pretrained).",
+            adapter=who, path=path,
+        )
 
 
 def open_adapter(source: str, name: Optional[str] = None, **hub_kwargs: Any) -> Adapter:
@@ -420,13 +456,13 @@ def open_adapters(
             if name is not None:  # an explicit name: never renamed behind the user's back
                 raise AdapterError(
                     f"duplicate adapter name {a.name!r}: from {seen[a.name]} and from {src}. "
-                    "Names must be unique; pass a dict {name: source} (CLI: --name name=path).",
+                    "Names must be unique; pass a dict {name: source} with one name per adapter.",
                     adapter=a.name,
                 )
             derived, a.name = a.name, unique_name(a.name, seen)
             logger.warning(
                 "adapters %s and %s share the name %r: naming the second %r. Pass a dict {name: source} "
-                "(CLI: --name NAME=PATH) to choose names.", seen[derived], src, derived, a.name,
+                "to choose names.", seen[derived], src, derived, a.name,
             )
         seen[a.name] = os.fspath(src)
         opened.append(a)

@@ -15,13 +15,19 @@ again just before the swap:
 
 Never, even with ``overwrite``: a file, FIFO, device, socket or symlink; the
 current folder, the home folder or an ancestor of either (so never ``/``); an
-input, or an ancestor of one.  Refusals raise :class:`~lorashare.errors.OutputPathError`,
-and OS failures while saving (disk full, permissions) :class:`~lorashare.errors.SaveError`,
+input, anything inside one (after following symlinks), or an ancestor of one.  A
+caller that saves a checkpoint back where it was loaded from leaves that folder out
+of ``inputs``.  Refusals raise :class:`~lorashare.errors.OutputPathError` (a
+:class:`~lorashare.errors.ForeignFolderError` where ``overwrite`` would do), and OS
+failures while saving (disk full, permissions) :class:`~lorashare.errors.SaveError`,
 with the previous content untouched.
 
-Temporary siblings are named ``.<name>.tmp-<8 hex>`` and locked (``flock``) while
-a save runs, so a later save of the same target removes those left by a killed
-process, and only those: never a path that lorashare did not name.
+Temporary siblings are named ``.<name>.tmp-<8 hex>`` (``.old-`` for the old folder
+set aside) and locked (``flock``) while a save runs, so a later save of the same
+target removes those left by a killed process, and only those: never a path that
+lorashare did not name.  A name too long to take the 14 extra bytes within the
+filesystem's limit (255 bytes) is shortened in the sibling's name to its first
+characters, ``~`` and 8 hex of its sha256, the same on every save.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -38,8 +45,8 @@ import stat
 import time
 from typing import Callable, Iterable, Iterator, Optional
 
-from .errors import LoraShareError, OutputPathError, SaveError
-from .names import is_within
+from .errors import ForeignFolderError, LoraShareError, OutputPathError, SaveError
+from .names import file_kind, is_within
 
 try:  # POSIX only; without it stale temporaries are left alone
     import fcntl
@@ -52,6 +59,9 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 # An empty temporary folder this young may belong to a save that has not locked it yet.
 _GRACE_SECONDS = 10.0
+#: Longest name of one path component, in bytes, where the filesystem does not say (ext4, XFS, APFS...).
+NAME_MAX = 255
+_SIBLING_EXTRA = len(".") + len(".tmp-") + 8  # what a temporary's name adds to the target's
 
 
 def _libc_fn(name: str):
@@ -106,14 +116,6 @@ def _fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a folder"
-
-
 def check_target(
     target: str,
     *,
@@ -152,10 +154,9 @@ def check_target(
             rel = "is" if real == place else "is an ancestor of"
             raise refuse(f"it {rel} {name} ({place})")
     for src in inputs:
-        src_real = os.path.realpath(os.fspath(src))
-        if is_within(src_real, real):
-            rel = "is the input" if src_real == real else "contains the input"
-            raise refuse(f"it {rel} {src}, which would be deleted", "Choose a path outside the inputs")
+        why = _clash_with_input(real, os.fspath(src))
+        if why:
+            raise refuse(why, "Choose a path outside the inputs")
     try:
         st = os.lstat(absolute)
     except FileNotFoundError:
@@ -165,7 +166,7 @@ def check_target(
     if stat.S_ISLNK(st.st_mode):
         raise refuse("it is a symlink", "Choose another path, or remove the link yourself")
     if not stat.S_ISDIR(st.st_mode):
-        raise refuse(f"it is {_kind(st.st_mode)}, not a folder", "Choose another path, or remove it yourself")
+        raise refuse(f"it is {file_kind(st.st_mode)}, not a folder", "Choose another path, or remove it yourself")
     try:
         empty = not os.listdir(absolute)
     except OSError as exc:
@@ -174,11 +175,25 @@ def check_target(
         return absolute
     why = replaceable(absolute)
     if why is not None:
-        raise refuse(
-            f"it is a folder that lorashare did not write as a {what} ({why})",
-            "Choose another path, remove it yourself, or pass overwrite=True (CLI: --overwrite) to replace it",
-        )
+        problem = f"will not write the {what} to {given!r}: it is a folder that lorashare did not write as a {what} ({why})."
+        # Python's fix; the CLI gives its own per subcommand from ``problem`` and ``found``.
+        raise ForeignFolderError(f"{problem} Choose another path, remove it yourself, or pass overwrite=True to "
+                                 "replace it.", found=why, path=given, problem=problem)
     return absolute
+
+
+def _clash_with_input(real: str, src: str) -> Optional[str]:
+    """Why a save to ``real`` would change the input ``src`` (it is, holds or lies inside it), or ``None``.
+
+    Both sides are compared after following symlinks, so a link that leads into an input counts.
+    """
+    src_real = os.path.realpath(src)
+    if is_within(src_real, real):
+        rel = "is the input" if src_real == os.path.realpath(real) else "contains the input"
+        return f"it {rel} {src}, which would be deleted"
+    if is_within(real, src_real):
+        return f"it is inside the input {src}, which would be changed"
+    return None
 
 
 _STALE = re.compile(r"^\.(?P<base>.+)\.(?:tmp|old)-(?:[0-9a-f]{8}|[a-z0-9_]{8})$")
@@ -194,8 +209,46 @@ def _lock(fd: int) -> bool:
         return False
 
 
+def _name_max(parent: str) -> int:
+    """The longest name (bytes) a folder in ``parent`` may have."""
+    try:
+        return min(NAME_MAX, int(os.pathconf(parent, "PC_NAME_MAX")))
+    except (OSError, ValueError, AttributeError):
+        return NAME_MAX
+
+
+def _sibling_base(base: str, name_max: int = NAME_MAX) -> str:
+    """What stands for ``base`` in its temporaries' names: itself, or shortened to fit ``name_max``.
+
+    The short form (first characters, ``~``, 8 hex of the name's sha256) is the same on every
+    save, so a later save still recognises what a killed one left.
+
+    Example:
+        >>> _sibling_base("ck")
+        'ck'
+        >>> len(_sibling_base("x" * 250).encode())
+        241
+    """
+    raw = os.fsencode(base)
+    room = name_max - _SIBLING_EXTRA
+    if len(raw) <= room:
+        return base
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    keep, used = [], 0
+    for ch in base:  # whole characters only, so a multibyte UTF-8 name is never cut mid-character
+        size = len(os.fsencode(ch))
+        if used + size > room - 1 - len(digest):
+            break
+        keep.append(ch)
+        used += size
+    return "".join(keep) + "~" + digest
+
+
 def _clean_stale(parent: str, base: str) -> None:
-    """Remove temporaries of earlier, killed saves of ``parent/base`` (unlocked, named by us)."""
+    """Remove temporaries of earlier, killed saves of ``parent/base`` (unlocked, named by us).
+
+    ``base`` is the target's name as it appears in its temporaries (:func:`_sibling_base`).
+    """
     if fcntl is None:  # pragma: no cover - no way to tell a live save from a dead one
         return
     try:
@@ -257,9 +310,10 @@ def atomic_folder(
     inputs = [os.fspath(p) for p in inputs]
     check = dict(what=what, replaceable=replaceable, inputs=inputs, overwrite=overwrite)
     target = check_target(target, **check)
-    parent, base = os.path.split(target)
+    parent, name = os.path.split(target)
     try:
         os.makedirs(parent, exist_ok=True)
+        base = _sibling_base(name, _name_max(parent))
         _clean_stale(parent, base)
         tmp = _make_temp(parent, base)
     except OSError as exc:

@@ -2,7 +2,7 @@
 
 Layout (a superset of what lorashare 0.1.x writes)::
 
-    share_config.json                      SHAREConfig (below), incl. format_version,
+    share_config.json                      SHAREConfig (lorashare.schema), incl. format_version,
                                            per-adapter source/revision/sha256 and a
                                            sha256 of every other file ("files")
     shared_components.safetensors          "<module>:<A|B>" → basis (d × k)
@@ -16,30 +16,49 @@ tensors, ``index`` (n × 2: the key's position in sorted ``k_per_group``, its wi
 ``scales`` (see :mod:`lorashare.storage` and ``_decode``).
 
 A factor comes back as ``B = U_B L_B`` and ``A = (U_A L_A)ᵀ``.  Only JSON and
-safetensors are read; adapter names are checked before they touch a path.
+safetensors are read, only from regular files; adapter names are checked before they touch a path.
+
+The fields of ``share_config.json`` and ``adapter_meta.json`` and their checks are
+:mod:`lorashare.schema`'s.  Here every claim of the config is checked against the files on
+load: its keys, k and layer keys against the bases, each adapter's ranks against its LoRA
+config and its entry in ``adapters``, and every decoded value must be finite, so that a
+checkpoint that loads rebuilds each adapter as a PEFT adapter.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import re
-import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
 from .atomic import atomic_folder, check_target
-from .errors import CheckpointError, CheckpointNotFoundError, IntegrityError
-from .jsonfile import loads as json_loads
-from .loraconfig import check_lora_config
-from .names import check_name, is_within
-from .storage import NF4_BLOCK, PACKED_KEYS, QUANTIZED, SCHEMES, Stored, code_shape, is_quantized, quantize, scale_count
+from .errors import CheckpointError, IntegrityError, UnknownAdapterError
+from .jsonfile import open_regular, read_bytes, read_json
+from .loraconfig import pattern_value
+from .names import check_name, split_group_key
+from .schema import (
+    CONFIG_FILE,
+    FIX,
+    FORMAT_VERSION,
+    MAX_JSON,
+    QUANTIZED_FORMAT_VERSION,
+    CardData,
+    SHAREConfig,
+    Stamp,
+    check_meta,
+    checkpoint_path,
+    config_stamp,
+    read_config,
+    read_config_stamped,
+)
+from .storage import NF4_BLOCK, PACKED_KEYS, Stored, code_shape, is_quantized, quantize, scale_count
 from .tensorfile import TensorFile, save_bytes
 
 logger = logging.getLogger(__name__)
@@ -47,92 +66,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["FORMAT_VERSION", "CardData", "SHAREConfig", "CheckpointData", "read_config", "load_checkpoint", "save_checkpoint", "checkpoint_files",
            "check_checkpoint_target", "foreign_content"]
 
-#: The newest format this lorashare reads.  It writes 1 for float storage (which lorashare 0.2.0 reads
-#: too) and 2 only for quantized storage, which older readers must refuse rather than misread.
-FORMAT_VERSION = 2
-QUANTIZED_FORMAT_VERSION = 2
-CONFIG_FILE = "share_config.json"
 COMPONENTS_FILE = "shared_components.safetensors"
 LOADINGS_FILE = "loadings.safetensors"
 HEAD_FILE = "classifier_head.safetensors"
 META_FILE = "adapter_meta.json"
 CARD_FILE = "README.md"
-_MAX_JSON = 64 * 1024 * 1024
-
-
-@dataclass
-class CardData:
-    """The model card's own options; everything else on the card is derived from the config.
-
-    Example:
-        >>> CardData(repo_id="acme/support-share", license="apache-2.0")
-        CardData(repo_id='acme/support-share', license='apache-2.0', description=None)
-    """
-
-    repo_id: Optional[str] = None  # the card's title and usage snippet name it
-    license: Optional[str] = None  # a Hub license id (lorashare.card.check_license)
-    description: Optional[str] = None
-
-
-@dataclass
-class SHAREConfig:
-    """``share_config.json``.  The first block is lorashare 0.1.x's, unchanged in meaning."""
-
-    share_version: str = "0.1.0"
-    num_components: int = 32
-    component_selection: str = "fixed"  # "fixed", "auto" or "budget"
-    variance_threshold: float = 0.95
-    base_model_name_or_path: str = ""
-    target_modules: List[str] = field(default_factory=list)
-    lora_rank: int = 0
-    lora_alpha: Any = 0
-    adapter_names: List[str] = field(default_factory=list)
-    num_adapters: int = 0
-    layer_keys: List[str] = field(default_factory=list)
-    compression_stats: Dict[str, Any] = field(default_factory=dict)
-    # format v1
-    format_version: int = 0  # 0 = written by lorashare 0.1.x
-    lorashare_version: str = ""
-    dtype: str = "float32"
-    budget_bytes: Optional[int] = None
-    requested_components: Any = None  # what the user asked for: an int or "auto"
-    k_per_group: Dict[str, int] = field(default_factory=dict)
-    adapters: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    files: Dict[str, str] = field(default_factory=dict)
-    # format v2: how quantized bases and loadings are laid out (None: floats, in ``dtype``)
-    storage: Optional[Dict[str, Any]] = None
-    card: CardData = field(default_factory=CardData)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SHAREConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            logger.debug("share_config.json: ignoring unknown keys %s", unknown)
-        values = {k: v for k, v in data.items() if k in known}
-        stats = values.get("compression_stats")
-        card = values.get("card")
-        if card is None and isinstance(stats, dict) and isinstance(stats.get("card"), dict):
-            # written by 0.2.0 before the card had its own field
-            values["compression_stats"] = {k: v for k, v in stats.items() if k != "card"}
-            card = stats["card"]
-        values["card"] = CardData(**{k: card.get(k) for k in ("repo_id", "license", "description")}) \
-            if isinstance(card, dict) else CardData()
-        return cls(**values)
-
-    def save(self, output_dir: str) -> None:
-        """Write ``share_config.json`` into ``output_dir`` (0.1.x API)."""
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    @classmethod
-    def load(cls, checkpoint_dir: str) -> "SHAREConfig":
-        """Read ``share_config.json`` from a folder (0.1.x API)."""
-        return read_config(checkpoint_dir)
+_FIX = FIX  # the fix that ends every message about a checkpoint's content
+_GROUP_KEY = re.compile(r"^.+:[AB]$")
+#: A module path as PyTorch names submodules: dot-separated names, no spaces or colons.
+_MODULE_PATH = re.compile(r"^[\w-]+(\.[\w-]+)*$")
+#: Above this bound on |U·L| a rebuilt factor may overflow float32 (3.4e38), so it is computed to be sure.
+_SAFE_BOUND = 1e37
+_CHANGED_HINT = "Try again once the save or download has finished."
 
 
 @dataclass
@@ -154,286 +99,15 @@ class CheckpointData:
 
 
 def _read_json(path: str, what: str) -> Any:
-    try:
-        if os.path.getsize(path) > _MAX_JSON:
-            raise CheckpointError(f"{path} is over {_MAX_JSON} bytes; not a {what}.", path=path)
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", path=path) from exc
-    return json_loads(
-        raw, path=path, what=what, error=CheckpointError,
+    return read_json(
+        path, max_bytes=MAX_JSON, what=what, error=CheckpointError,
         hint=f"The {what} is corrupt or truncated: re-download the checkpoint or re-save it.",
     )
 
 
-def _inside(root: str, rel: str, jail: Optional[str] = None) -> str:
-    """``root/rel``, refusing anything that would resolve outside ``jail`` (default ``root``)."""
-    path = os.path.join(root, *rel.split("/"))
-    if os.path.isabs(rel) or ".." in rel.split("/") or not is_within(path, jail or root):
-        raise CheckpointError(
-            f"{rel!r} in {root} resolves to {os.path.realpath(path)}, outside the checkpoint. Refusing to read it "
-            "(a symlink or '..' in a downloaded repo?).",
-            path=path,
-        )
-    return path
-
-
-def read_config(folder: str, *, jail: Optional[str] = None) -> SHAREConfig:
-    """Read and sanity-check ``share_config.json``.
-
-    Example:
-        >>> read_config("my_share_checkpoint").adapter_names  # doctest: +SKIP
-        ['billing', 'refunds']
-    """
-    if not os.path.isdir(folder):
-        raise CheckpointNotFoundError(
-            f"no SHARE checkpoint at {folder}: not a folder. Give the folder that save_pretrained wrote, "
-            "or a Hub repo id.",
-            path=folder,
-        )
-    path = _inside(folder, CONFIG_FILE, jail)
-    try:
-        data = _read_json(path, "SHARE config")
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(
-            f"no {CONFIG_FILE} in {folder}: not a SHARE checkpoint (or an interrupted save).", path=path
-        ) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object.", path=path)
-    _check_format_version(data, path)
-    return SHAREConfig.from_dict(_checked_config(data, path))
-
-
-# --------------------------------------------------------------------------- validation on load
-# Every field that lorashare reads back is checked here, with its type, so that an edited or
-# corrupt checkpoint fails on load naming the file and the field, never later with a TypeError.
-
-#: share_config.json keys that lorashare 0.1.x writes; every other field is format v1.
-_LEGACY_KEYS = frozenset({
-    "share_version", "num_components", "component_selection", "variance_threshold", "base_model_name_or_path",
-    "target_modules", "lora_rank", "lora_alpha", "adapter_names", "num_adapters", "layer_keys", "compression_stats",
-})
-_FIX = "The checkpoint was edited or is corrupt: re-download it, or re-save it with lorashare."
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_GROUP_KEY = re.compile(r"^.+:[AB]$")
-
-
-def _bad(path: str, name: str, value: Any, expected: str) -> CheckpointError:
-    return CheckpointError(f"{path}: field {name!r} is {reprlib.repr(value)}, expected {expected}. {_FIX}", path=path)
-
-
-def _is_int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_real(v: Any) -> bool:
-    """A JSON number; 0.1.x writes ``Infinity`` as a ratio, so it is one too."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_finite(v: Any) -> bool:
-    return _is_real(v) and math.isfinite(v)
-
-
-def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or check(v)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-def _str_map(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, dict) and all(check(x) for x in v.values())
-
-
-#: share_config.json: field → (check, what it must be).  format_version is checked apart.
-_CONFIG_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "share_version": (_is_str, "a string"),
-    "num_components": (_is_int, "an integer ≥ 0"),
-    "component_selection": (lambda v: v in ("fixed", "auto", "budget"), "'fixed', 'auto' or 'budget'"),
-    "variance_threshold": (lambda v: _is_finite(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "base_model_name_or_path": (_opt(_is_str), "a string"),
-    "target_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of module names"),
-    "lora_rank": (_is_int, "an integer ≥ 0"),
-    "lora_alpha": (_opt(_is_finite), "a number"),
-    "adapter_names": (_str_list, "a list of adapter names"),
-    "num_adapters": (_is_int, "an integer ≥ 0"),
-    "layer_keys": (_str_list, "a list of module names"),
-    "compression_stats": (lambda v: isinstance(v, dict), "an object"),
-    "lorashare_version": (_is_str, "a string"),
-    "dtype": (lambda v: isinstance(v, str) and v in SCHEMES, f"one of {', '.join(SCHEMES)}"),
-    "storage": (lambda v: v is None or (isinstance(v, dict) and set(v) == {"bases", "loadings", "block_size", "layout"}
-                                        and v["bases"] in QUANTIZED and v["loadings"] in QUANTIZED
-                                        and v["block_size"] == NF4_BLOCK and v["layout"] == "packed"),
-                f'null or {{"bases": int8|nf4, "loadings": int8|nf4, "block_size": {NF4_BLOCK}, '
-                '"layout": "packed"}'),
-    "budget_bytes": (_opt(lambda v: _is_int(v, 1)), "a positive integer or null"),
-    "requested_components": (lambda v: v is None or v == "auto" or _is_int(v, 1), "an integer ≥ 1, 'auto' or null"),
-    "k_per_group": (_str_map(_is_int), 'an object {"<module>:<A|B>": k}'),
-    "adapters": (_str_map(lambda v: isinstance(v, dict)), "an object {adapter name: {...}}"),
-    "files": (_str_map(lambda v: isinstance(v, str) and bool(_SHA256.match(v))),
-              'an object {"<relative path>": "<64 hex digits of sha256>"}'),
-    "card": (lambda v: isinstance(v, dict) and set(v) <= {"repo_id", "license", "description"}
-             and all(_opt(_is_str)(x) for x in v.values()),
-             "an object of strings or nulls: repo_id, license, description"),
-}
-
-#: compression_stats: numbers that summary(), the card, the CLI and the Space format.
-_STAT_NUMBERS = (
-    "original_total_params", "compressed_total_params", "shared_component_params", "per_adapter_loading_params",
-    "mean_explained_variance", "min_explained_variance", "original_lora_bytes", "shared_bytes", "loadings_bytes",
-    "heads_bytes", "compressed_bytes", "compression_ratio", "compression_ratio_excluding_basis",
-    "delta_w_rel_error_mean", "delta_w_rel_error_max",
-)
-#: A stat that is set needs these too (summary() prints them together).
-_STAT_NEEDS = {
-    "original_lora_bytes": ("compressed_bytes", "shared_bytes", "loadings_bytes", "compression_ratio",
-                            "compression_ratio_excluding_basis"),
-    "delta_w_rel_error_mean": ("delta_w_rel_error_max",),
-    "per_layer_explained_variance": ("mean_explained_variance", "min_explained_variance"),
-}
-
-#: share_config.json "adapters" → each adapter's record.
-_ADAPTER_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "source": (_opt(_is_str), "a string (a folder or a Hub id)"),
-    "revision": (_opt(_is_str), "a string or null"),
-    "sha256": (_opt(lambda v: isinstance(v, str) and bool(_SHA256.match(v))), "64 hex digits or null"),
-    "rank": (_opt(_is_int), "an integer ≥ 0"),
-    "lora_alpha": (_opt(_is_finite), "a number or null"),
-    "lora_bytes": (_opt(_is_int), "an integer ≥ 0 or null"),
-    "delta_w_error_mean": (_opt(_is_finite), "a number or null"),
-    "delta_w_error_max": (_opt(_is_finite), "a number or null"),
-    "task_type": (_opt(_is_str), "a PEFT task type (e.g. SEQ_CLS) or null"),
-    "num_labels": (_opt(lambda v: _is_int(v, 1)), "an integer ≥ 1 or null"),
-}
-
-#: adapter_meta.json (the adapter's original config is checked by adapters.py's own check).
-_META_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "adapter_name": (_opt(_is_str), "a string"),
-    "original_config": (lambda v: isinstance(v, dict), "an object (the adapter's adapter_config.json)"),
-    "original_adapter_path": (_opt(_is_str), "a string or null"),
-    "revision": (_opt(_is_str), "a string or null"),
-    "sha256": (_opt(_is_str), "a string or null"),
-    "delta_w_error": (_str_map(lambda v: _is_finite(v) and v >= 0), 'an object {"<module>": error ≥ 0}'),
-}
-
-
-def _check_fields(data: Mapping[str, Any], table: Mapping[str, Tuple[Callable[[Any], bool], str]], path: str,
-                  prefix: str = "") -> None:
-    for key, (check, expected) in table.items():
-        if key in data and not check(data[key]):
-            raise _bad(path, prefix + key, data[key], expected)
-
-
-def _check_format_version(data: Mapping[str, Any], path: str) -> None:
-    """Only a real 0.1.x layout (no format_version, no v1 field) may go without fingerprints."""
-    if "format_version" not in data:
-        v1 = sorted(set(data) & (set(_CONFIG_FIELDS) - _LEGACY_KEYS))
-        if v1:
-            raise IntegrityError(
-                f"{path} has format-v1 fields {v1} but no format_version, as if to pass for a 0.1.x checkpoint "
-                f"(which has no fingerprints). {_FIX}",
-                path=path,
-            )
-        return
-    fv = data["format_version"]
-    if isinstance(fv, bool) or not isinstance(fv, int):
-        raise _bad(path, "format_version", fv, "the integer 1 (or 2, with int8 or nf4 storage)")
-    if fv > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {fv}; this lorashare reads up to {FORMAT_VERSION}. "
-            'Upgrade lorashare: pip install -U "lorashare @ git+https://github.com/lorashare/lorashare" (PyPI has only the older 0.1.x).',
-            path=path,
-        )
-    if fv < 1:
-        raise IntegrityError(
-            f"{path}: format_version is {fv}, which no lorashare writes (0.1.x writes none, v1 writes 1): "
-            f"it would turn off verification. {_FIX}",
-            path=path,
-        )
-
-
-def _checked_config(data: Dict[str, Any], path: str) -> Dict[str, Any]:
-    """``data`` with every known field checked; 0.1.x's loose values normalised (null → "", a string → [it])."""
-    _check_fields(data, _CONFIG_FIELDS, path)
-    _check_storage(data, path)
-    data = dict(data)
-    if data.get("base_model_name_or_path", "") is None:
-        data["base_model_name_or_path"] = ""
-    tm = data.get("target_modules", [])
-    data["target_modules"] = [] if tm is None else [tm] if isinstance(tm, str) else tm
-    names = data.get("adapter_names", [])
-    for name in names:
-        check_name(name)
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise _bad(path, "adapter_names", names, f"unique names ({dup!r} is there twice)")
-    for name, info in data.get("adapters", {}).items():
-        _check_fields(info, _ADAPTER_FIELDS, path, prefix=f"adapters.{name}.")
-    st = data.get("compression_stats", {})
-    for key in _STAT_NUMBERS:
-        if key in st and not _opt(_is_real)(st[key]):
-            raise _bad(path, f"compression_stats.{key}", st[key], "a number or null")
-    per_layer = st.get("per_layer_explained_variance")
-    if per_layer is not None and not _str_map(_is_real)(per_layer):
-        raise _bad(path, "compression_stats.per_layer_explained_variance", per_layer, 'an object {"<module>:<A|B>": number}')
-    for key, needs in _STAT_NEEDS.items():
-        if st.get(key) is not None:
-            for need in needs:
-                if not _is_real(st.get(need)):
-                    raise _bad(path, f"compression_stats.{need}", st.get(need), f"a number (compression_stats.{key} is set)")
-    capped = st.get("capped_groups")
-    if capped is not None and not (isinstance(capped, list) and all(isinstance(k, str) and k.endswith((":A", ":B"))
-                                                                   for k in capped)):
-        raise _bad(path, "compression_stats.capped_groups", capped, 'a list of "<module>:<A|B>" keys')
-    card = st.get("card")
-    if card is not None and not (isinstance(card, dict) and all(_opt(_is_str)(v) for v in card.values())):
-        raise _bad(path, "compression_stats.card", card, "an object of strings (repo_id, license, description)")
-    return data
-
-
-def _check_storage(data: Mapping[str, Any], path: str) -> None:
-    """Quantized storage needs format 2, its ``storage`` layout and a k for every group; floats have none."""
-    quantized = is_quantized(data.get("dtype", "float32"))
-    storage = data.get("storage")
-    if quantized != (storage is not None):
-        raise _bad(path, "storage", storage, f"a layout object for dtype {data.get('dtype')!r}" if quantized else
-                   f"null for dtype {data.get('dtype', 'float32')!r} (only int8 and nf4 have a layout)")
-    if quantized and data.get("format_version") != QUANTIZED_FORMAT_VERSION:
-        raise _bad(path, "format_version", data.get("format_version"),
-                   f"{QUANTIZED_FORMAT_VERSION} with dtype {data['dtype']!r} (older readers must refuse quantized files)")
-    if quantized and storage["bases"] != data["dtype"] and storage["loadings"] != data["dtype"]:
-        raise _bad(path, "storage", storage, f"bases or loadings in dtype {data['dtype']!r}")
-
-
-def _checked_meta(meta: Any, name: str, path: str) -> Dict[str, Any]:
-    """An ``adapter_meta.json``, checked; its ``original_config`` must be a LoRA config lorashare can rebuild."""
-    if not isinstance(meta, dict):
-        raise _bad(path, "(the whole file)", meta, "a JSON object")
-    if "original_config" not in meta:
-        raise CheckpointError(
-            f"{path}: field 'original_config' is missing, so adapter {name!r}'s LoRA config (lora_alpha, "
-            f"use_rslora, ...) is unknown and it cannot be rebuilt. {_FIX}",
-            adapter=name,
-            path=path,
-        )
-    _check_fields(meta, _META_FIELDS, path)
-    check_lora_config(meta["original_config"], name, path, error=CheckpointError, prefix="original_config.",
-                      require_r=True, fix=_FIX)
-    return meta
-
-
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, error=CheckpointError) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -455,8 +129,8 @@ def _verify(folder: str, rel: str, cfg: SHAREConfig, path: str) -> None:
 
 
 def _read_tensors(folder: str, rel: str, cfg: SHAREConfig, verify: bool, jail: Optional[str]) -> Dict[str, torch.Tensor]:
-    path = _inside(folder, rel, jail)
-    if not os.path.isfile(path):
+    path = checkpoint_path(folder, rel, jail)
+    if not os.path.exists(path):  # a FIFO or a folder exists: open_regular names what it is
         raise _missing(folder, rel, cfg, path)
     if verify:
         _verify(folder, rel, cfg, path)
@@ -492,9 +166,38 @@ def load_checkpoint(
 ) -> CheckpointData:
     """Read a checkpoint (v1 or 0.1.x), only the named adapters if ``adapters`` is given.
 
-    With ``verify`` every file read is checked against its sha256 in the config.
+    With ``verify`` every file read is checked against its sha256 in the config.  Whatever
+    ``verify`` says, every claim of the config (keys, k, shapes, ranks) is checked against the
+    files, and every decoded value is finite: a checkpoint that loads rebuilds each of its
+    adapters with finite values, the config's keys and shapes, and a config PEFT loads.  A save
+    that replaces the checkpoint while it is read is reported as such.
+
+    Example:
+        >>> data = load_checkpoint("share_ckpt", adapters=["billing"])  # doctest: +SKIP
     """
-    cfg = read_config(folder, jail=jail)
+    cfg, stamp = read_config_stamped(folder, jail=jail)
+    try:
+        data = _load(folder, cfg, adapters, verify, jail)
+    except CheckpointError as exc:
+        _check_unchanged(folder, jail, stamp, exc)
+        raise
+    _check_unchanged(folder, jail, stamp, None)
+    return data
+
+
+def _check_unchanged(folder: str, jail: Optional[str], stamp: Stamp, cause: Optional[BaseException]) -> None:
+    """Refuse what was read if ``share_config.json`` is not the one read first (a save meanwhile)."""
+    if config_stamp(folder, jail=jail) == stamp:
+        return
+    raise CheckpointError(
+        f"the checkpoint at {folder} changed while it was read: its {CONFIG_FILE} was replaced or rewritten "
+        f"(by a save or a download at the same time?). {_CHANGED_HINT}",
+        path=os.path.join(folder, CONFIG_FILE),
+    ) from cause
+
+
+def _load(folder: str, cfg: SHAREConfig, adapters: Optional[Iterable[str]], verify: bool,
+          jail: Optional[str]) -> CheckpointData:
     if cfg.format_version == 0:
         cfg = _legacy_config(folder, cfg, jail)
         if verify:
@@ -505,8 +208,6 @@ def load_checkpoint(
     names = list(cfg.adapter_names) if adapters is None else [check_name(n) for n in adapters]
     missing = [n for n in names if n not in cfg.adapter_names]
     if missing:
-        from .errors import UnknownAdapterError
-
         raise UnknownAdapterError(
             f"adapter {missing[0]!r} is not in the checkpoint at {folder}; it has {cfg.adapter_names}.",
             adapter=missing[0],
@@ -524,6 +225,8 @@ def load_checkpoint(
     stored_loadings: Dict[str, Dict[str, Stored]] = {}
     if cfg.storage is not None:
         components, stored_components = _decode(components, cfg.storage["bases"], cfg, folder, COMPONENTS_FILE, None)
+    _check_bases(folder, cfg, components)
+    amax = {key: U.detach().abs().amax(0).double() for key, U in components.items()}  # per column, for _check_rebuild
     loadings, heads, metas = {}, {}, {}
     for n in names:
         base = f"adapters/{n}"
@@ -531,18 +234,19 @@ def load_checkpoint(
         if cfg.storage is not None:
             loadings[n], stored_loadings[n] = _decode(loadings[n], cfg.storage["loadings"], cfg, folder,
                                                       f"{base}/{LOADINGS_FILE}", n)
-        if os.path.exists(_inside(folder, f"{base}/{HEAD_FILE}", jail)) or f"{base}/{HEAD_FILE}" in cfg.files:
+        if os.path.exists(checkpoint_path(folder, f"{base}/{HEAD_FILE}", jail)) or f"{base}/{HEAD_FILE}" in cfg.files:
             heads[n] = _read_tensors(folder, f"{base}/{HEAD_FILE}", cfg, verify, jail)
-        meta_path = _inside(folder, f"{base}/{META_FILE}", jail)
-        if not os.path.isfile(meta_path):  # never invent a config: a wrong alpha would rescale the adapter
+            _check_heads(folder, f"{base}/{HEAD_FILE}", n, heads[n])
+        meta_path = checkpoint_path(folder, f"{base}/{META_FILE}", jail)
+        if not os.path.exists(meta_path):  # never invent a config: a wrong alpha would rescale the adapter
             raise _missing(folder, f"{base}/{META_FILE}", cfg, meta_path)
         if verify:
             _verify(folder, f"{base}/{META_FILE}", cfg, meta_path)
-        metas[n] = _checked_meta(_read_json(meta_path, f"adapter meta ({META_FILE})"), n, meta_path)
-    card = _inside(folder, CARD_FILE, jail)
+        metas[n] = check_meta(_read_json(meta_path, f"adapter meta ({META_FILE})"), n, meta_path)
+        _check_loadings(folder, cfg, n, components, loadings[n], metas[n], amax)
+    card = checkpoint_path(folder, CARD_FILE, jail)
     if verify and CARD_FILE in cfg.files and os.path.isfile(card):
         _verify(folder, CARD_FILE, cfg, card)  # the card is not used here, but a tampered one is reported
-    _check_shapes(folder, components, loadings)
     return CheckpointData(cfg, components, loadings, heads, metas, stored_components, stored_loadings)
 
 
@@ -553,7 +257,9 @@ def _decode(raw: Mapping[str, torch.Tensor], scheme: str, cfg: SHAREConfig, fold
     ``index`` row i is (position of the tensor's key in sorted ``k_per_group``, c); its codes and
     scales follow those of the rows before it in ``codes`` and ``scales``.  The basis file holds
     ``Uᵀ`` (k × d), a loadings file ``L`` (k × r); k comes from ``k_per_group``, so a file that
-    disagrees with the config is refused before any byte is decoded.
+    disagrees with the config is refused before any byte is decoded.  That the keys are the
+    config's own (no position shifted by keys added to ``k_per_group``) is checked by the
+    caller, on the decoded keys.
     """
     def fail(what: str, why: str) -> CheckpointError:
         return CheckpointError(f"{rel} in {folder}: {what} {why}. {_FIX}", adapter=adapter,
@@ -585,7 +291,7 @@ def _decode(raw: Mapping[str, torch.Tensor], scheme: str, cfg: SHAREConfig, fold
         if key in stored:
             raise fail(f"'index' row ({g}, {c})", f"names {key!r} a second time")
         k = cfg.k_per_group[key]
-        if not _is_int(k, 1):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise fail(f"k_per_group[{key!r}]", f"is {k!r}, expected an integer ≥ 1")
         rows, _ = code_shape(scheme, k, c)
         n, ns = rows * c, scale_count(k, c)
@@ -606,8 +312,8 @@ def _decode(raw: Mapping[str, torch.Tensor], scheme: str, cfg: SHAREConfig, fold
 
 
 def _legacy_config(folder: str, cfg: SHAREConfig, jail: Optional[str]) -> SHAREConfig:
-    """A 0.1.x checkpoint lists its adapters by folder; recover names and k from the files."""
-    adir = _inside(folder, "adapters", jail)
+    """A 0.1.x checkpoint lists its adapters by folder; recover names from the files (k from the bases, later)."""
+    adir = checkpoint_path(folder, "adapters", jail)
     names = sorted(
         d for d in (os.listdir(adir) if os.path.isdir(adir) else []) if os.path.isfile(os.path.join(adir, d, LOADINGS_FILE))
     )
@@ -618,44 +324,172 @@ def _legacy_config(folder: str, cfg: SHAREConfig, jail: Optional[str]) -> SHAREC
     return cfg
 
 
-def _check_shapes(folder: str, components: Mapping[str, torch.Tensor], loadings: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Every loading must fit its basis before any matmul touches it."""
+# --------------------------------------------------------------------------- claims against the files
+# A hostile repo controls its hashes too, so fingerprints prove nothing about intent: what the
+# config claims (keys, k, shapes, ranks) must agree with the tensors, and the tensors must be
+# finite once decoded, or the load is refused here, naming the file and the key.
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return t.dtype.is_floating_point and not bool(torch.isfinite(t).all())
+
+
+def _check_bases(folder: str, cfg: SHAREConfig, components: Dict[str, torch.Tensor]) -> None:
+    """Every basis is a finite 2-D float named ``<module>:<A|B>``, with both sides per module, the k of
+    ``k_per_group`` and the modules of ``layer_keys``."""
+    where = f"{COMPONENTS_FILE} in {folder}"
+    path = os.path.join(folder, COMPONENTS_FILE)
     for key, U in components.items():
         if not _GROUP_KEY.match(key):
-            raise CheckpointError(
-                f"{COMPONENTS_FILE} in {folder}: tensor {key!r} is not named '<module>:A' or '<module>:B'. {_FIX}",
-                layer=key,
-            )
+            raise CheckpointError(f"{where}: tensor {key!r} is not named '<module>:A' or '<module>:B'. {_FIX}",
+                                  layer=key, path=path)
         if U.dim() != 2 or not U.dtype.is_floating_point:
-            raise CheckpointError(f"{COMPONENTS_FILE} in {folder}: {key!r} is {tuple(U.shape)} {U.dtype}; expected a 2-D float basis.", layer=key)
-    for name, ls in loadings.items():
-        for key, L in ls.items():
-            U = components.get(key)
-            if U is None:
-                raise CheckpointError(
-                    f"adapter {name!r} has a loading for {key!r} but {COMPONENTS_FILE} has no basis for it.",
-                    adapter=name,
-                    layer=key,
-                )
-            if L.dim() != 2 or L.shape[0] != U.shape[1] or not L.dtype.is_floating_point:
-                raise CheckpointError(
-                    f"adapter {name!r}: loading {key!r} is {tuple(L.shape)} but its basis is {tuple(U.shape)}; "
-                    "expected (k, r) with k = the basis's columns. The checkpoint is corrupt.",
-                    adapter=name,
-                    layer=key,
-                )
-        for key, L in ls.items():
-            module, side = key[:-2], key[-1:]
-            other = ls.get(f"{module}:{'B' if side == 'A' else 'A'}")
-            if other is None or L.shape[1] != other.shape[1]:  # both are 2-D: checked above
-                raise CheckpointError(
-                    f"adapter {name!r}: {LOADINGS_FILE} has {key!r} " + (
-                        "without its other side" if other is None else
-                        f"of rank {L.shape[1]} but its other side has rank {other.shape[1]}") +
-                    f"; a module needs an A and a B loading of one rank. {_FIX}",
-                    adapter=name,
-                    layer=module,
-                )
+            raise CheckpointError(f"{where}: {key!r} is {tuple(U.shape)} {U.dtype}; expected a 2-D float basis. {_FIX}",
+                                  layer=key, path=path)
+        if not _MODULE_PATH.match(split_group_key(key)[0]):
+            raise CheckpointError(f"{where}: tensor {key!r} does not name a module path (dot-separated names). {_FIX}",
+                                  layer=key, path=path)
+        if _nonfinite(U):
+            raise CheckpointError(
+                f"{where}: basis {key!r} holds NaN or infinite values" + (" once decoded (codes × scales)"
+                                                                         if cfg.storage else "") + f". {_FIX}",
+                layer=key, path=path)
+        module, side = split_group_key(key)
+        if f"{module}:{'B' if side == 'A' else 'A'}" not in components:
+            raise CheckpointError(f"{where}: basis {key!r} has no other side; a module needs an A and a B basis. {_FIX}",
+                                  layer=module, path=path)
+    if cfg.format_version == 0 and not cfg.k_per_group:  # 0.1.x wrote no k per group: take the files'
+        cfg.k_per_group = {key: int(U.shape[1]) for key, U in components.items()}
+    claimed, held = set(cfg.k_per_group), set(components)
+    if claimed != held:
+        extra, lost = sorted(claimed - held), sorted(held - claimed)
+        raise CheckpointError(
+            f"{CONFIG_FILE} in {folder}: k_per_group " + (f"names {extra[0]!r}, which has no basis in {COMPONENTS_FILE}"
+                                                       if extra else f"has no k for the basis {lost[0]!r}") +
+            f" ({len(claimed)} keys claimed, {len(held)} bases held); the config must name exactly the bases, "
+            f"or a packed file's positions shift onto other modules. {_FIX}",
+            layer=(extra or lost)[0], path=os.path.join(folder, CONFIG_FILE))
+    for key, U in components.items():
+        if int(U.shape[1]) != cfg.k_per_group[key]:
+            raise CheckpointError(
+                f"{where}: basis {key!r} is {tuple(U.shape)}, k = {U.shape[1]}, but {CONFIG_FILE}'s "
+                f"k_per_group[{key!r}] is {cfg.k_per_group[key]}. {_FIX}", layer=key, path=path)
+    modules = {split_group_key(key)[0] for key in components}
+    if cfg.format_version >= 1 and set(cfg.layer_keys) != modules:
+        odd = sorted(set(cfg.layer_keys) ^ modules)[0]
+        raise CheckpointError(
+            f"{CONFIG_FILE} in {folder}: layer_keys " + (f"names {odd!r}, which has no basis in {COMPONENTS_FILE}"
+                                                      if odd in cfg.layer_keys else f"lacks {odd!r}, which has bases") +
+            f"; it must list exactly the modules of the bases. {_FIX}",
+            layer=odd, path=os.path.join(folder, CONFIG_FILE))
+
+
+def _check_heads(folder: str, rel: str, name: str, heads: Mapping[str, torch.Tensor]) -> None:
+    """Heads are copied bit-exact into the rebuilt adapter: finite, and never in place of a LoRA factor."""
+    path = os.path.join(folder, *rel.split("/"))
+    for key, t in heads.items():
+        if ".lora_" in key:
+            raise CheckpointError(
+                f"adapter {name!r}: {rel} in {folder} holds {key!r}, a LoRA factor's name; heads are non-LoRA "
+                f"tensors, and this one would replace the rebuilt factor. {_FIX}", adapter=name, path=path)
+        if _nonfinite(t):
+            raise CheckpointError(f"adapter {name!r}: {rel} in {folder}: tensor {key!r} holds NaN or infinite values. "
+                                  f"{_FIX}", adapter=name, path=path, layer=key)
+
+
+def _targets(config: Mapping[str, Any], module: str) -> Optional[bool]:
+    """Whether PEFT's ``target_modules`` of ``config`` could match ``module`` (``None``: it cannot tell).
+
+    As PEFT's ``check_target_module_exists``: a string is a regex that must match the whole path
+    (``"all-linear"`` matches any linear layer), a list names path suffixes.
+    """
+    tm = config.get("target_modules")
+    if tm is None or tm == "all-linear":
+        return None
+    if isinstance(tm, str):
+        try:
+            return re.fullmatch(tm, module) is not None
+        except (re.error, RecursionError, OverflowError):
+            return False
+    if isinstance(tm, (list, tuple)):
+        return any(isinstance(t, str) and (module == t or module.endswith("." + t)) for t in tm)
+    return False
+
+
+def _check_loadings(folder: str, cfg: SHAREConfig, name: str, components: Mapping[str, torch.Tensor],
+                    loadings: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                    amax: Mapping[str, torch.Tensor]) -> None:
+    """An adapter's loadings fit its bases, its LoRA config (``r``, ``rank_pattern``, ``target_modules``)
+    and its entry in ``adapters``, and rebuild factors that are finite in float32."""
+    rel = f"adapters/{name}/{LOADINGS_FILE}"
+    path = os.path.join(folder, *rel.split("/"))
+    meta_rel = f"adapters/{name}/{META_FILE}"
+
+    def fail(msg: str, layer: Optional[str] = None) -> CheckpointError:
+        return CheckpointError(f"adapter {name!r}: {msg} {_FIX}", adapter=name, layer=layer, path=path)
+
+    if not loadings:
+        raise fail(f"{rel} in {folder} holds no loadings; an adapter has at least one module.")
+    for key, L in loadings.items():
+        U = components.get(key)
+        if U is None:
+            raise CheckpointError(
+                f"adapter {name!r} has a loading for {key!r} but {COMPONENTS_FILE} has no basis for it.",
+                adapter=name, layer=key, path=path)
+        if L.dim() != 2 or L.shape[0] != U.shape[1] or not L.dtype.is_floating_point:
+            raise CheckpointError(
+                f"adapter {name!r}: loading {key!r} is {tuple(L.shape)} but its basis is {tuple(U.shape)}; "
+                "expected (k, r) with k = the basis's columns. The checkpoint is corrupt.",
+                adapter=name, layer=key, path=path)
+        if _nonfinite(L):
+            raise fail(f"{rel} in {folder}: loading {key!r} holds NaN or infinite values" +
+                       (" once decoded (codes × scales)." if cfg.storage else "."), layer=key)
+    ranks: Dict[str, int] = {}
+    for key, L in loadings.items():
+        module, side = split_group_key(key)
+        other = loadings.get(f"{module}:{'B' if side == 'A' else 'A'}")
+        if other is None or L.shape[1] != other.shape[1]:  # both are 2-D: checked above
+            raise CheckpointError(
+                f"adapter {name!r}: {LOADINGS_FILE} has {key!r} " + (
+                    "without its other side" if other is None else
+                    f"of rank {L.shape[1]} but its other side has rank {other.shape[1]}") +
+                f"; a module needs an A and a B loading of one rank. {_FIX}",
+                adapter=name, layer=module, path=path)
+        ranks[module] = int(L.shape[1])
+    config = meta["original_config"]
+    for module, r in ranks.items():
+        want = pattern_value(config.get("rank_pattern") or {}, module, config.get("r"))
+        if r != want:
+            raise fail(f"{rel} in {folder} has {module} at rank {r}, but {meta_rel}'s original_config says r={want} "
+                       "for it (r, or its rank_pattern): PEFT could not load the rebuilt adapter.", layer=module)
+        if _targets(config, module) is False:
+            raise fail(f"{rel} in {folder} has a loading for {module}, which {meta_rel}'s original_config.target_modules "
+                       f"{config.get('target_modules')!r} does not match: PEFT would not put a LoRA layer there.",
+                       layer=module)
+    info = cfg.adapters.get(name)
+    claimed = info.get("rank") if isinstance(info, dict) else None
+    if claimed is not None and claimed != max(ranks.values()):
+        raise fail(f"{CONFIG_FILE}'s adapters.{name}.rank is {claimed}, but its loadings in {rel} have rank "
+                   f"{max(ranks.values())}.")
+    unknown = sorted(set(meta.get("delta_w_error") or {}) - set(ranks))
+    if unknown:
+        raise fail(f"{meta_rel} in {folder} has a delta_w_error for {unknown[0]!r}, which has no loading in {rel}.",
+                   layer=unknown[0])
+    own = meta.get("adapter_name")
+    if own not in (None, "", name):
+        raise fail(f"{meta_rel} in {folder} is adapter {own!r}'s (its adapter_name), not {name!r}'s.")
+    for key, L in loadings.items():
+        _check_rebuild(key, components[key], L, amax[key], fail)
+
+
+def _check_rebuild(key: str, U: torch.Tensor, L: torch.Tensor, amax: torch.Tensor,
+                   fail: Callable[..., CheckpointError]) -> None:
+    """``U @ L`` (what reconstruct computes, in float32) must be finite: cheap bound first, the product if need be."""
+    bound = float((amax * L.detach().abs().amax(1).double()).sum()) if L.numel() else 0.0
+    if math.isfinite(bound) and bound < _SAFE_BOUND:
+        return
+    if not bool(torch.isfinite(U.to(torch.float32) @ L.to(torch.float32)).all()):
+        raise fail(f"rebuilding {key!r} from its basis and loading overflows float32 (values up to about {bound:.3g}): "
+                   "the factors would hold infinite values.", layer=split_group_key(key)[0])
 
 
 _TOP_LEVEL = {CONFIG_FILE: False, COMPONENTS_FILE: False, CARD_FILE: False, "adapters": True}  # name → is a folder
@@ -676,11 +510,14 @@ def foreign_content(folder: str) -> Optional[str]:
     if not os.path.isfile(config) or os.path.islink(config):
         return f"it has no {CONFIG_FILE}"
     try:
-        if os.path.getsize(config) > _MAX_JSON:
-            return f"its {CONFIG_FILE} is too large"
-        with open(config, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, RecursionError):
+        raw = read_bytes(config, max_bytes=MAX_JSON, what="SHARE config", error=CheckpointError)
+    except CheckpointError as exc:
+        return f"its {CONFIG_FILE} is too large" if "is over" in str(exc) else f"its {CONFIG_FILE} is not readable"
+    except OSError:
+        return f"its {CONFIG_FILE} is not readable"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
         return f"its {CONFIG_FILE} is not readable JSON"
     if not isinstance(data, dict) or "adapter_names" not in data:
         return f"its {CONFIG_FILE} is not a SHARE config"
@@ -732,6 +569,7 @@ def save_checkpoint(
     cfg = data.config
     payload: Dict[str, bytes] = {}
     quantized = is_quantized(cfg.dtype)
+    _describe_bases(cfg, data.components)
     groups = sorted(cfg.k_per_group)  # a packed file's index points into these
     cfg.storage = {"bases": cfg.dtype, "loadings": cfg.dtype, "block_size": NF4_BLOCK,
                    "layout": "packed"} if quantized else None
@@ -759,6 +597,22 @@ def save_checkpoint(
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(blob)
+
+
+def _describe_bases(cfg: SHAREConfig, components: Mapping[str, torch.Tensor]) -> None:
+    """``k_per_group`` and ``layer_keys`` as the bases written say (a load checks they agree).
+
+    They are facts of the tensors, so they are taken from them: after ``remove_adapter`` a
+    basis no adapter uses is not written, and its key must go too.  Order is kept, so an
+    unchanged checkpoint re-saves byte-identical.
+    """
+    ks = {key: int(U.shape[1]) for key, U in components.items()}
+    k_per_group = {key: ks[key] for key in cfg.k_per_group if key in ks}
+    k_per_group.update((key, k) for key, k in ks.items() if key not in k_per_group)
+    cfg.k_per_group = k_per_group
+    modules = {split_group_key(key)[0] for key in components}
+    if set(cfg.layer_keys) != modules:
+        cfg.layer_keys = sorted(modules)
 
 
 def _encode(tensors: Mapping[str, torch.Tensor], stored: Mapping[str, Stored], scheme: Optional[str],

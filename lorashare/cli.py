@@ -3,6 +3,10 @@
 ``main(argv) -> int``: 0 on success, 1 on a lorashare error (one line on stderr),
 2 on bad usage.  ``--json`` prints one versioned object to stdout; logs and
 progress go to stderr.
+
+The library's messages name Python fixes (``overwrite=True``); :data:`CLI_MESSAGES`
+turns those whose fix reads differently here into the flags that exist for the
+subcommand at hand, from the fields the errors carry.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from .adapters import name_sources
-from .errors import ConfigError, DuplicateAdapterError, LoraShareError
+from .errors import (
+    ConfigError,
+    DuplicateAdapterError,
+    ForeignFolderError,
+    InvalidNameError,
+    LoraShareError,
+    StorageRangeError,
+)
 from .storage import SCHEMES
 
 logger = logging.getLogger(__name__)
@@ -90,10 +101,9 @@ def _sources(args: argparse.Namespace):
             f"compress needs at least 2 adapters (folders or Hub ids) to share a basis, got {given}. "
             "Example: lorashare compress runs/a runs/b -o share_ckpt"
         )
-    if named and positional:
-        # Unnamed ones get their folder's (or Hub repo's) name, made unique as the library does.
-        return name_sources([*named.items(), *((None, p) for p in positional)])
-    return named or positional
+    # Unnamed ones get their folder's (or Hub repo's) name, made unique as the library does; named
+    # here, so that a clash is logged by name_sources, whose note needs no Python-only fix.
+    return name_sources([*named.items(), *((None, p) for p in positional)])
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -102,12 +112,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     k = "auto" if args.auto else args.num_components
     sources = _sources(args)
-    local = [p for p in (sources.values() if isinstance(sources, dict) else sources) if os.path.exists(p)]
+    local = [p for p in sources.values() if os.path.exists(p)]
     check_checkpoint_target(args.output, inputs=local, overwrite=args.overwrite)  # fail before the work
     share = SHAREModel.from_adapters(
         sources, num_components=k, variance_threshold=args.variance, device=args.device,
         on_error=args.on_error, dtype=args.dtype, budget_bytes=args.budget_bytes, strict=args.strict,
-        target_ratio=args.target_ratio,
+        target_ratio=args.target_ratio, weighting=args.weighting,
         progress=not args.json and not args.quiet, token=os.environ.get("HF_TOKEN"),
     )
     share.save_pretrained(args.output, overwrite=args.overwrite)
@@ -148,7 +158,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             "checkpoint": args.checkpoint, "format_version": cfg.format_version, "base_model": cfg.base_model_name_or_path,
             "adapters": {n: {**cfg.adapters.get(n, {}), "delta_w_error": share.reconstruction_error(n) if share.delta_w_errors.get(n) else None}
                          for n in share.adapter_names},
-            "k_per_group": cfg.k_per_group, "dtype": cfg.dtype, "stats": _public_stats(cfg.compression_stats),
+            "k_per_group": cfg.k_per_group, "dtype": cfg.dtype, "compression": share.spec.to_dict(),
+            "stats": _public_stats(cfg.compression_stats),
         }, "")
     else:
         share.summary()
@@ -156,13 +167,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .adapters import check_adapter_target
+
     if not args.adapter and not args.all:
         raise UsageError("give --adapter NAME or --all")
     share = _load(args, None if args.all else [args.adapter])
     names = share.adapter_names if args.all else [args.adapter]
+    targets = {n: os.path.join(args.output, n) if args.all else args.output for n in names}
+    # Every target is checked before the first is written, with the saves' own check, so a
+    # refused one leaves nothing behind (each save checks again, with the folders it read).
+    inputs = [args.checkpoint] if os.path.isdir(args.checkpoint) else []
+    for out in targets.values():
+        check_adapter_target(out, inputs=inputs, overwrite=args.overwrite)
     written = {}
-    for n in names:
-        out = os.path.join(args.output, n) if args.all else args.output
+    for n, out in targets.items():
         share.reconstruct(n, output_dir=out, overwrite=args.overwrite)
         written[n] = os.path.abspath(out)
         if not args.json:
@@ -174,7 +192,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     share = _load(args)
     report = share.add_adapter(args.path, name=args.adapter_name, variance_threshold=args.variance,
-                               force_recompute=args.force_recompute, token=os.environ.get("HF_TOKEN"))
+                               force_recompute=args.force_recompute, token=os.environ.get("HF_TOKEN"),
+                               replace=args.replace)
     share.save_pretrained(args.checkpoint)
     _emit(args, report, f"added {report['adapter_name']} by {report['method']} ({report['reason']})")
     return 0
@@ -213,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object to stdout (logs go to stderr)")
     common.add_argument("-v", "--verbose", action="store_true", help="log more (to stderr)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--hub-timeout", type=float, metavar="SECONDS",
+                        help="how long one Hub operation may take in all, retries included (default: "
+                             "$LORASHARE_HUB_TIMEOUT, else 60)")
 
     parser = argparse.ArgumentParser(
         prog="lorashare",
@@ -229,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoint folder to write: new, empty, or a SHARE checkpoint (replaced atomically)")
     compress.add_argument("--overwrite", action="store_true",
                           help="also replace a non-empty folder that is not a SHARE checkpoint (never a file, '.', "
-                               "or a folder holding the inputs)")
+                               "an input, a folder inside one, or a folder holding one)")
     compress.add_argument("-k", "--num-components", type=_k, default=32, help="components per module and side, or 'auto' (default 32)")
     compress.add_argument("--auto", action="store_true", help="pick k per module from --variance")
     compress.add_argument("--variance", type=float, default=0.95, help="energy share to keep with --auto (default 0.95)")
@@ -243,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--device", default=None, help="cpu, cuda or auto")
     compress.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip unreadable adapters instead of failing")
     compress.add_argument("--strict", action="store_true", help="refuse mixed ranks or target modules")
+    compress.add_argument("--weighting", choices=["delta_w", "factors"], default="delta_w",
+                          help="fit the bases to the updates ΔW, each adapter normalised (default), or to the plain "
+                               "factors (PCA); kept in the checkpoint for later recomputes")
     compress.add_argument("--layer-by-layer", action="store_true", help=argparse.SUPPRESS)
     compress.add_argument("--chunk-size", type=int, help=argparse.SUPPRESS)
     compress.set_defaults(func=cmd_compress)
@@ -263,22 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
                              help="output folder: new, empty, or an adapter lorashare rebuilt before (replaced atomically)")
     reconstruct.add_argument("--overwrite", action="store_true",
                              help="also replace a non-empty folder that lorashare did not write (never a file, '.', "
-                                  "or the checkpoint)")
+                                  "the checkpoint, anything inside it, or a folder holding it)")
     reconstruct.add_argument("--revision", help="Hub branch, tag or commit")
     reconstruct.set_defaults(func=cmd_reconstruct)
 
     add = sub.add_parser("add", parents=[common], help="add an adapter to a checkpoint (projection or recompute)",
                          description="Add an adapter to a local checkpoint, by projection onto the bases when they explain it well enough, else by recomputing.")
-    add.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
+    add.add_argument("checkpoint", help="checkpoint folder (rewritten atomically; it must hold only lorashare's files)")
     add.add_argument("path", help="adapter folder or Hub id")
     add.add_argument("--name", dest="adapter_name", help="name for the new adapter")
     add.add_argument("--variance", type=float, help="projection threshold (default: the checkpoint's)")
     add.add_argument("--force-recompute", action="store_true", help="always recompute the bases")
+    add.add_argument("--replace", action="store_true", help="replace the adapter of the same name, in one step")
     add.set_defaults(func=cmd_add)
 
     remove = sub.add_parser("remove", parents=[common], help="remove an adapter from a checkpoint",
                             description="Remove an adapter from a local checkpoint; the others are untouched.")
-    remove.add_argument("checkpoint", help="checkpoint folder (rewritten atomically)")
+    remove.add_argument("checkpoint", help="checkpoint folder (rewritten atomically; it must hold only lorashare's files)")
     remove.add_argument("adapter_name", metavar="NAME", help="adapter to remove")
     remove.set_defaults(func=cmd_remove)
 
@@ -316,6 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        _hub_settings(args)
         return int(args.func(args) or 0)
     except UsageError as exc:
         if getattr(args, "json", False):
@@ -333,15 +360,76 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def _hub_settings(args: argparse.Namespace) -> None:
+    """--hub-timeout for every Hub call of this run; no download bars with -q, --json or a non-terminal stderr."""
+    from . import hub
+
+    if args.hub_timeout is not None:
+        if not (math.isfinite(args.hub_timeout) and args.hub_timeout > 0):
+            raise UsageError(f"--hub-timeout {args.hub_timeout:g}: expected a number of seconds above 0 "
+                             f"(default {hub.DEFAULT_TIMEOUT:g}), e.g. --hub-timeout 120")
+        os.environ[hub.TIMEOUT_ENV] = str(args.hub_timeout)
+    if args.quiet or getattr(args, "json", False) or not sys.stderr.isatty():
+        hub.disable_progress_bars()
+
+
 def _duplicate_message(exc: LoraShareError, args: argparse.Namespace) -> str:
     ckpt = getattr(args, "checkpoint", None) or "CHECKPOINT"
-    return (f"adapter {exc.adapter!r} is already in {ckpt}. Add it under another name with --name NAME, or "
-            f"remove the old one first: lorashare remove {shlex.quote(ckpt)} {shlex.quote(str(exc.adapter))}")
+    return (f"adapter {exc.adapter!r} is already in {ckpt}. Add it under another name with --name NAME, replace it "
+            f"with --replace, or remove the old one first: lorashare remove {shlex.quote(ckpt)} "
+            f"{shlex.quote(str(exc.adapter))}")
 
 
-#: Errors whose fix reads differently on the command line than in Python (flags, not arguments).
+def _with_fix(exc: LoraShareError, fix: Optional[str]) -> str:
+    """The error's problem (its message without Python's fix) followed by ``fix``; an error raised
+    without ``problem`` keeps its own message (never two fixes)."""
+    if exc.problem is None:
+        return str(exc)
+    return f"{exc.problem} {fix}" if fix else exc.problem
+
+
+def _foreign_message(exc: LoraShareError, args: argparse.Namespace) -> str:
+    if args.command in ("compress", "reconstruct"):  # the subcommands that have --overwrite
+        return _with_fix(exc, "Choose another path, remove it yourself, or pass --overwrite to replace it.")
+    if args.command in ("add", "remove"):
+        # An edit in place: --overwrite would delete what the user put there, so no such flag; moving it works.
+        ckpt = getattr(args, "checkpoint", None) or "the checkpoint"
+        return _with_fix(exc, f"Move that out of {ckpt} (a checkpoint folder holds only the files lorashare "
+                              f"wrote), then run lorashare {args.command} again.")
+    return _with_fix(exc, None)
+
+
+def _invalid_name_message(exc: LoraShareError, args: argparse.Namespace) -> str:
+    given = [*(getattr(args, "names", None) or []), getattr(args, "adapter", None), getattr(args, "adapter_name", None),
+             *(item.split("=", 1)[0] for item in getattr(args, "name", None) or [] if isinstance(item, str))]
+    if exc.adapter not in given:  # not a name typed here (one read from a checkpoint): no flag fixes it
+        return _with_fix(exc, None)
+    fix = {
+        "compress": "Pick another name with --name NAME=PATH (or --names).",
+        "add": "Pick another name with --name NAME.",
+    }.get(args.command)
+    if fix is None and args.command in ("reconstruct", "remove"):
+        ckpt = getattr(args, "checkpoint", None) or "CHECKPOINT"
+        fix = f"Give the name of an adapter in the checkpoint (lorashare info {shlex.quote(ckpt)} lists them)."
+    return _with_fix(exc, fix)
+
+
+def _storage_range_message(exc: LoraShareError, args: argparse.Namespace) -> str:
+    if args.command == "add":  # the checkpoint's dtype is fixed; a new compress picks another
+        return _with_fix(exc, f"The checkpoint stores {getattr(exc, 'dtype', 'its dtype')}, which cannot hold "
+                              "them: compress the adapters again with --dtype float32 or --dtype bfloat16.")
+    if args.command == "compress":
+        return _with_fix(exc, "Compress with --dtype float32 or --dtype bfloat16, which hold the range.")
+    return _with_fix(exc, None)
+
+
+#: Errors whose fix reads differently on the command line than in Python (flags, not arguments),
+#: each rendered from the fields it carries.  A subclass comes before its base.
 CLI_MESSAGES: Dict[type, Callable[[LoraShareError, argparse.Namespace], str]] = {
     DuplicateAdapterError: _duplicate_message,
+    ForeignFolderError: _foreign_message,
+    InvalidNameError: _invalid_name_message,
+    StorageRangeError: _storage_range_message,
 }
 
 

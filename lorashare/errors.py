@@ -5,7 +5,11 @@ Space) can catch one type.  Each subclass also inherits the built-in it refines
 (``ValueError``, ``FileNotFoundError``, ``KeyError``), so code written against
 lorashare 0.1.x, which raised the built-ins, keeps working.
 
-Messages follow one rule: the value, the rule it broke, and how to fix it.
+Messages follow one rule: the value, the rule it broke, and how to fix it.  A fix
+names only what exists where the message is shown: messages are written for Python
+callers (keywords such as ``overwrite=True``), and an error whose fix reads
+differently elsewhere also carries ``problem``, the message without its fix, so that
+a front (the CLI's table of messages) can give its own fix (``--overwrite``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ class LoraShareError(Exception):
         adapter: the adapter (name or source) at fault, if any.
         path: the file or folder at fault, if any.
         layer: the module path (``encoder.layer.0.attention.self.query``) at fault, if any.
+        problem: the message without its fix (the value and the rule), where a front may give its own fix.
     """
 
     def __init__(
@@ -29,12 +34,14 @@ class LoraShareError(Exception):
         adapter: Optional[str] = None,
         path: Optional[str] = None,
         layer: Optional[str] = None,
+        problem: Optional[str] = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.adapter = adapter
         self.path = path
         self.layer = layer
+        self.problem = problem
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return self.message
@@ -50,6 +57,21 @@ class AdapterNotFoundError(AdapterError, FileNotFoundError):
 
 class IncompatibleAdaptersError(AdapterError):
     """Adapters cannot share a basis (different base models, shapes...)."""
+
+
+class StorageRangeError(AdapterError):
+    """Loadings do not fit the storage dtype (float16 overflows); another dtype holds them.
+
+    Its own class so that each front names its own way to pick the dtype.
+
+    Attributes:
+        dtype: the storage dtype that cannot hold them.
+    """
+
+    def __init__(self, message: str, *, dtype: str, adapter: Optional[str] = None, layer: Optional[str] = None,
+                 problem: Optional[str] = None) -> None:
+        super().__init__(message, adapter=adapter, layer=layer, problem=problem)
+        self.dtype = dtype
 
 
 class DuplicateAdapterError(AdapterError):
@@ -88,12 +110,31 @@ class HubError(LoraShareError):
     """A Hugging Face Hub request failed (not found, unauthorised, offline...)."""
 
 
+class HubTimeoutError(HubError, TimeoutError):
+    """A Hub operation passed its deadline (``LORASHARE_HUB_TIMEOUT``, 60 s by default)."""
+
+
 class HubNotFoundError(HubError, FileNotFoundError):
     """A repo, revision or file does not exist on the Hub."""
 
 
 class OutputPathError(LoraShareError, FileExistsError):
     """An output path is one lorashare will not replace (a file, a foreign folder, ``.``, an input's ancestor)."""
+
+
+class ForeignFolderError(OutputPathError):
+    """The output is a non-empty folder that lorashare did not write; ``overwrite=True`` would replace it.
+
+    Its own class so that each front gives the fix it has: the CLI ``--overwrite`` where the
+    subcommand has it, and for an edit in place (``add``, ``remove``) moving the stray entry out.
+
+    Attributes:
+        found: what in the folder is not lorashare's (``"it holds 'notes.txt'"``).
+    """
+
+    def __init__(self, message: str, *, found: str, path: Optional[str] = None, problem: Optional[str] = None) -> None:
+        super().__init__(message, path=path, problem=problem)
+        self.found = found
 
 
 class SaveError(LoraShareError, OSError):

@@ -549,6 +549,55 @@ def water_fill(spectra: Sequence[torch.Tensor], costs: Sequence[int], budget: fl
     return ks
 
 
+#: Factors whose largest |value| lies within 2^±32 need no rescaling: their float32 Grams
+#: (sums of d products) neither overflow nor lose a residual of 2^-24 of them to underflow.
+_SAFE_EXPONENT = 32
+_LOW, _HIGH = 2.0 ** -_SAFE_EXPONENT, 2.0 ** _SAFE_EXPONENT
+
+
+def _peak(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``max(|X|, |Y|)`` over the last two dimensions: reductions only, no copy of the factors."""
+    dims = (-1, -2)
+    return torch.maximum(torch.maximum(X.amax(dims), Y.amax(dims)), torch.minimum(X.amin(dims), Y.amin(dims)).neg())
+
+
+def _normalised(
+    A: torch.Tensor, A_hat: torch.Tensor, B: torch.Tensor, B_hat: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Each side's pair scaled by an exact power of two so that its peak is ~1, with the sum ``e`` of
+    the two exponents (per leading index), or the four as they were and ``None`` when every peak is
+    within ``2^±32`` (the common case: a few reductions and one host sync).
+
+    Scaling by 2^e is exact, so a residual ``A − Â`` keeps every bit (subnormals gain theirs).
+    """
+    if A.numel() == 0 or B.numel() == 0:
+        return A, A_hat, B, B_hat, None
+    peaks = torch.stack([_peak(A, A_hat), _peak(B, B_hat)]).double()
+    if not bool(((peaks > _HIGH) | ((peaks < _LOW) & (peaks > 0))).any()):  # 0, Inf, NaN: left as they are
+        return A, A_hat, B, B_hat, None
+    e = torch.frexp(peaks).exponent
+    e = torch.where(e.abs() > _SAFE_EXPONENT, e, torch.zeros_like(e))
+    A, A_hat = (_times_pow2(x, -e[0]) for x in (A, A_hat))
+    B, B_hat = (_times_pow2(x, -e[1]) for x in (B, B_hat))
+    return A, A_hat, B, B_hat, e.sum(0)
+
+
+def _times_pow2(X: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``X · 2^e`` per leading index, exact (two steps, so no factor leaves float32's range)."""
+    half = torch.div(e, 2, rounding_mode="floor")
+    for step in (half, e - half):
+        X = X * torch.exp2(step.to(X.dtype))[..., None, None]
+    return X
+
+
+def _rescaled(err: torch.Tensor, orig: torch.Tensor, e: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Undo :func:`_normalised` on squared norms: both scale by ``2^(2e)`` (float64 holds it)."""
+    if e is None:
+        return err, orig
+    scale = torch.exp2(2 * e.double())
+    return err * scale, orig * scale
+
+
 def delta_w_error_rows(
     FA: torch.Tensor,
     FB: torch.Tensor,
@@ -565,8 +614,16 @@ def delta_w_error_rows(
     as tiny (no cancellation of large terms) even with float32 products; only
     r × r products are formed, and summed in float64.  ``GA = FA FAᵀ`` and
     ``GB = FB FBᵀ`` may be passed in when already known.
+
+    Scale-invariant: a side whose values lie outside ``2^±32`` (factors at 1e-40 are float32
+    subnormals, whose products underflow to 0; at 1e20 they overflow) is first scaled by an
+    exact power of two, its Gram recomputed from the scaled rows (a passed one may have
+    underflowed), and the results scaled back in float64.
     """
     t = lambda x: x.transpose(-1, -2)  # noqa: E731
+    FA, FA_hat, FB, FB_hat, e = _normalised(FA, FA_hat, FB, FB_hat)
+    if e is not None:  # the Grams passed in are of the unscaled factors (and may have underflowed)
+        GA = GB = None
     RA, RB = FA - FA_hat, FB - FB_hat
     GB = (FB @ t(FB)).double() if GB is None else GB
     err = (
@@ -575,13 +632,17 @@ def delta_w_error_rows(
         + ((FA_hat @ t(FA_hat)).double() * (RB @ t(RB)).double()).sum((-1, -2))
     ).clamp_min(0)
     orig = delta_w_sqnorm((FA @ t(FA)).double() if GA is None else GA, GB)
-    return err, orig
+    return _rescaled(err, orig, e)
 
 
 def delta_w_error(
     A: torch.Tensor, B: torch.Tensor, A_hat: torch.Tensor, B_hat: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(‖BA − B̂Â‖², ‖BA‖²)`` without forming the update; ``A`` is (…, r, d_in), ``B`` (…, d_out, r).
+
+    Products run in float32, at any scale: factors of any float dtype are first scaled by an
+    exact power of two into float32's comfortable range (see :func:`delta_w_error_rows`), so
+    ``err / orig`` is the relative error at 1e-40 as at 1.
 
     Example:
         >>> A, B = torch.randn(4, 10), torch.randn(6, 4)
@@ -590,7 +651,10 @@ def delta_w_error(
         0.0
     """
     t = lambda x: x.transpose(-1, -2).contiguous()  # noqa: E731
-    return delta_w_error_rows(A.float(), t(B.float()), A_hat.float(), t(B_hat.float()))
+    # Scaled before the cast: float64 factors at 1e-50 would otherwise round to 0 in float32.
+    A, A_hat, B, B_hat, e = _normalised(A, A_hat, B, B_hat)
+    err, orig = delta_w_error_rows(A.float(), t(B.float()), A_hat.float(), t(B_hat.float()))
+    return _rescaled(err, orig, e)
 
 
 def delta_w_error_coords(

@@ -7,7 +7,9 @@ adapters would show 6 GB of RSS.  Here each tensor is read with one
 header is validated before any byte of data is trusted: offsets inside the
 file, sizes that match the shape, and a cap on what one tensor may allocate,
 so a hostile or truncated file gives a clear :class:`CheckpointError` /
-:class:`AdapterError` instead of a crash deep inside torch.
+:class:`AdapterError` instead of a crash deep inside torch.  A path that is not a regular
+file (a FIFO, a device) is refused before anything waits on it
+(:func:`lorashare.jsonfile.open_regular`).
 
 Writing is our own :func:`save_bytes`: deterministic (sorted names, fixed metadata order) and fast; the
 tests read its output back with the ``safetensors`` library itself.
@@ -20,12 +22,13 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Mapping, Optional, Type
+from typing import BinaryIO, Callable, Dict, Iterable, Mapping, Optional, Type
 
 import torch
 
 from .errors import LoraShareError
 from .jsonfile import loads as json_loads
+from .jsonfile import open_regular
 
 __all__ = ["TensorInfo", "TensorFile", "read_header", "save_bytes", "header_bytes", "MAX_TENSOR_BYTES"]
 
@@ -65,11 +68,24 @@ def read_header(
     """Parse and validate the header of a safetensors file.
 
     Returns ``(infos, metadata)``: ``{name: TensorInfo}`` and the ``__metadata__`` dict.
-    Raises ``error`` (naming ``who`` and the file) on anything malformed.
+    Raises ``error`` (naming ``who`` and the file) on anything malformed, or on a path that is
+    not a regular file (a FIFO is refused at once, never waited on).
 
     Example:
         >>> infos, meta = read_header("adapter_model.safetensors")  # doctest: +SKIP
     """
+    with _open(path, error, who) as f:
+        return _parse_header(f, path, error, who)
+
+
+def _open(path: str, error: Type[LoraShareError], who: Optional[str]) -> BinaryIO:
+    label = f"{who}: " if who else ""
+    return open_regular(path, error=error, who=who, label=label,
+                        hint="Replace it with the real safetensors file (re-download or re-save it).")
+
+
+def _parse_header(f: BinaryIO, path: str, error: Type[LoraShareError], who: Optional[str]) -> tuple:
+    """The header of the open file ``f`` (see :func:`read_header`); its size is the descriptor's own."""
     label = f"{who}: " if who else ""
 
     def fail(why: str) -> LoraShareError:
@@ -81,22 +97,24 @@ def read_header(
         )
 
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise fail(f"{size} bytes, too short for the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER_BYTES:
-                raise fail(
-                    f"its header length is {n} bytes, over the safetensors limit of {_MAX_HEADER_BYTES} bytes "
-                    "(100 MB); the file is corrupt or not safetensors"
-                )
-            if 8 + n > size:
-                raise fail(f"header length {n} does not fit in a file of {size} bytes")
-            raw = f.read(n)
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise fail(f"{size} bytes, too short for the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES:
+            raise fail(
+                f"its header length is {n} bytes, over the safetensors limit of {_MAX_HEADER_BYTES} bytes "
+                "(100 MB); the file is corrupt or not safetensors"
+            )
+        if 8 + n > size:
+            raise fail(f"header length {n} does not fit in a file of {size} bytes")
+        raw = f.read(n)
     except OSError as exc:
         raise error(f"{label}cannot read {path}: {exc.strerror or exc}", adapter=who, path=path) from exc
+    if len(raw) != n:
+        raise fail(f"it ended after {8 + len(raw)} bytes, inside its {n}-byte header (truncated while read?)")
     header = json_loads(
         raw, path=path, what="safetensors file", error=error, who=who, label=label, subject="its header is",
         hint="Re-save it with safetensors.torch.save_file, or re-download it.",
@@ -167,7 +185,9 @@ def _check_tiling(
 
 
 class TensorFile:
-    """A safetensors file opened for lazy, validated reads.
+    """A safetensors file opened for lazy, validated reads (a regular file only; see :func:`read_header`).
+
+    It holds one descriptor from the header to the last read (close it, or use ``with``).
 
     Example:
         >>> with TensorFile("adapter_model.safetensors") as tf:  # doctest: +SKIP
@@ -180,8 +200,13 @@ class TensorFile:
         self.path = path
         self._error = error
         self._who = who
-        self.infos, self.metadata = read_header(path, error=error, who=who)
-        self._fh = None
+        # One descriptor for the header and the data: the bytes read are those the header described.
+        self._fh: Optional[BinaryIO] = _open(path, error, who)
+        try:
+            self.infos, self.metadata = _parse_header(self._fh, path, error, who)
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> "TensorFile":
         return self
@@ -235,8 +260,8 @@ class TensorFile:
         return out
 
     def _read_into(self, buf: torch.Tensor, offset: int, name: str) -> None:
-        if self._fh is None:
-            self._fh = open(self.path, "rb", buffering=0)
+        if self._fh is None:  # reopened after close()
+            self._fh = _open(self.path, self._error, self._who)
         self._fh.seek(offset)
         view = memoryview(buf.numpy())
         got = 0

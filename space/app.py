@@ -64,11 +64,10 @@ from lorashare.card import (  # noqa: E402
     model_class,
 )
 from lorashare.checkpoint import CONFIG_FILE, checkpoint_files  # noqa: E402
-from lorashare.compress import split_group_key  # noqa: E402
 from lorashare.errors import HubError  # noqa: E402
 from lorashare.fmt import k_range, size  # noqa: E402
 from lorashare.jsonfile import loads as json_loads  # noqa: E402
-from lorashare.names import check_name  # noqa: E402
+from lorashare.names import check_name, split_group_key  # noqa: E402
 from lorashare.storage import SCHEMES  # noqa: E402
 
 logger = logging.getLogger("lorashare.space")
@@ -626,6 +625,102 @@ def estimate_params(config: Dict[str, Any]) -> Optional[int]:
     return int(embeddings + layers * (4 * hidden * hidden + mlp))
 
 
+#: A config.json asking for more layers (or experts) than this is refused before even its empty shell is built.
+TRY_MAX_REPEATS = 1024
+#: Labels of a classifier: transformers makes a name for each (``id2label``) as soon as the config is read.
+TRY_MAX_LABELS = 100_000
+_REPEATS = ("num_hidden_layers", "n_layer", "num_layers", "num_experts", "num_local_experts", "n_routed_experts")
+_TRY_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}
+
+
+def _count(n: int) -> str:
+    """``1.56 G``, ``22.3 M`` or ``21,539``: a parameter count for a message."""
+    if n >= 1e9:
+        return f"{n / 1e9:,.2f} G"
+    return f"{n / 1e6:,.1f} M" if n >= 1e5 else f"{n:,}"
+
+
+def implied_params(folder: str, task: Optional[str] = None, labels: Optional[int] = None) -> Tuple[int, str]:
+    """``(values, largest tensor)`` of the model transformers builds from ``folder``'s config.json.
+
+    Built on torch's meta device (shapes, no memory), with the class "Try it" loads for ``task``
+    (the bare model when it is not known yet): every parameter and buffer it will allocate,
+    including those the weights file leaves out, which transformers then initialises in memory.
+
+    Example:
+        >>> implied_params("bert-folder")  # doctest: +SKIP
+        (1558517378, 'embeddings.position_embeddings.weight 4000000 × 384')
+    """
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    if task == "SEQ_CLS" and labels:
+        cfg.num_labels = labels
+    auto = getattr(transformers, _TRY_CLASSES.get(task or "", "AutoModel"))
+    with torch.device("meta"):
+        model = auto.from_config(cfg, trust_remote_code=False)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # tied weights counted once
+    if not tensors:
+        return 0, "no tensors"
+    name, big = max(tensors.items(), key=lambda item: item[1].numel())
+    return sum(t.numel() for t in tensors.values()), f"{name} {' × '.join(str(d) for d in big.shape)}"
+
+
+def weights_params(path: str, who: str) -> Tuple[int, int]:
+    """``(values, bytes)`` of every tensor in a safetensors file, from its header alone (no data is read)."""
+    import math
+
+    from lorashare.tensorfile import read_header
+
+    infos, _ = read_header(path, error=HubError, who=who)
+    return sum(math.prod(i.shape) for i in infos.values()), sum(i.nbytes for i in infos.values())
+
+
+def _over_limit(base_id: str, what: str) -> UserError:
+    return UserError(f"The base model {base_id}: {what}, over this Space's limit of {_count(LIMITS.try_max_params)} "
+                     "parameters (LORASHARE_SPACE_TRY_MAX_PARAMS). Serve it on your own machine: "
+                     "`SHAREModel.from_pretrained(...).serve(base_model)`.")
+
+
+def _check_repeats(base_id: str, config: Dict[str, Any]) -> None:
+    """Refuse a config.json whose layer or expert count would make even an empty model huge to build."""
+    text = config.get("text_config")
+    for part in (config, text if isinstance(text, dict) else {}):
+        for key in _REPEATS:
+            value = part.get(key)
+            if isinstance(value, int) and value > TRY_MAX_REPEATS:
+                raise UserError(f"The base model {base_id}: its config.json asks for {key} = {value:,}; this Space "
+                                f"builds at most {TRY_MAX_REPEATS:,}.")
+    _check_labels(base_id, config.get("num_labels"), "its config.json")
+
+
+def _check_labels(base_id: str, labels: Any, where: str) -> None:
+    if isinstance(labels, int) and labels > TRY_MAX_LABELS:
+        raise UserError(f"The base model {base_id}: {where} asks for {labels:,} labels; this Space runs classifiers "
+                        f"of at most {TRY_MAX_LABELS:,}.")
+
+
+def _check_built_size(base_id: str, folder: str, task: Optional[str] = None, labels: Optional[int] = None) -> int:
+    """What the model built from config.json holds, refused over the limit before anything is allocated."""
+    _check_labels(base_id, labels, "the adapters' classifier head")
+    try:
+        total, largest = implied_params(folder, task, labels)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers makes of a config it cannot build, one message
+        raise UserError(f"transformers cannot build the base model {base_id} from its config.json "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}).") from None
+    if total > LIMITS.try_max_params:
+        raise _over_limit(base_id, f"its config.json implies {_count(total)} parameters (largest: {largest})")
+    return total
+
+
+def _check_weights(base_id: str, folder: str) -> None:
+    """The downloaded model.safetensors, by its header: refused over the limit before it is loaded."""
+    count, nbytes = weights_params(os.path.join(folder, "model.safetensors"), base_id)
+    if count > LIMITS.try_max_params:
+        raise _over_limit(base_id, f"its model.safetensors holds {_count(count)} parameters ({size(nbytes)})")
+
+
 def _head_labels(share: SHAREModel, names: List[str]) -> Optional[int]:
     """Rows of the adapters' classifier heads (their label count), if they have any."""
     for name in names:
@@ -646,10 +741,12 @@ def _base_of(config: Any) -> str:
         raise UserError(f"The checkpoint's base model `{base_id}` is not a Hub model id (owner/name).") from None
 
 
-def _base_config(base_id: str, token: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, int], int]:
-    """``(config.json, {file: bytes}, parameters)`` of a base model; refuses one too big to run here.
+def _base_config(base_id: str, token: Optional[str]) -> Tuple[Dict[str, Any], Dict[str, int], int, str]:
+    """``(config.json, {file: bytes}, parameters, folder of config.json)`` of a base model; refuses one too big.
 
-    Reads the file sizes and the config.json only: no weight is downloaded before this passes.
+    Reads the file sizes and the config.json only: no weight is downloaded before this passes.  The
+    parameters are what the model built from config.json holds (``implied_params``), not only
+    what its weights file holds: transformers allocates the missing ones too.
     """
     sizes = hub.remote_sizes(base_id, BASE_FILES, token=token, probe="config.json")
     if "config.json" not in sizes:
@@ -673,7 +770,8 @@ def _base_config(base_id: str, token: Optional[str]) -> Tuple[Dict[str, Any], Di
     if "model.safetensors" not in sizes:
         raise UserError(f"The base model {base_id} has no model.safetensors (one file). This Space loads "
                         "safetensors weights only, never pickled ones (pytorch_model.bin), and not sharded models.")
-    return config, sizes, params
+    _check_repeats(base_id, config)
+    return config, sizes, _check_built_size(base_id, folder), folder
 
 
 def try_list(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuthToken | None):
@@ -684,7 +782,7 @@ def try_list(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuth
         config, sha = _checkpoint_config(repo_id, (revision or "").strip() or None, token)
         names = list(config.adapter_names or config.adapters)
         base_id = _base_of(config)
-        _, _, params = _base_config(base_id, token)
+        _, _, params, _ = _base_config(base_id, token)
         text = (f"**{repo_id}** (commit `{sha[:10]}`): {len(names)} adapters on `{base_id}` "
                 f"(about {params / 1e6:,.1f} M parameters). Pick up to {LIMITS.try_max_adapters}, type a text, "
                 "and run them all in one batch.")
@@ -717,7 +815,7 @@ def try_adapters(repo_id: str, revision: str, adapters: Optional[List[str]], tex
         if missing:
             raise UserError(f"{repo_id} has no adapter {missing[0]!r}; it holds {', '.join(config.adapter_names)}.")
         base_id = _base_of(config)
-        base_config, base_sizes, params = _base_config(base_id, token)  # before any weight is downloaded
+        base_config, base_sizes, params, config_folder = _base_config(base_id, token)  # before any weight download
         wanted = checkpoint_files(config, chosen)
         ckpt_sizes = hub.remote_sizes(repo_id, wanted, revision=sha, token=token)
         _check_budget(sum(ckpt_sizes.values()) + sum(base_sizes.values()), "The base model and the adapters are")
@@ -728,15 +826,19 @@ def try_adapters(repo_id: str, revision: str, adapters: Optional[List[str]], tex
             raise UserError(f"The adapters' task types are {', '.join(sorted(tasks))}; Try it runs adapters of one "
                             f"task type, {' or '.join(TRY_TASKS)} (set task_type when training them).")
         task = tasks.pop()
+        labels = (_head_labels(share, chosen) or int(base_config.get("num_labels") or 2)) if task == "SEQ_CLS" else None
+        params = _check_built_size(base_id, config_folder, task, labels)  # the class and head it will really build
         progress(0.4, desc=f"Downloading {base_id}")
         folder = hub.fetch_files(base_id, sorted(base_sizes), token=token)
+        _check_weights(base_id, folder)  # header only: what the file holds, before it is loaded
+        if folder != config_folder:  # main moved since the check: what is loaded is what is checked
+            params = _check_built_size(base_id, folder, task, labels)
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         local = dict(local_files_only=True, trust_remote_code=False)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, **local)
             if task == "SEQ_CLS":
-                labels = _head_labels(share, chosen) or int(base_config.get("num_labels") or 2)
                 model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=labels, use_safetensors=True,
                                                                            **local)
             else:

@@ -21,7 +21,8 @@ What is modelled (enough for ``HfApi``, ``hf_hub_download`` and ``snapshot_downl
 * the Hub's error protocol (``X-Error-Code`` / ``X-Error-Message`` headers plus a JSON
   ``{"error": ...}`` body), which the client turns into typed exceptions;
 * auth: ``required_token``, private repos, gated repos (with per-token grants);
-* fault injection (``inject`` / ``inject_when``) for reliability tests;
+* fault injection (``inject`` / ``inject_when``) for reliability tests, including a Hub that
+  stalls, trickles its answers or resets connections;
 * trusted publishing: the OIDC token exchange (``POST /oauth/token``, RFC 8693) for the repos in
   ``trusted_publishers``, and a stand-in for the GitHub Actions runtime's id-token service
   (``GET /__github/id-token``), so a run without ``HF_TOKEN`` exchanges tokens over real HTTP;
@@ -39,6 +40,7 @@ import itertools
 import json
 import re
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -196,6 +198,14 @@ Action = tuple[Any, ...]
   a JSON error body (e.g. ``("status", 500)``, ``("status", 429, {"Retry-After": "0"})``);
 * ``("drop",)``: close the connection without sending any response;
 * ``("delay", seconds)``: sleep, then handle the request normally (for timeout tests);
+* ``("stall",)`` or ``("stall", seconds)``: read the request, then answer nothing, keeping the
+  connection open until the server stops (or ``seconds`` pass), then close it: a Hub that
+  accepts connections and never answers;
+* ``("trickle", nbytes, interval)``: answer normally (status and headers at once), but send the
+  body ``nbytes`` at a time every ``interval`` seconds (default 4 bytes every 0.25 s) until it is
+  sent, the client hangs up or the server stops; a HEAD has no body, so it is answered normally;
+* ``("reset",)`` or ``("reset", nbytes)``: close the connection with a TCP RST, right after
+  reading the request or after the headers and ``nbytes`` of the body (a cut mid-response);
 * ``("truncate", nbytes)``: announce the full Content-Length but send only ``nbytes`` of the body;
 * ``("bad_etag",)``: serve a wrong ETag (and X-Linked-Etag) on ``/resolve``;
 * ``("corrupt",)``: flip the first byte of the body, keeping its length.
@@ -321,6 +331,8 @@ class HubServer:
         self._counter = itertools.count()
         self._httpd: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._released = threading.Event()
+        """Set by stop(): handlers held by "stall" and "trickle" faults give up."""
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -328,6 +340,7 @@ class HubServer:
         """Bind 127.0.0.1 on an ephemeral port and serve from a daemon thread."""
         if self._httpd is not None:
             raise RuntimeError("HubServer already started")
+        self._released.clear()
         self._httpd = _HubHTTPServer(("127.0.0.1", 0), _HubRequestHandler, self)
         # A short poll interval keeps stop() fast (shutdown waits for the next poll).
         self._thread = threading.Thread(
@@ -340,6 +353,7 @@ class HubServer:
         """Stop serving and close open keep-alive connections (so handler threads exit)."""
         if self._httpd is None:
             return
+        self._released.set()  # first: stalled handlers must not outlive the test
         self._httpd.shutdown()
         self._httpd.close_open_connections()
         self._httpd.server_close()
@@ -897,6 +911,15 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         )
         action = hub._take_action(method, split.path)
         record.action = action
+        name = action[0] if action else None
+        if name == "stall":
+            # Connected and heard, never answered: the client's only way out is its own timeout.
+            hub._released.wait(float(action[1]) if len(action) > 1 else None)  # type: ignore[misc]
+            self.close_connection = True
+            return
+        if name == "reset" and len(action) == 1:  # type: ignore[arg-type]
+            self._reset()
+            return
         response = self._respond(request, action)
         if response is None:
             self.close_connection = True  # "drop": no response at all, the client sees a disconnect
@@ -970,7 +993,43 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        if name == "reset":
+            self.wfile.write(body[: int(action[1])])  # type: ignore[index]
+            self.wfile.flush()
+            self._reset()
+            return
+        if name == "trickle":
+            self._trickle(body, *action[1:])  # type: ignore[misc]
+            return
         self.wfile.write(body)
+
+    def _trickle(self, body: bytes, nbytes: int = 4, interval: float = 0.25) -> None:
+        """Send ``body`` a few bytes at a time: every read succeeds, the whole takes forever."""
+        released = self.server.hub._released
+        try:
+            for start in range(0, len(body), max(1, int(nbytes))):
+                if start and released.wait(float(interval)):
+                    break
+                self.wfile.write(body[start : start + max(1, int(nbytes))])
+                self.wfile.flush()
+        except OSError:  # the client gave up (its deadline): that is the point of this fault
+            pass
+        self.close_connection = True
+
+    def _reset(self) -> None:
+        """Abort the connection: SO_LINGER 0 makes close() send a TCP RST instead of a FIN."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            return
+        # The socket closes only when its makefile() reader does too: close both now, so the RST goes out
+        # now. (wfile writes straight to the socket and holds no reference; the handler flushes it later.)
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+        self.connection.close()
 
 
 def _bearer_token(authorization: str | None) -> str | None:

@@ -7,9 +7,12 @@ read at import time, so setting it inside a test would have no effect.
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import huggingface_hub
 import pytest
@@ -375,4 +378,99 @@ def test_dropped_head_surfaces_as_protocol_error(hub: HubServer, hf_cache: Path,
     hub.inject_when(("drop",), method="HEAD", times=1)
     with pytest.raises(httpx2.RemoteProtocolError):
         download(hub, "adapter_config.json", hf_cache)
+    assert hub.internal_errors == []
+
+
+# ---- faults for deadline tests: stall, trickle, reset ----------------------------------------
+
+
+def _raw_get(url: str, path: str, timeout: float = 5.0) -> socket.socket:
+    """A bare HTTP/1.1 GET on its own socket (no client library between the test and the wire)."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    return sock
+
+
+def _read_until_closed(sock: socket.socket) -> tuple:
+    """``(bytes received, the error that ended the stream or None for a clean close)``."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError as exc:
+            return data, exc
+        if not chunk:
+            return data, None
+        data += chunk
+
+
+def test_stall_reads_the_request_and_answers_nothing_until_stop(hf_online: None) -> None:
+    server = HubServer().start()
+    server.create_repo(REPO)
+    server.commit(REPO, FILES)
+    stall = server.inject_when(("stall",), method="GET", path_regex="/resolve/", times=1)
+    sock = _raw_get(server.url, f"/{REPO}/resolve/main/adapter_config.json", timeout=0.5)
+    with pytest.raises(socket.timeout):
+        sock.recv(1)  # heard (logged below), never answered
+    assert stall.fired == 1 and server.records[-1].path.endswith("adapter_config.json")
+    assert server.records[-1].status is None
+    sock.settimeout(5)
+    t0 = time.monotonic()
+    server.stop()  # releases the stalled handler: a test never waits for its own fault
+    data, err = _read_until_closed(sock)
+    assert time.monotonic() - t0 < 3 and data == b"" and not isinstance(err, socket.timeout)
+    sock.close()
+
+
+def test_stall_for_seconds_then_hangs_up(hub: HubServer, uploaded: str) -> None:
+    hub.inject_when(("stall", 0.3), method="GET", times=1)
+    sock = _raw_get(hub.url, f"/{REPO}/resolve/main/adapter_config.json")
+    t0 = time.monotonic()
+    data, err = _read_until_closed(sock)
+    sock.close()
+    assert data == b"" and err is None and 0.25 < time.monotonic() - t0 < 3
+
+
+def test_trickle_sends_the_body_a_few_bytes_at_a_time(hub: HubServer) -> None:
+    body = bytes(range(40))
+    hub.create_repo(REPO)
+    hub.commit(REPO, {"f.bin": body})
+    hub.inject_when(("trickle", 4, 0.1), method="GET", path_regex="/resolve/", times=1)
+    sock = _raw_get(hub.url, f"/{REPO}/resolve/main/f.bin")
+    t0 = time.monotonic()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    first_byte = time.monotonic() - t0
+    data, err = _read_until_closed(sock)
+    elapsed = time.monotonic() - t0
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: 40" in head and first_byte < 1.0
+    assert data == body and err is None
+    assert elapsed >= 0.8, elapsed  # 10 pieces, 9 pauses of 0.1 s: every read succeeds, the whole crawls
+    # HEAD has no body to trickle: answered at once
+    hub.inject_when(("trickle", 1, 5.0), method="HEAD", times=1)
+    t0 = time.monotonic()
+    meta = get_hf_file_metadata(hf_hub_url(REPO, "f.bin", endpoint=hub.url))
+    assert meta.size == 40 and time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize("nbytes", [None, 10])
+def test_reset_aborts_the_connection_with_rst(hub: HubServer, nbytes: object) -> None:
+    body = b"0123456789abcdefghij"
+    hub.create_repo(REPO)
+    hub.commit(REPO, {"f.bin": body})
+    hub.inject_when(("reset",) if nbytes is None else ("reset", nbytes), method="GET", path_regex="/resolve/", times=1)
+    sock = _raw_get(hub.url, f"/{REPO}/resolve/main/f.bin")
+    data, err = _read_until_closed(sock)
+    sock.close()
+    # A reset, not a clean close: the client sees ECONNRESET, after nothing or after part of the body.
+    assert isinstance(err, ConnectionResetError), (data, err)
+    if nbytes is None:
+        assert data == b""
+    else:
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\n" + body[:10])
+    # The server carries on: the next request is answered in full.
+    assert urllib.request.urlopen(hf_hub_url(REPO, "f.bin", endpoint=hub.url), timeout=5).read() == body
     assert hub.internal_errors == []

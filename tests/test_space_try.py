@@ -11,21 +11,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
 import torch
 
-from tests.test_space import MAX_BYTES, Space, assert_clean_error, folder_files, launch_space, put, table
+from tests.test_space import MAX_BYTES, ROOT, Space, assert_clean_error, folder_files, launch_space, put, table
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client.exceptions import AppError  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from lorashare import SHAREModel  # noqa: E402
 from tests.conftest import make_adapter, tiny_bert  # noqa: E402
 from tests.hubserver import HubServer  # noqa: E402
 
+#: BERT with 4,000,000 positions of width 64: 256 M position values in a model of 0.1 M otherwise.
+LONG_CONFIG = {"model_type": "bert", "architectures": ["BertForSequenceClassification"], "vocab_size": 100,
+               "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+               "max_position_embeddings": 4_000_000, "num_labels": 3}
 WORDS = ["the", "film", "was", "good", "bad", "refund", "my", "order", "please", "great", "slow", "fast", "not"]
 TEXT = "the film was not good"
 
@@ -105,7 +114,16 @@ def seed(hub: HubServer, root: Path) -> Dict[str, Dict[str, str]]:
     put(hub, "tester/big-base", {"config.json": json.dumps(big).encode(), "model.safetensors": bytes(2 * MAX_BYTES)})
     pickled = {"config.json": (bert / "config.json").read_bytes(), "pytorch_model.bin": b"not really a pickle"}
     put(hub, "tester/pickle-base", pickled)
-    for base in ("big-base", "pickle-base"):
+    # The hostile case: a small BERT whose config.json asks for 4,000,000 positions, with the position table left
+    # out of model.safetensors. By the old estimate (from the config) it is tiny; built, the table alone is 1 GB.
+    long_base = root / "long-base"
+    long_base.mkdir()
+    (long_base / "config.json").write_text(json.dumps(LONG_CONFIG))
+    short = BertForSequenceClassification(BertConfig(**{**LONG_CONFIG, "max_position_embeddings": 64}))
+    weights = {k: v.contiguous() for k, v in short.state_dict().items() if "position_embeddings" not in k}
+    save_file(weights, str(long_base / "model.safetensors"))
+    put(hub, "tester/long-base", {**folder_files(str(bert), ""), **folder_files(str(long_base))})
+    for base in ("big-base", "pickle-base", "long-base"):
         made = {f"a{i}": make_adapter(str(root / base / f"a{i}"), seed=i, head=True, base_name=f"tester/{base}")
                 for i in range(2)}
         SHAREModel.from_adapters(made, num_components=8, progress=False).save_pretrained(str(root / f"{base}-share"))
@@ -226,3 +244,72 @@ def test_fetch_files_takes_exact_root_file_names_only(hub, hf_cache, monkeypatch
     for bad in ("sub/config.json", "*.json", "../config.json", "", "model.*"):
         with pytest.raises(HubError, match="not a file name at the repo's root"):
             lorashare_hub.fetch_files("tester/model", [bad])
+
+
+def _peak_rss(pid: int) -> int:
+    """The peak resident memory of process ``pid`` so far (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the Space's peak memory from /proc")
+def test_a_config_implying_huge_tensors_is_refused_before_any_is_allocated(space):
+    """The position table config.json implies (4,000,000 × 64) is counted before the model is built."""
+    # The honest small model still runs (and this loads everything the check itself needs).
+    _, out = run(space, "tester/bert-share", ["task0"], include_base=False)
+    assert [r["adapter"] for r in table(out)] == ["task0"]
+    before = _peak_rss(space.proc.pid)
+    space.hub.reset_log()
+    with pytest.raises(AppError) as err:
+        run(space, "tester/long-base-share", ["a0", "a1"])
+    grown = _peak_rss(space.proc.pid) - before
+    message = assert_clean_error(err.value, "embeddings.position_embeddings.weight 4000000 × 64",
+                                 "LORASHARE_SPACE_TRY_MAX_PARAMS", "limit of 200.0 M")
+    # 256 M in the position table, 8 M in the position and token-type id buffers of the same length
+    assert re.search(r"config\.json implies 26\d\.\d M parameters", message), message
+    assert grown < 300e6, f"the Space grew by {grown / 1e6:.0f} MB while refusing"
+    assert space.hub.served_files("tester/long-base") <= {"config.json"}  # refused before the weights came
+    with pytest.raises(AppError) as err:
+        space.client().predict("tester/long-base-share", "", "", api_name="/try_list")
+    assert_clean_error(err.value, "config.json implies", "4000000 × 64")
+    assert _peak_rss(space.proc.pid) - before < 300e6
+
+
+def test_the_weights_file_and_the_config_are_each_bounded(tmp_path):
+    """Both counts, in a process of their own with a small limit: the file's tensors by its header, and the
+    tensors the config implies (a big classifier head here), each named in the refusal."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    tiny_bert(num_labels=3).save_pretrained(str(folder))
+    code = (
+        "import sys, json; sys.path.insert(0, 'space'); import app\n"
+        f"folder = {str(folder)!r}\n"
+        "count, nbytes = app.weights_params(folder + '/model.safetensors', 'tester/b')\n"
+        "total, largest = app.implied_params(folder, 'SEQ_CLS', 100_000)\n"
+        "out = {'count': count, 'nbytes': nbytes, 'total': total, 'largest': largest}\n"
+        "for check in (lambda: app._check_weights('tester/b', folder),\n"
+        "              lambda: app._check_built_size('tester/b', folder, 'SEQ_CLS', 100_000),\n"
+        "              lambda: app._check_built_size('tester/b', folder, 'SEQ_CLS', 10**9)):\n"
+        "    try:\n"
+        "        check()\n"
+        "    except app.UserError as exc:\n"
+        "        out.setdefault('refused', []).append(str(exc))\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "LORASHARE_SPACE_TRY_MAX_PARAMS": "10000", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    model = tiny_bert(num_labels=3)
+    assert got["count"] == sum(p.numel() for p in model.state_dict().values())  # every tensor in the file
+    assert got["nbytes"] == 4 * got["count"]  # float32, from the header alone
+    assert got["total"] > 100_000 * 33 and got["largest"] == "classifier.weight 100000 × 32"
+    weights, built, labels = got["refused"]
+    assert f"model.safetensors holds {got['count']:,} parameters" in weights, weights
+    assert "config.json implies 3.3 M parameters" in built and "classifier.weight 100000 × 32" in built, built
+    assert all("limit of 10,000 parameters" in m and "LORASHARE_SPACE_TRY_MAX_PARAMS" in m for m in (weights, built))
+    # so many labels that even reading the config would be slow (a name each): refused before that
+    assert "1,000,000,000 labels" in labels and "at most 100,000" in labels, labels
