@@ -395,6 +395,7 @@ def test_trusted_publishing_without_a_token(act):
 
 
 # --------------------------------------------------------------- the real install, default inputs
+@pytest.mark.slow
 def test_default_inputs_install_this_checkout_and_sync(hub, tmp_path, adapter_dirs):
     """The action as a workflow runs it: its own checkout installed into a fresh venv, then sync."""
     hub.required_token = TOKEN

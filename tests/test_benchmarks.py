@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,6 +22,7 @@ def _table(lines, header_start):
     return rows[0], rows[2:]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_and_prints_tables(tmp_path):
     out = tmp_path / "quick.json"
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -37,6 +37,8 @@ from tests.hub_fixtures import HUB_TOKEN, fresh_cache
 from tests.hubserver import HubServer
 from tests.reliability_report import report
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = "tester/crash-share"
 TRIALS = 12  # per scenario: a third killed at a random moment of the run, the rest during the upload

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ def _snapshot(share: SHAREModel):
     return {n: share.reconstruct(n) for n in share.adapter_names}
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_pretrained_leaves_a_loadable_checkpoint(adapter_dirs, tmp_path, monkeypatch):
     """20+ SIGKILLs at random points of a save loop; after each the target is whole and loads."""
     target = tmp_path / "ck"

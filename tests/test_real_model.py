@@ -16,6 +16,8 @@ rt = pytest.importorskip("benchmarks.realtasks")
 
 from lorashare import SHAREModel  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

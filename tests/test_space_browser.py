@@ -5,7 +5,9 @@ Never ``playwright install``: the browser is the system one.  Skipped (with the 
 by the helpers of ``tests/test_space.py``; adapter downloads are slowed by 0.7 s each so the
 progress of a compression can be seen.
 
-Set ``LORASHARE_SPACE_SCREENSHOT=docs/space.png`` to also write the README's screenshot.
+With ``LORASHARE_WRITE_SCREENSHOTS=1`` the test also writes the screenshot that the documentation
+shows, ``docs/space.png`` (the Compress tab with its results), from the app as it is.  Without it
+(as in CI) screenshots go to the test's temporary folder only, so a run never changes the tree.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "space.png"
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is absent (apt-get install -y chromium)", allow_module_level=True)
 if importlib.util.find_spec("gradio") is None:  # not imported here: only the app process needs it
@@ -27,6 +30,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 
 from lorashare import SHAREModel  # noqa: E402
 from tests.test_space import THREE, TOKEN, launch_space  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
@@ -73,8 +78,8 @@ def test_compress_push_explore_in_the_browser(space, browser, tmp_path):
         expect(page.locator("#stats")).to_contain_text("compression ratio excluding bases")
         expect(page.locator("#fidelity")).to_contain_text("refunds-lora")
         page.screenshot(path=str(tmp_path / "space-compress.png"), full_page=True)
-        if os.environ.get("LORASHARE_SPACE_SCREENSHOT"):
-            page.screenshot(path=os.environ["LORASHARE_SPACE_SCREENSHOT"], full_page=True)
+        if os.environ.get("LORASHARE_WRITE_SCREENSHOTS") == "1":
+            page.screenshot(path=str(DOCS_SCREENSHOT), full_page=True)
 
         # Download the checkpoint and load it.
         with page.expect_download() as dl:

@@ -181,6 +181,7 @@ def _in_venv(built: Built, code: str, cwd: Path) -> str:
     return (r.stdout + r.stderr).strip()
 
 
+@pytest.mark.slow
 def test_the_build_holds_what_the_space_asked_for(built, tmp_path):
     # gradio stayed at sdk_version through requirements.txt, torch is the CPU build, and lorashare is
     # nowhere in the venv: the only one is the folder next to app.py.
@@ -191,6 +192,7 @@ def test_the_build_holds_what_the_space_asked_for(built, tmp_path):
     assert where == str(built.app_dir / "lorashare" / "__init__.py")
 
 
+@pytest.mark.slow
 def test_compress_with_the_ids_alone(built, tmp_path):
     client = built.space.client()
     status, stats, fidelity, _ev, _sizes, archive = client.predict(

@@ -95,6 +95,7 @@ def sdist(tmp_path_factory) -> Path:
     return found
 
 
+@pytest.mark.slow
 def test_wheel_carries_the_license_and_its_metadata(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
@@ -109,6 +110,7 @@ def test_wheel_carries_the_license_and_its_metadata(wheel):
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
 
 
+@pytest.mark.slow
 def test_sdist_carries_the_license_and_leaves_the_tests_out(sdist):
     import tarfile
 
@@ -130,12 +132,13 @@ def test_build_requirements_and_extras_agree():
     assert len({tuple(v) for v in gradio.values() if v}) == 1, gradio  # the same bounds in every extra that has it
 
 
+@pytest.mark.slow
 def test_wheel_contains_the_templates(wheel):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert TEMPLATE in names
         assert zf.read(TEMPLATE) == (ROOT / "hub_templates" / "model_card.md").read_bytes()
-        assert {"lorashare/__init__.py", "lorashare/card.py", "lorashare/hub.py"} <= names
+        assert {"lorashare/__init__.py", "lorashare/card.py", "lorashare/hub.py", "lorashare/py.typed"} <= names
         assert not any(n.startswith(("tests/", "benchmarks/", "hub_templates/")) for n in names)
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "lorashare = lorashare.cli:main" in zf.read(entry_points).decode()
@@ -160,6 +163,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_installed_wheel_renders_the_card(wheel, adapter_dirs, tmp_path):
     target = tmp_path / "site"
     r = subprocess.run(
