@@ -225,8 +225,7 @@ def _load(folder: str, cfg: SHAREConfig, adapters: Optional[Iterable[str]], veri
     stored_loadings: Dict[str, Dict[str, Stored]] = {}
     if cfg.storage is not None:
         components, stored_components = _decode(components, cfg.storage["bases"], cfg, folder, COMPONENTS_FILE, None)
-    _check_bases(folder, cfg, components)
-    amax = {key: U.detach().abs().amax(0).double() for key, U in components.items()}  # per column, for _check_rebuild
+    amax = _check_bases(folder, cfg, components)  # per column, for _check_rebuild
     loadings, heads, metas = {}, {}, {}
     for n in names:
         base = f"adapters/{n}"
@@ -333,9 +332,9 @@ def _nonfinite(t: torch.Tensor) -> bool:
     return t.dtype.is_floating_point and not bool(torch.isfinite(t).all())
 
 
-def _check_bases(folder: str, cfg: SHAREConfig, components: Dict[str, torch.Tensor]) -> None:
+def _check_bases(folder: str, cfg: SHAREConfig, components: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Every basis is a finite 2-D float named ``<module>:<A|B>``, with both sides per module, the k of
-    ``k_per_group`` and the modules of ``layer_keys``."""
+    ``k_per_group`` and the modules of ``layer_keys``.  Returns each basis's column peaks (float64)."""
     where = f"{COMPONENTS_FILE} in {folder}"
     path = os.path.join(folder, COMPONENTS_FILE)
     for key, U in components.items():
@@ -348,11 +347,6 @@ def _check_bases(folder: str, cfg: SHAREConfig, components: Dict[str, torch.Tens
         if not _MODULE_PATH.match(split_group_key(key)[0]):
             raise CheckpointError(f"{where}: tensor {key!r} does not name a module path (dot-separated names). {_FIX}",
                                   layer=key, path=path)
-        if _nonfinite(U):
-            raise CheckpointError(
-                f"{where}: basis {key!r} holds NaN or infinite values" + (" once decoded (codes × scales)"
-                                                                         if cfg.storage else "") + f". {_FIX}",
-                layer=key, path=path)
         module, side = split_group_key(key)
         if f"{module}:{'B' if side == 'A' else 'A'}" not in components:
             raise CheckpointError(f"{where}: basis {key!r} has no other side; a module needs an A and a B basis. {_FIX}",
@@ -381,6 +375,26 @@ def _check_bases(folder: str, cfg: SHAREConfig, components: Dict[str, torch.Tens
                                                       if odd in cfg.layer_keys else f"lacks {odd!r}, which has bases") +
             f"; it must list exactly the modules of the bases. {_FIX}",
             layer=odd, path=os.path.join(folder, CONFIG_FILE))
+    peaks = _column_peaks(components)  # a NaN or Inf anywhere in a basis makes its peaks non-finite
+    for key, p in peaks.items():
+        if not bool(torch.isfinite(p).all()) and _nonfinite(components[key]):
+            raise CheckpointError(
+                f"{where}: basis {key!r} holds NaN or infinite values" + (" once decoded (codes × scales)"
+                                                                         if cfg.storage else "") + f". {_FIX}",
+                layer=key, path=path)
+    return peaks
+
+
+def _column_peaks(components: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``max |U|`` per column of every basis, in float64: one stacked reduction per shape."""
+    by_shape: Dict[Tuple[int, ...], List[str]] = {}
+    for key, U in components.items():
+        by_shape.setdefault(tuple(U.shape), []).append(key)
+    out: Dict[str, torch.Tensor] = {}
+    for keys in by_shape.values():
+        stacked = torch.stack([components[k].detach() for k in keys]).abs().amax(1).double()
+        out.update(zip(keys, stacked.unbind(0)))
+    return out
 
 
 def _check_heads(folder: str, rel: str, name: str, heads: Mapping[str, torch.Tensor]) -> None:
@@ -440,9 +454,6 @@ def _check_loadings(folder: str, cfg: SHAREConfig, name: str, components: Mappin
                 f"adapter {name!r}: loading {key!r} is {tuple(L.shape)} but its basis is {tuple(U.shape)}; "
                 "expected (k, r) with k = the basis's columns. The checkpoint is corrupt.",
                 adapter=name, layer=key, path=path)
-        if _nonfinite(L):
-            raise fail(f"{rel} in {folder}: loading {key!r} holds NaN or infinite values" +
-                       (" once decoded (codes × scales)." if cfg.storage else "."), layer=key)
     ranks: Dict[str, int] = {}
     for key, L in loadings.items():
         module, side = split_group_key(key)
@@ -477,8 +488,30 @@ def _check_loadings(folder: str, cfg: SHAREConfig, name: str, components: Mappin
     own = meta.get("adapter_name")
     if own not in (None, "", name):
         raise fail(f"{meta_rel} in {folder} is adapter {own!r}'s (its adapter_name), not {name!r}'s.")
+    def nonfinite(key: str) -> CheckpointError:
+        return fail(f"{rel} in {folder}: loading {key!r} holds NaN or infinite values" +
+                    (" once decoded (codes × scales)." if cfg.storage else "."), layer=key)
+
+    _check_rebuilds(components, loadings, amax, fail, nonfinite)
+
+
+def _check_rebuilds(components: Mapping[str, torch.Tensor], loadings: Mapping[str, torch.Tensor],
+                    amax: Mapping[str, torch.Tensor], fail: Callable[..., CheckpointError],
+                    nonfinite: Callable[[str], CheckpointError]) -> None:
+    """Every loading is finite and every ``U @ L`` too: the bound Σ_k max|U_k|·max|L_k| for all loadings
+    of one shape at once (a NaN or Inf in L makes it non-finite), the details only where it is not safe."""
+    by_shape: Dict[Tuple[int, ...], List[str]] = {}
     for key, L in loadings.items():
-        _check_rebuild(key, components[key], L, amax[key], fail)
+        if L.numel():
+            by_shape.setdefault(tuple(L.shape), []).append(key)
+    for keys in by_shape.values():
+        Ls = torch.stack([loadings[k] for k in keys]).detach().abs().amax(2).double()  # (n, k)
+        bounds = (torch.stack([amax[k] for k in keys]) * Ls).sum(1)
+        for key, bound in zip(keys, bounds.tolist()):
+            if not (math.isfinite(bound) and bound < _SAFE_BOUND):
+                if _nonfinite(loadings[key]):
+                    raise nonfinite(key)
+                _check_rebuild(key, components[key], loadings[key], amax[key], fail)
 
 
 def _check_rebuild(key: str, U: torch.Tensor, L: torch.Tensor, amax: torch.Tensor,
