@@ -14,6 +14,8 @@ name and the file's path otherwise.
 
 from __future__ import annotations
 
+import difflib
+import glob
 import hashlib
 import json
 import logging
@@ -49,6 +51,9 @@ __all__ = [
     "file_sha256",
     "default_name",
     "name_sources",
+    "is_local_source",
+    "check_source",
+    "missing_path",
     "num_labels",
     "check_lora_config",
 ]
@@ -368,7 +373,8 @@ def open_adapter(source: str, name: Optional[str] = None, **hub_kwargs: Any) -> 
         raise AdapterError(f"adapter source {source!r} must be a folder path or a Hub id string.")
     source = os.fspath(source)
     name = check_name(name) if name is not None else default_name(source)
-    if _is_local(source):
+    if is_local_source(source):
+        check_source(source, name=name)
         return open_local(os.path.expanduser(source), name, source)
     from . import hub  # imported here: hub needs checkpoint, which needs this module
 
@@ -376,8 +382,139 @@ def open_adapter(source: str, name: Optional[str] = None, **hub_kwargs: Any) -> 
     return open_local(folder, name, source, revision=revision)
 
 
-def _is_local(source: str) -> bool:
-    return os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~"))
+def is_local_source(source: Union[str, "os.PathLike[str]"], *, base: Optional[str] = None) -> bool:
+    """True if the adapter source ``source`` is a local path, False if it is to be read as a Hub id.
+
+    A local path is one that exists; one that only a path can be (absolute, ``./``, ``~``, a
+    wildcard, or leading folders that exist: :func:`lorashare.hub.is_local_path`); or a single
+    name (a Hub id has an owner).  So a typo in a path (``examples/adapters/task9``) is a missing
+    folder, reported with what is there, never a Hub request.  ``base``: the folder relative paths
+    start from (default: the current folder).
+
+    Example:
+        >>> is_local_source("./runs/a"), is_local_source("/nonexistent/acme/refunds-lora@v3")
+        (True, True)
+    """
+    from . import hub  # imported here: hub needs checkpoint, which needs this module
+
+    text = os.fspath(source)
+    return (
+        os.path.lexists(os.path.join(base or os.curdir, os.path.expanduser(text)))
+        or text.startswith((".", "~"))
+        or "/" not in text.split("@", 1)[0]
+        or hub.is_local_path(text, base=base)
+    )
+
+
+_PATTERN = "*?["
+
+
+def _folders(folder: str) -> List[str]:
+    """The visible subfolders of ``folder``, sorted (none if it cannot be listed)."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir())
+    except OSError:
+        return []
+
+
+def _listing(names: Sequence[str], near: str = "", *, most: int = 10) -> str:
+    """``names`` joined, at most ``most`` of them (the closest to ``near``), with the count when cut."""
+    if len(names) <= most:
+        return ", ".join(names)
+    close = sorted(sorted(names, key=lambda n: -difflib.SequenceMatcher(None, near, n).ratio())[:most])
+    return ", ".join(close) + f", … ({len(names)} in all)"
+
+
+def missing_path(path: str, *, base: Optional[str] = None, what: str = "does not exist") -> str:
+    """Why ``path`` (as given, relative to ``base``) is not there: what of it exists and what that holds.
+
+    ``what`` says what is wrong with ``path`` (``"matches nothing"`` for a wildcard pattern).
+
+    Example:
+        >>> missing_path("examples/adapters/task9")  # doctest: +SKIP
+        'examples/adapters/task9 does not exist (examples/adapters has task0, task1, task2, task3)'
+        >>> missing_path("examples/adapter/task0")  # doctest: +SKIP
+        'examples/adapter/task0 does not exist (examples has no adapter; it has adapters, workflows; did you mean examples/adapters/task0?)'
+    """
+    root = base or os.curdir
+    shown = os.path.normpath(path)
+    parts = shown.split(os.sep)
+    absolute = os.path.isabs(shown)
+    # the deepest folder of the path that exists
+    i = len(parts) - 1
+    while i > (1 if absolute else 0) and not os.path.isdir(os.path.join(root, os.sep.join(parts[:i]) or os.sep)):
+        i -= 1
+    parent = os.sep.join(parts[:i]) or (os.sep if absolute else "")
+    where = os.path.join(root, parent) if parent else root
+    if not os.path.isdir(where):
+        return f"{path} {what}"
+    missing = parts[i]
+    here = parent or ("the current folder" if base is None else "its folder")
+    if os.path.lexists(os.path.join(where, missing)):  # a file where a folder should be
+        return f"{path} {what} ({os.path.join(parent, missing)} is a file, not a folder)"
+    names = _folders(where)
+    if not names:
+        return f"{path} {what} ({here} holds no folders)"
+    scores = sorted(((difflib.SequenceMatcher(None, missing, n).ratio(), n) for n in names), reverse=True)
+    unique = len(scores) == 1 or scores[0][0] > scores[1][0]
+    guess = scores[0][1] if unique and scores[0][0] >= 0.75 else None
+    if i == len(parts) - 1:
+        hint = f"; did you mean {os.path.join(parent, guess)}?" if guess else ""
+        return f"{path} {what} ({here} has {_listing(names, missing)}{hint})"
+    hint = f"; did you mean {os.sep.join([*parts[:i], guess, *parts[i + 1:]])}?" if guess else ""
+    return f"{path} {what} ({here} has no {missing}; it has {_listing(names, missing)}{hint})"
+
+
+def _adapter_subfolders(folder: str) -> List[str]:
+    return [n for n in _folders(folder) if os.path.isfile(os.path.join(folder, n, CONFIG_NAME))]
+
+
+def check_source(source: Union[str, "os.PathLike[str]"], *, name: Optional[str] = None) -> None:
+    """Refuse, with what is there, a local source that cannot be an adapter folder; no Hub request, nothing read.
+
+    Raises :class:`~lorashare.errors.AdapterNotFoundError` for a path that does not exist
+    (naming the folders beside it), a wildcard pattern (lorashare does not expand them), a folder
+    of adapters (naming them) or one of an adapter's files.  Anything else passes: the adapter
+    itself is checked when opened.
+
+    Example:
+        >>> check_source("examples/adapters/task9")  # doctest: +SKIP
+        Traceback (most recent call last):
+        lorashare.errors.AdapterNotFoundError: adapter 'task9': examples/adapters/task9 does not exist (examples/adapters has task0, task1, task2, task3).
+    """
+    text = os.fspath(source)
+    if not is_local_source(text):
+        return
+    folder = os.path.expanduser(text)
+    who = f"adapter {name!r}: " if name is not None else ""
+    if os.path.isdir(folder):
+        inner = [] if os.path.lexists(os.path.join(folder, CONFIG_NAME)) else _adapter_subfolders(folder)
+        if inner:
+            many = f"{len(inner)} adapters" if len(inner) > 1 else "an adapter"
+            problem = (f"{text} is a folder of {many} ({_listing(inner)}), not an adapter: it has no {CONFIG_NAME}, "
+                       "its subfolders do.")
+            raise AdapterNotFoundError(
+                f"{problem} Pass each adapter's folder, e.g. {os.path.join(text, inner[0])!r}.",
+                adapter=text, path=text, problem=problem)
+        return
+    if os.path.lexists(folder):
+        if os.path.basename(folder) in (CONFIG_NAME, WEIGHTS_NAME):
+            raise AdapterNotFoundError(
+                f"{who}{text} is a file of the adapter; give its folder, {os.path.dirname(text) or '.'}.",
+                adapter=name or text, path=text)
+        return  # open_local says it is not a folder
+    if any(c in text for c in _PATTERN):
+        matches = sorted(glob.glob(folder))
+        if matches:
+            problem = (f"{text} is a wildcard pattern, which lorashare does not expand (it matches "
+                       f"{_listing([os.path.basename(m) for m in matches])}).")
+            raise AdapterNotFoundError(f"{problem} Pass the folders it matches: sorted(glob.glob({text!r})).",
+                                       adapter=text, path=text, problem=problem)
+        problem = f"the wildcard pattern {missing_path(text, what='matches nothing')}."
+        raise AdapterNotFoundError(f"{problem} lorashare does not expand patterns in any case: pass the folders, e.g. "
+                                   "sorted(glob.glob(pattern)).", adapter=text, path=text, problem=problem)
+    shown = folder if text.startswith("~") else text
+    raise AdapterNotFoundError(f"{who}{missing_path(shown)}.", adapter=name or text, path=text)
 
 
 def default_name(source: Union[str, "os.PathLike[str]"]) -> str:
@@ -388,7 +525,7 @@ def default_name(source: Union[str, "os.PathLike[str]"]) -> str:
         ('legal', 'refunds_lora')
     """
     source = os.fspath(source)
-    if _is_local(source):
+    if is_local_source(source):
         return derive_name(os.path.abspath(os.path.expanduser(source)))
     return derive_name(source.split("@", 1)[0])
 

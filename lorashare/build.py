@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Sequence
@@ -27,10 +28,11 @@ __all__ = ["build", "record_of", "lora_bytes"]
 
 
 def build(opened: Sequence[Adapter], spec: CompressionSpec, *, device: Optional[str] = None, progress: bool = True,
-          skipped: int = 0) -> SHAREState:
+          skipped: int = 0, base_model: Optional[str] = None) -> SHAREState:
     """Compress ``opened`` (at least 2 adapters) as ``spec`` says: a state at revision 0.
 
-    ``skipped`` is how many unreadable adapters were dropped before (for the error message).
+    ``skipped`` is how many unreadable adapters were dropped before (for the error message);
+    ``base_model`` overrides the base model the adapters' configs name (a local training folder).
     """
     if len(opened) < 2:
         raise AdapterError(
@@ -49,6 +51,8 @@ def build(opened: Sequence[Adapter], spec: CompressionSpec, *, device: Optional[
         heads = {a.name: a.read_heads() for a in opened if a.head_keys}
         fingerprints = list(shas)
     state = _assemble(opened, results, heads, fingerprints, spec, budget)
+    if base_model is not None:
+        state = dataclasses.replace(state, base_model=base_model)
     warn_if_larger(state)
     return state
 

@@ -145,7 +145,7 @@ def card_metadata(config: SHAREConfig, *, license: Optional[str] = None) -> Dict
     meta: Dict[str, Any] = {"library_name": "lorashare"}
     base = config.base_model_name_or_path
     tags = ["lora", "peft", "transformers", "share", "lorashare"]
-    if _is_model_id(base):
+    if is_model_id(base):
         meta["base_model"] = base
         meta["base_model_relation"] = "adapter"
         tags.append(f"base_model:adapter:{base}")
@@ -167,8 +167,13 @@ def _info(config: SHAREConfig, name: str) -> Dict[str, Any]:
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-def _is_model_id(name: Optional[str]) -> bool:
-    """``owner/name`` or a canonical ``name``, and not a folder on this machine."""
+def is_model_id(name: Optional[str]) -> bool:
+    """``owner/name`` or a canonical ``name``, and not a folder on this machine: what a card may link as its base model.
+
+    Example:
+        >>> is_model_id("roberta-base"), is_model_id("/srv/models/roberta")
+        (True, False)
+    """
     return bool(name) and bool(_MODEL_ID.match(str(name))) and ".." not in str(name) and not os.path.isdir(str(name))
 
 
@@ -219,7 +224,7 @@ def render_card(config: SHAREConfig, *, repo_id: Optional[str] = None, license: 
         "description": description,
         "num_adapters": cfg.num_adapters,
         "base_model": base,
-        "base_model_url": f"{endpoint}/{base}" if _is_model_id(cfg.base_model_name_or_path) else "#",
+        "base_model_url": f"{endpoint}/{base}" if is_model_id(cfg.base_model_name_or_path) else "#",
         "adapter_rows": "\n".join(rows),
         "original": size(st.get("original_lora_bytes")),
         "compressed": size(st.get("compressed_bytes")),

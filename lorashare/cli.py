@@ -16,21 +16,26 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
-from .adapters import name_sources
+from .adapters import check_source, name_sources
 from .errors import (
+    AdapterNotFoundError,
     ConfigError,
     DuplicateAdapterError,
     ForeignFolderError,
+    HubAuthError,
+    HubNotFoundError,
     InvalidNameError,
+    LocalBaseModelError,
     LoraShareError,
     StorageRangeError,
 )
-from .storage import SCHEMES
+from .storage import NF4_BLOCK, SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,19 @@ JSON_SCHEMA_VERSION = 1
 
 class UsageError(Exception):
     """Bad command-line usage (exit code 2)."""
+
+
+#: The library's notes (log records with a ``lorashare_note``) that the running command prints
+#: itself, in its own words (flags, not keywords): shown once, not twice.
+_OWN_NOTES: set = set()
+
+
+class _OwnNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "lorashare_note", None) not in _OWN_NOTES
+
+
+_OWN_NOTES_FILTER = _OwnNotes()
 
 
 def _finite(value: Any) -> Any:
@@ -95,8 +113,13 @@ def _sources(args: argparse.Namespace):
                 raise UsageError(f"duplicate adapter name {n!r}")
             named[n] = p
         positional = []
-    if len(named) + len(positional) < 2:
-        given = len(named) + len(positional)
+    given = len(named) + len(positional)
+    if args.on_error == "raise" or given < 2:
+        # A path that is not there, a folder of adapters, a pattern the shell left alone: said before
+        # the count (one folder of four adapters is not "1 adapter"), and before any Hub request.
+        for n, p in [*named.items(), *((None, p) for p in positional)]:
+            check_source(p, name=n)
+    if given < 2:
         raise UsageError(
             f"compress needs at least 2 adapters (folders or Hub ids) to share a basis, got {given}. "
             "Example: lorashare compress runs/a runs/b -o share_ckpt"
@@ -110,23 +133,59 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .checkpoint import check_checkpoint_target
     from .model import SHAREModel
 
-    k = "auto" if args.auto else args.num_components
+    k = "auto" if args.auto else args.num_components  # None: -k not given, the library's default
+    budget_given = args.budget_bytes is not None or args.target_ratio is not None
+    _OWN_NOTES.add("larger")
+    if isinstance(k, int) and not budget_given:
+        _OWN_NOTES.add("k_capped")
     sources = _sources(args)
     local = [p for p in sources.values() if os.path.exists(p)]
     check_checkpoint_target(args.output, inputs=local, overwrite=args.overwrite)  # fail before the work
     share = SHAREModel.from_adapters(
-        sources, num_components=k, variance_threshold=args.variance, device=args.device,
+        sources, **({} if k is None else {"num_components": k}), variance_threshold=args.variance, device=args.device,
         on_error=args.on_error, dtype=args.dtype, budget_bytes=args.budget_bytes, strict=args.strict,
-        target_ratio=args.target_ratio, weighting=args.weighting,
+        target_ratio=args.target_ratio, weighting=args.weighting, base_model=args.base_model,
         progress=not args.json and not args.quiet, token=os.environ.get("HF_TOKEN"),
     )
     share.save_pretrained(args.output, overwrite=args.overwrite)
-    st = share.config.compression_stats
+    cfg = share.config
+    st = cfg.compression_stats
+    if isinstance(k, int) and not budget_given:
+        _note_if_capped(args, k, cfg.k_per_group)
     _note_if_larger(args, st)
-    _emit(args, {"output": os.path.abspath(args.output), "adapters": share.adapter_names, "stats": _public_stats(st)},
-          f"compressed {len(share.adapter_names)} adapters into {args.output}: "
-          f"{st['compression_ratio']:.2f}x (bases counted), ΔW error mean {st['delta_w_rel_error_mean']:.4f}")
+    disk = _bytes_on_disk(args.output)
+    on_disk = st["original_lora_bytes"] / disk if disk and st.get("original_lora_bytes") else None
+    stats = {**_public_stats(st), "compressed_bytes_on_disk": disk, "compression_ratio_on_disk": on_disk}
+    if args.target_ratio is not None:  # the budget counts the files, so the ratio printed does too
+        ratio = f"{on_disk or 0:.2f}x on disk (target {args.target_ratio:g}x; the bases' and loadings' files)"
+    elif args.budget_bytes is not None:
+        ratio = f"{disk} bytes on disk (budget {args.budget_bytes}; the bases' and loadings' files), {on_disk or 0:.2f}x"
+    else:
+        ratio = f"{st['compression_ratio']:.2f}x (bases counted)"
+    _emit(args, {"output": os.path.abspath(args.output), "adapters": share.adapter_names, "stats": stats,
+                 "target_ratio": args.target_ratio, "budget_bytes": cfg.budget_bytes},
+          f"compressed {len(share.adapter_names)} adapters into {args.output}: {ratio}, "
+          f"ΔW error mean {st['delta_w_rel_error_mean']:.4f}")
     return 0
+
+
+def _bytes_on_disk(checkpoint: str) -> int:
+    """Bytes of the checkpoint's bases' and loadings' files, headers and scales included: what a byte budget counts."""
+    from .checkpoint import COMPONENTS_FILE, LOADINGS_FILE, checkpoint_files, read_config
+
+    files = [rel for rel in checkpoint_files(read_config(checkpoint))
+             if rel == COMPONENTS_FILE or rel.endswith("/" + LOADINGS_FILE)]
+    return sum(os.path.getsize(os.path.join(checkpoint, *rel.split("/"))) for rel in files)
+
+
+def _note_if_capped(args: argparse.Namespace, k: int, k_per_group: Dict[str, int]) -> None:
+    """One line on stderr when -k is more than every module needs to be lossless, and what was used instead."""
+    most = max(k_per_group.values(), default=0)
+    if not most or k <= most:  # some module used k: nothing was capped for all of them
+        return
+    using = f"k={most}" if min(k_per_group.values()) == most else f"each module's lossless k (at most {most})"
+    print(f"lorashare {args.command}: note: -k {k} is more than the {most} components these adapters need to be "
+          f"lossless (k = N·r, their ranks summed); using {using}.", file=sys.stderr)
 
 
 def _note_if_larger(args: argparse.Namespace, st: Dict[str, Any]) -> None:
@@ -134,7 +193,8 @@ def _note_if_larger(args: argparse.Namespace, st: Dict[str, Any]) -> None:
     if not st.get("original_lora_bytes") or st.get("compression_ratio", 1.0) >= 1.0:
         return
     k = st.get("largest_saving_k")
-    fix = f"-k {k} or lower would make it smaller" if k else "with so few adapters no k saves space"
+    again = "compressing them again with " if args.command != "compress" else ""
+    fix = f"{again}-k {k} or lower would make it smaller" if k else "with so few adapters no k saves space"
     print(f"lorashare {args.command}: note: the checkpoint is {1 / st['compression_ratio']:.2f}x the size of the "
           f"adapters' LoRA weights (the shared bases cost more than they save); {fix}.", file=sys.stderr)
 
@@ -190,11 +250,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    _OWN_NOTES.add("larger")
     share = _load(args)
     report = share.add_adapter(args.path, name=args.adapter_name, variance_threshold=args.variance,
                                force_recompute=args.force_recompute, token=os.environ.get("HF_TOKEN"),
                                replace=args.replace)
     share.save_pretrained(args.checkpoint)
+    _note_if_larger(args, share.config.compression_stats)
     _emit(args, report, f"added {report['adapter_name']} by {report['method']} ({report['reason']})")
     return 0
 
@@ -209,6 +271,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     share = _load(args)
+    if args.base_model:
+        share.set_base_model(args.base_model)
     info = share.push_to_hub(args.repo_id, private=args.private, token=os.environ.get("HF_TOKEN"),
                              commit_message=args.message, create_pr=args.create_pr, revision=args.branch,
                              license=args.license)
@@ -219,8 +283,21 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .sync import run_sync
+    from .sync import check_sync, run_sync
 
+    if args.check:
+        if args.force:
+            raise UsageError("--check validates offline and never pushes, so --force does nothing with it: drop "
+                             "--force, or drop --check to sync")
+        checked = check_sync(args.config, json_mode=args.json)
+        if args.json:
+            print(_json_line(args, checked.to_json()))
+        if checked.ok:
+            if not args.json:
+                print(checked.text())
+            return 0
+        print(checked.text(), file=sys.stderr)
+        return 1
     result = run_sync(args.config, dry_run=args.dry_run, force=args.force,
                       progress=not args.json and not args.quiet, json_mode=args.json)
     _emit(args, result.to_json(), result.text())
@@ -252,19 +329,29 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--overwrite", action="store_true",
                           help="also replace a non-empty folder that is not a SHARE checkpoint (never a file, '.', "
                                "an input, a folder inside one, or a folder holding one)")
-    compress.add_argument("-k", "--num-components", type=_k, default=32, help="components per module and side, or 'auto' (default 32)")
+    compress.add_argument("-k", "--num-components", type=_k, help="components per module and side, or 'auto' "
+                          "(default 32); N·r, the adapters' ranks summed, is lossless, and a larger k is cut to it")
     compress.add_argument("--auto", action="store_true", help="pick k per module from --variance")
-    compress.add_argument("--variance", type=float, default=0.95, help="energy share to keep with --auto (default 0.95)")
+    compress.add_argument("--variance", type=float, default=0.95,
+                          help="share of the ΔW energy to keep with --auto, in (0, 1] (default 0.95)")
     compress.add_argument("--name", action="append", metavar="NAME=PATH", help="a named adapter (repeatable)")
     compress.add_argument("--names", nargs="+", help="names for the positional adapters, in order (0.1.x style)")
     compress.add_argument("--dtype", choices=SCHEMES, default="float32",
-                          help="storage of bases and loadings: float32 (default), float16, bfloat16, "
-                               "int8 (one scale per component) or nf4 (4-bit NormalFloat, blocks of 64)")
-    compress.add_argument("--budget-bytes", type=int, help="byte budget for bases+loadings; k chosen per module (overrides -k)")
-    compress.add_argument("--target-ratio", type=float, help="compress to 1/R of the adapters' LoRA bytes; k chosen per module (overrides -k)")
-    compress.add_argument("--device", default=None, help="cpu, cuda or auto")
+                          help="storage of bases and loadings: float32 (default), float16, bfloat16, int8 (8-bit) "
+                               f"or nf4 (4-bit NormalFloat); int8 and nf4 keep one float32 scale per block of "
+                               f"{NF4_BLOCK} values")
+    budget = compress.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bytes", type=int, metavar="BYTES",
+                        help="size on disk of the bases' and loadings' files (headers and scales included); "
+                             "k chosen per module (overrides -k)")
+    budget.add_argument("--target-ratio", type=float, metavar="R",
+                        help="compress to 1/R of the adapters' LoRA bytes, counted on disk as --budget-bytes is; "
+                             "k chosen per module (overrides -k)")
+    compress.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     compress.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip unreadable adapters instead of failing")
     compress.add_argument("--strict", action="store_true", help="refuse mixed ranks or target modules")
+    compress.add_argument("--base-model", metavar="OWNER/NAME",
+                          help="the base model's Hub id, when the adapters were trained from a local folder")
     compress.add_argument("--weighting", choices=["delta_w", "factors"], default="delta_w",
                           help="fit the bases to the updates ΔW, each adapter normalised (default), or to the plain "
                                "factors (PCA); kept in the checkpoint for later recomputes")
@@ -297,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("checkpoint", help="checkpoint folder (rewritten atomically; it must hold only lorashare's files)")
     add.add_argument("path", help="adapter folder or Hub id")
     add.add_argument("--name", dest="adapter_name", help="name for the new adapter")
-    add.add_argument("--variance", type=float, help="projection threshold (default: the checkpoint's)")
+    add.add_argument("--variance", type=float,
+                     help="projection threshold in (0, 1]: the share of the adapter's ΔW energy the bases must "
+                          "explain, else the bases are recomputed (default: the checkpoint's)")
     add.add_argument("--force-recompute", action="store_true", help="always recompute the bases")
     add.add_argument("--replace", action="store_true", help="replace the adapter of the same name, in one step")
     add.set_defaults(func=cmd_add)
@@ -317,14 +406,24 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     push.add_argument("--branch", help="target branch")
     push.add_argument("--license", help="license for the model card metadata")
+    push.add_argument("--base-model", metavar="OWNER/NAME",
+                      help="the base model's Hub id (required when the checkpoint names a local folder)")
     push.set_defaults(func=cmd_push)
 
     sync = sub.add_parser("sync", parents=[common], help="recompress and republish when a manifest's adapters change",
                           description="Compare the adapters named in a manifest (lorashare.yaml) with the checkpoint published "
                                       "on the Hub; when they differ, add (projection) or recompress, and push one commit. See "
-                                      "lorashare.manifest for the manifest schema. Token from HF_TOKEN (not needed with --dry-run).")
+                                      "the docstring of lorashare.manifest (python -m pydoc lorashare.manifest) for every key "
+                                      "of the manifest, and examples/lorashare.yaml in the lorashare repository for one that works. "
+                                      "Token from HF_TOKEN "
+                                      "(not needed with --dry-run or --check).")
     sync.add_argument("--config", default="lorashare.yaml", help="the manifest (default lorashare.yaml)")
-    sync.add_argument("--dry-run", action="store_true", help="decide and report; push nothing")
+    mode = sync.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="validate the manifest and its adapter folders offline (no Hub request, no token), e.g. "
+                           "in a pre-commit hook: exit 0 valid, 1 a broken or incompatible adapter folder, 2 a bad "
+                           "manifest")
+    mode.add_argument("--dry-run", action="store_true", help="decide and report; push nothing")
     sync.add_argument("--force", action="store_true", help="recompress and push even if nothing changed")
     sync.set_defaults(func=cmd_sync)
 
@@ -341,9 +440,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # the terminal's: the command prints some notes itself
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__):
+            handler.addFilter(_OWN_NOTES_FILTER)
     try:
         _hub_settings(args)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe (| head) is caught below, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (lorashare info --json | head): no traceback, and none at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except UsageError as exc:
         if getattr(args, "json", False):
             print(_json_line(args, {"error": str(exc), "type": "UsageError"}))
@@ -358,6 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _OWN_NOTES.clear()
 
 
 def _hub_settings(args: argparse.Namespace) -> None:
@@ -423,13 +533,63 @@ def _storage_range_message(exc: LoraShareError, args: argparse.Namespace) -> str
     return _with_fix(exc, None)
 
 
+def _not_found_message(exc: LoraShareError, args: argparse.Namespace) -> str:
+    """A folder of adapters, or a wildcard pattern the shell passed on: the shell's fix, not Python's."""
+    path = exc.path or ""
+    if exc.problem is None:
+        return str(exc)
+    if os.path.isdir(path):  # a folder of adapters
+        if args.command == "compress":
+            return _with_fix(exc, f"Pass them all with {shlex.quote(path.rstrip('/') or path)}/* (the shell lists them).")
+        if args.command == "add":
+            ckpt = shlex.quote(getattr(args, "checkpoint", None) or "CHECKPOINT")
+            return _with_fix(exc, f"Add them one at a time: lorashare add {ckpt} {shlex.quote(path.rstrip('/'))}/NAME.")
+        return str(exc)
+    import glob
+
+    if glob.glob(os.path.expanduser(path)):
+        return _with_fix(exc, "The shell did not expand it (was it quoted?): write it without quotes.")
+    return _with_fix(exc, "The shell passed it on unexpanded because it matched nothing.")
+
+
+#: The library's keywords that are flags of a subcommand here (keyword → flag, and its dest in args):
+#: a ConfigError about one ("target_ratio=0.0: expected ...") names the flag and the value typed.
+KEYWORD_FLAGS: Dict[str, Dict[str, Tuple[str, str]]] = {
+    "compress": {"num_components": ("-k", "num_components"), "variance_threshold": ("--variance", "variance"),
+                 "target_ratio": ("--target-ratio", "target_ratio"), "budget_bytes": ("--budget-bytes", "budget_bytes"),
+                 "device": ("--device", "device"), "dtype": ("--dtype", "dtype"), "weighting": ("--weighting", "weighting")},
+    "add": {"variance_threshold": ("--variance", "variance")},
+}
+
+
+def _config_message(exc: LoraShareError, args: argparse.Namespace) -> str:
+    msg = str(exc)
+    for keyword, (flag, dest) in KEYWORD_FLAGS.get(args.command, {}).items():
+        m = re.match(rf"{keyword}=\S*?: ", msg)
+        if m:
+            value = getattr(args, dest, None)
+            shown = f"{value:g}" if isinstance(value, float) else shlex.quote(str(value))
+            return f"{flag} {shown}: {msg[m.end():]}"
+    return msg
+
+
 #: Errors whose fix reads differently on the command line than in Python (flags, not arguments),
 #: each rendered from the fields it carries.  A subclass comes before its base.
 CLI_MESSAGES: Dict[type, Callable[[LoraShareError, argparse.Namespace], str]] = {
     DuplicateAdapterError: _duplicate_message,
+    HubNotFoundError: lambda exc, args: _with_fix(exc, "Check the id; for a private repo set HF_TOKEN." if exc.problem
+                                                  else None),
+    HubAuthError: lambda exc, args: _with_fix(exc, "Set HF_TOKEN to a token with access (write access to push), or "
+                                                   "log in once with `hf auth login`."),
+    LocalBaseModelError: lambda exc, args: _with_fix(exc, (
+        "Name its Hub id in the manifest: base_model: OWNER/NAME." if args.command == "sync" else
+        "Pass its Hub id: lorashare push CHECKPOINT REPO --base-model OWNER/NAME." if args.command == "push" else
+        "Pass its Hub id with --base-model OWNER/NAME.")),
     ForeignFolderError: _foreign_message,
     InvalidNameError: _invalid_name_message,
     StorageRangeError: _storage_range_message,
+    AdapterNotFoundError: _not_found_message,
+    ConfigError: _config_message,  # after LocalBaseModelError, a ConfigError with its own message
 }
 
 

@@ -620,6 +620,19 @@ def _auto_side(
     return Us, kept, capped  # type: ignore[return-value]
 
 
+def _note_capped(plans: Sequence[GroupPlan], k: int) -> None:
+    """An info line when a fixed k is more than every module side needs to be lossless (N·r, or d), so it is cut.
+
+    The record carries ``lorashare_note="k_capped"``: a front that says it in its own words keeps it off its terminal.
+    """
+    lossless = [min(p.n, d) for p in plans for d in (p.d_in, p.d_out)]
+    most = max(lossless, default=0)
+    if most and k > most:
+        using = f"k={most}" if min(lossless) == most else f"each module's lossless k (at most {most})"
+        logger.info("num_components=%d is more than the %d components these adapters need to be lossless (k = N·r, "
+                    "their ranks summed); using %s.", k, most, using, extra={"lorashare_note": "k_capped"})
+
+
 def _warn_capped(capped: Sequence[str], total: int, why: str) -> None:
     if capped:
         shown = ", ".join(capped[:8]) + (f" and {len(capped) - 8} more" if len(capped) > 8 else "")
@@ -678,6 +691,9 @@ def _compress(
         if spent > opts.budget_bytes:
             logger.warning("budget of %d bytes is below one component per module; using %d bytes", opts.budget_bytes, spent)
         _warn_capped(hit, 2 * len(plans), "the budget could buy more")
+
+    elif opts.num_components != "auto":
+        _note_capped(plans, int(opts.num_components))
 
     results: List[GroupResult] = []
     seed = 0

@@ -22,7 +22,14 @@ from . import subspace as S
 from .adapters import Adapter, check_compatible, open_adapter, write_peft_adapter
 from .build import build, record_of
 from .compress import check_storable
-from .errors import AdapterError, CheckpointError, DuplicateAdapterError, LoraShareError, UnknownAdapterError
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DuplicateAdapterError,
+    LoraShareError,
+    UnknownAdapterError,
+)
 from .names import group_key
 from .peftload import peft_config
 from .state import SHAREState, Weight, rebuild
@@ -30,7 +37,7 @@ from .storage import DTYPES, is_quantized, quantize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_known", "explained", "add", "project", "recompute", "remove", "set_source"]
+__all__ = ["check_known", "explained", "add", "project", "recompute", "remove", "set_source", "set_base_model", "set_card"]
 
 
 def check_known(state: SHAREState, name: str) -> None:
@@ -185,6 +192,13 @@ def set_source(state: SHAREState, name: str, source: str) -> SHAREState:
     """The next state, recording that ``name`` came from ``source``."""
     check_known(state, name)
     return state.next(records={**state.records, name: state.records[name].replace(source=str(source))})
+
+
+def set_base_model(state: SHAREState, base_model: str) -> SHAREState:
+    """The next state, naming ``base_model`` (a Hub model id) as the base model the adapters belong to."""
+    if not isinstance(base_model, str):
+        raise ConfigError(f"base_model={base_model!r}: expected a Hub model id such as 'FacebookAI/roberta-base'.")
+    return state.next(base_model=base_model)
 
 
 def set_card(state: SHAREState, **options: Any) -> SHAREState:

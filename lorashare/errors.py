@@ -110,6 +110,22 @@ class HubError(LoraShareError):
     """A Hugging Face Hub request failed (not found, unauthorised, offline...)."""
 
 
+class LocalBaseModelError(ConfigError):
+    """The base model is a local folder, which a model card on the Hub must not publish.
+
+    Attributes:
+        base_model: the local path.
+    """
+
+    def __init__(self, message: str, *, base_model: str, problem: Optional[str] = None) -> None:
+        super().__init__(message, problem=problem)
+        self.base_model = base_model
+
+
+class HubAuthError(HubError, PermissionError):
+    """A Hub request needs a token (or one with more access); ``problem`` says which repo, each front its fix."""
+
+
 class HubTimeoutError(HubError, TimeoutError):
     """A Hub operation passed its deadline (``LORASHARE_HUB_TIMEOUT``, 60 s by default)."""
 

@@ -44,6 +44,7 @@ from .errors import (
     AdapterNotFoundError,
     CheckpointNotFoundError,
     ConfigError,
+    HubAuthError,
     HubError,
     HubNotFoundError,
     HubTimeoutError,
@@ -368,23 +369,33 @@ def _offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def is_local_path(text: str) -> bool:
-    """True if ``text`` can only be a local path, never a Hub id.
+def is_local_path(text: str, *, base: Optional[str] = None) -> bool:
+    """True if ``text`` is to be read as a local path, never as a Hub id; no request is made.
 
-    Absolute paths, ``.``/``..``/``~`` and paths starting with ``./``, ``../`` or ``~``, and
-    paths with a separator a Hub id cannot hold (``\\`` on Windows).
+    Absolute paths, ``.``/``..``/``~`` and paths starting with ``./``, ``../`` or ``~``; paths
+    with a ``.`` or ``..`` part, a wildcard (``*``, ``?``, ``[``: a shell pattern that matched
+    nothing) or a separator a Hub id cannot hold (``\\`` on Windows); and paths whose leading
+    folders exist (relative to ``base``, default the current folder): with ``examples/adapters/``
+    here, ``examples/adapters/task9`` is a missing folder (a typo), not a Hub repo.
 
     Example:
         >>> is_local_path("/data/share_ckpt"), is_local_path("./ckpt"), is_local_path("acme/share")
         (True, True, False)
     """
     seps = {os.sep, os.altsep or os.sep} - {"/"}
-    return (
+    if (
         os.path.isabs(text)
         or text in (".", "..")
         or text.startswith(("~", "./", "../") + tuple(f"{d}{sep}" for d in (".", "..") for sep in seps))
         or any(sep in text for sep in seps)
-    )
+        or any(c in text for c in "*?[")
+    ):
+        return True
+    parts = text.split("@", 1)[0].split("/")
+    if any(p in (".", "..") for p in parts):
+        return True
+    leading = [p for p in parts[:-1] if p]
+    return bool(leading) and "\x00" not in text and os.path.isdir(os.path.join(base or os.curdir, *leading))
 
 
 def is_hub_id(text: str) -> bool:
@@ -451,12 +462,14 @@ def _translate(exc: BaseException, what: str, *, tries: int = 1) -> LoraShareErr
 
     after = f" after {tries} attempts" if tries > 1 else ""
     if isinstance(exc, hfe.GatedRepoError):
-        return HubError(f"{what} is gated: accept its conditions on the Hub and pass a token (HF_TOKEN) that has access.", path=what)
+        return HubAuthError(f"{what} is gated: accept its conditions on the Hub and pass a token (HF_TOKEN) that has access.",
+                            path=what, problem=f"{what} is gated: accept its conditions on the Hub first.")
     if isinstance(exc, hfe.RevisionNotFoundError):
         return HubNotFoundError(f"revision not found: {what}. Check the branch, tag or commit.", path=what)
     if isinstance(exc, hfe.RepositoryNotFoundError):
         return HubNotFoundError(
-            f"repo not found: {what}. Check the id; for a private repo pass a token (HF_TOKEN or token=...).", path=what
+            f"repo not found: {what}. Check the id; for a private repo pass a token (HF_TOKEN or token=...).", path=what,
+            problem=f"repo not found: {what}.",
         )
     if isinstance(exc, (hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled)):
         # snapshot_download reports *any* failure to reach the Hub (5xx, dropped connection) as
@@ -474,7 +487,8 @@ def _translate(exc: BaseException, what: str, *, tries: int = 1) -> LoraShareErr
         return HubNotFoundError(f"file missing: {what}.", path=what)
     status = _status(exc)
     if status in (401, 403):
-        return HubError(f"not authorised for {what} (HTTP {status}): pass a token with access (HF_TOKEN or token=...).", path=what)
+        return HubAuthError(f"not authorised for {what} (HTTP {status}): pass a token with access (HF_TOKEN or token=...).",
+                            path=what, problem=f"not authorised for {what} (HTTP {status}).")
     if status is not None and (status >= 500 or status in (408, 429)):
         return HubError(
             f"the Hub failed for {what}{after} ({_server_says(exc)}). It may be down or overloaded: try again later.",
@@ -711,10 +725,10 @@ def _push_token(token: Optional[str], repo_id: str) -> str:
         except Exception as exc:  # noqa: BLE001 - e.g. an OIDC exchange the environment opted into failed
             raise HubError(f"cannot push to {repo_id}: getting a Hub token failed ({_server_says(exc)}).", path=repo_id) from exc
     if not found:
-        raise HubError(
+        raise HubAuthError(
             f"cannot push to {repo_id}: no Hugging Face token. Set HF_TOKEN to a token with write access, log in "
             "once with `hf auth login`, or pass token=... in Python.",
-            path=repo_id,
+            path=repo_id, problem=f"cannot push to {repo_id}: no Hugging Face token.",
         )
     return found
 

@@ -1,11 +1,16 @@
 """The ``lorashare.yaml`` manifest of ``lorashare sync``: parsed and validated with line numbers.
 
+This docstring is the reference of the manifest: every key is below, with its default.  A
+working example that names the adapters bundled with lorashare is ``examples/lorashare.yaml``;
+``lorashare sync --check`` validates a manifest offline (no Hub, no token).
 
 The manifest, ``lorashare.yaml``, lives in the repository that holds (or names) the adapters::
 
-    version: 1                                 # optional; the only version is 1
+    version: 1                                 # optional: the manifest's format; 1 (the default) is the only one
     repo_id: acme/support-adapters-share       # required: the Hub repo the checkpoint is published to
     private: false                             # optional (default false); only used when the repo is created
+    base_model: FacebookAI/roberta-base        # optional: the base model's Hub id, for the model card, when the
+                                               # adapters' configs name a local folder they were trained from
     compression:                               # optional; every key optional
       num_components: auto                     # an integer ≥ 1 (k per module and side) or "auto" (default)
       variance_threshold: 0.95                 # (0, 1]: energy kept with "auto", and the projection
@@ -20,17 +25,21 @@ The manifest, ``lorashare.yaml``, lives in the repository that holds (or names) 
       refunds: acme/refunds-lora@v3            # a Hub repo, optionally pinned to a branch, tag or commit
       legal: acme/multi-lora/legal             # a subfolder of a Hub repo (also accepts @revision)
     card:                                      # optional: the model card
-      license: apache-2.0
-      description: "Support-bot adapters, compressed with SHARE."
+      license: apache-2.0                      # a Hub license id (apache-2.0, mit, cc-by-4.0, …, or other)
+      description: "Support-bot adapters, compressed with SHARE."   # the text of the model card
 
 Rules:
 
 * Unknown keys are errors (with a did-you-mean suggestion); every error names the file, the line
   and the key: ``lorashare.yaml:7: adapters.refunds: not a folder and not a Hub id``.
 * Adapter names are single safe path components (``A-Z a-z 0-9 . _ -``).
-* A source is a folder when it exists as one (relative to the manifest's folder), or when it looks
-  like a path (starts with ``./``, ``../`` or ``/``, or has a ``.`` or ``..`` component); otherwise
-  it must be a Hub id (``owner/name[/subfolder][@revision]``).
+* A source is a folder, relative to the manifest's folder, when it exists, when it looks like a
+  path (starts with ``./``, ``../`` or ``/``, or has a ``.`` or ``..`` component), or when its
+  leading folders exist (:func:`lorashare.hub.is_local_path`): with ``adapters/`` beside the
+  manifest, ``adapters/billingg`` is a missing folder (the error lists the folders of
+  ``adapters/``), not a Hub id.  A path written from the workspace's root instead of the
+  manifest's folder is a folder too, and the error says how to write it.  Otherwise it must be a
+  Hub id (``owner/name[/subfolder][@revision]``).
   Folders must stay inside the workspace (``GITHUB_WORKSPACE``, else the enclosing git repository,
   else the manifest's folder): no ``..`` escape, no absolute path elsewhere, no symlink that
   resolves outside, and their files must not be symlinks that resolve outside either.
@@ -46,8 +55,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from . import hub
-from .adapters import CONFIG_NAME, WEIGHTS_NAME
-from .card import check_license
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, missing_path
+from .card import check_license, is_model_id
 from .errors import ConfigError, HubError, LoraShareError
 from .names import check_name, is_within, open_regular
 from .spec import WEIGHTINGS, CompressionSpec
@@ -69,7 +78,7 @@ __all__ = [
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024
 DTYPE_NAMES = SCHEMES
-TOP_KEYS = ("version", "repo_id", "private", "compression", "adapters", "card")
+TOP_KEYS = ("version", "repo_id", "private", "base_model", "compression", "adapters", "card")
 COMPRESSION_KEYS = ("num_components", "variance_threshold", "dtype", "budget_bytes", "target_ratio", "weighting",
                     "strict")
 CARD_KEYS = ("license", "description")
@@ -137,6 +146,7 @@ class Manifest:
     adapters: Dict[str, AdapterSource] = field(default_factory=dict)
     card: CardOptions = field(default_factory=CardOptions)
     lines: Dict[str, int] = field(default_factory=dict)  # "compression.dtype" → line
+    base_model: Optional[str] = None  # the base model's Hub id, when the adapters name a local folder
 
 
 # ----------------------------------------------------------------------------- YAML walking
@@ -340,11 +350,18 @@ def _parse(data: Union[str, bytes], apath: str, root: str, file: str) -> Manifes
         if not isinstance(private, bool):
             raise walker.error(p_node, "private", f"expected true or false, got {_show(private)}")
 
+    base_model = None
+    if "base_model" in top:
+        b_node = top["base_model"][1]
+        base_model = walker.string(b_node, "base_model")
+        if not is_model_id(base_model):
+            raise walker.error(b_node, "base_model", f"{base_model[:100]!r} is not a Hub model id (owner/name); the "
+                               "card links it, so a local folder cannot be the base model here")
     compression = _compression(walker, top["compression"][1]) if "compression" in top else default_compression()
     card = _card(walker, top["card"][1]) if "card" in top else CardOptions()
     adapters = _adapters(walker, top["adapters"][1], os.path.dirname(apath), root)
     return Manifest(file=file, path=apath, root=root, repo_id=repo_id, private=private, compression=compression,
-                    adapters=adapters, card=card, lines=dict(walker.lines))
+                    adapters=adapters, card=card, lines=dict(walker.lines), base_model=base_model)
 
 
 def _compression(walker: _Walker, node: Any) -> CompressionSpec:
@@ -449,10 +466,9 @@ def _adapters(walker: _Walker, node: Any, base: str, root: str) -> Dict[str, Ada
 
 def _source(walker: _Walker, node: Any, key: str, name: str, text: str, base: str, root: str) -> AdapterSource:
 
-    parts = text.split("@", 1)[0].split("/")
-    explicit_path = text.startswith(("./", "../", "/")) or "\\" in text or any(p in (".", "..") for p in parts)
     candidate = os.path.normpath(os.path.join(base, text)) if "\x00" not in text else ""
-    if explicit_path or (candidate and os.path.lexists(candidate)):
+    # a path written from the repository's root (examples/adapters/x in examples/lorashare.yaml) is a path too
+    if candidate and (_is_path(text, base) or (root != base and _is_path(text, root))):
         return _folder_source(walker, node, key, name, text, candidate, base, root)
     try:
         ref = hub.parse_adapter_id(text)
@@ -460,6 +476,12 @@ def _source(walker: _Walker, node: Any, key: str, name: str, text: str, base: st
         raise walker.error(node, key, f"{text[:100]!r} is not a folder and not a Hub id "
                       "(owner/name, owner/name@revision or owner/name/subfolder)") from None
     return AdapterSource(name=name, text=text, kind="hub", line=_line(node), ref=ref)
+
+
+def _is_path(text: str, base: str) -> bool:
+    """A folder source, not a Hub id: it exists, or it can only be a path (:func:`lorashare.hub.is_local_path`:
+    ``./``, ``../``, ``/``, a ``.`` or ``..`` part, leading folders that exist), relative to ``base``."""
+    return "\\" in text or hub.is_local_path(text, base=base) or os.path.lexists(os.path.join(base, text))
 
 
 def _folder_source(walker: _Walker, node: Any, key: str, name: str, text: str, folder: str, base: str,
@@ -470,9 +492,16 @@ def _folder_source(walker: _Walker, node: Any, key: str, name: str, text: str, f
     if not is_within(folder, root):
         raise walker.error(node, key, f"{shown!r} resolves outside the workspace (a symlink to "
                       f"{os.path.realpath(folder)}); refusing it")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise walker.error(node, key, f"{shown!r}: is a file, not an adapter folder")
     if not os.path.isdir(folder):
-        what = "is a file, not an adapter folder" if os.path.exists(folder) else "not a folder (no such folder in the repository)"
-        raise walker.error(node, key, f"{shown!r}: {what}")
+        from_root = os.path.normpath(os.path.join(root, text))
+        if root != base and os.path.isdir(from_root) and is_within(from_root, root):
+            fixed = os.path.relpath(from_root, base).replace(os.sep, "/")
+            where = os.path.relpath(base, root).replace(os.sep, "/")
+            raise walker.error(node, key, f"{shown} does not exist here: folders are relative to the manifest's "
+                                          f"folder ({where}/), so write {fixed!r}")
+        raise walker.error(node, key, missing_path(text, base=base)[:400])
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         p = os.path.join(folder, fname)
         if not os.path.lexists(p):

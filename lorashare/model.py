@@ -22,10 +22,10 @@ import torch
 from . import edit
 from .adapters import lora_key, open_adapter, open_adapters, write_peft_adapter
 from .build import build
-from .card import check_license, render_card
+from .card import check_license, is_model_id, render_card
 from .checkpoint import SHAREConfig, check_checkpoint_target, load_checkpoint, save_checkpoint
 from .compress import resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, LocalBaseModelError
 from .peftload import load_into, peft_config
 from .spec import CompressionSpec, check_number
 from .state import AdapterRecord, Fit, Origin, SHAREState, from_checkpoint, rebuild, to_checkpoint
@@ -187,6 +187,7 @@ class SHAREModel:
         target_ratio: Optional[float] = None,
         spec: Optional[CompressionSpec] = None,
         hub_timeout: Optional[float] = None,
+        base_model: Optional[str] = None,
     ) -> "SHAREModel":
         """Compress PEFT LoRA adapters into shared bases.
 
@@ -219,6 +220,8 @@ class SHAREModel:
                 (instead of the keywords above, which must then keep their defaults).
             hub_timeout: seconds each Hub download may take in all, retries included (default
                 ``LORASHARE_HUB_TIMEOUT``, else 60).
+            base_model: the Hub id of the base model, when the adapters' configs name a local
+                folder they were trained from (the model card links it; a local path is not pushed).
 
         The settings are kept whole (:attr:`spec`, saved in ``share_config.json``): a later
         recompute compresses the same way.
@@ -244,7 +247,8 @@ class SHAREModel:
         opened = open_adapters(adapters, on_error=on_error, **_hub_kwargs(token, hub_timeout))
         try:
             n_given = len(adapters) if hasattr(adapters, "__len__") else len(opened)
-            state = build(opened, spec, device=device, progress=progress, skipped=n_given - len(opened))
+            state = build(opened, spec, device=device, progress=progress, skipped=n_given - len(opened),
+                          base_model=base_model)
         finally:
             for a in opened:
                 a.close()
@@ -337,6 +341,12 @@ class SHAREModel:
         from . import hub
 
         hub.check_repo_id(repo_id)
+        base = self._state.base_model
+        if base and not is_model_id(base):
+            problem = (f"the base model is {base!r}, a local folder: the model card on the Hub would publish that "
+                       "path as the base model.")
+            raise LocalBaseModelError(f"{problem} Name its Hub id first: share.set_base_model('OWNER/NAME') (or "
+                                      "from_adapters(..., base_model='OWNER/NAME')).", base_model=base, problem=problem)
         license = check_license(license) if license else self._state.card.license  # before anything changes
         self.set_card(repo_id=repo_id, license=license)
         with tempfile.TemporaryDirectory(prefix="lorashare-push-") as tmp:
@@ -523,6 +533,15 @@ class SHAREModel:
         """
         with self._lock:
             self._publish(edit.set_source(self._state, adapter_name, source))
+
+    def set_base_model(self, base_model: str) -> None:
+        """Name the base model the adapters belong to (its Hub id), e.g. when they were trained from a local folder.
+
+        Example:
+            >>> share.set_base_model("FacebookAI/roberta-base")  # doctest: +SKIP
+        """
+        with self._lock:
+            self._publish(edit.set_base_model(self._state, base_model))
 
     def set_card(self, **options: Optional[str]) -> None:
         """Set the model card's own options: ``repo_id``, ``license`` (a Hub license id), ``description``.

@@ -13,11 +13,36 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import AdapterError
+from .errors import AdapterError, ConfigError
 from .names import group_key, split_group_key
 from .state import AdapterRecord, SHAREState, rebuild
 
-__all__ = ["peft_config", "load_into", "check_fits"]
+__all__ = ["peft_config", "load_into", "check_fits", "load_hint"]
+
+
+def load_hint(state: SHAREState, name: str, model: Any) -> str:
+    """How to load the base model ``name`` was trained on: its id, and the class its task type needs.
+
+    Example:
+        >>> load_hint(state, "billing", bert_model)  # doctest: +SKIP
+        "adapter 'billing' is a SEQ_CLS adapter of 'bert-base-uncased': load it with AutoModelForSequenceClassification..."
+    """
+    from .adapters import num_labels
+    from .card import model_class
+
+    rec = state.records[name]
+    trained = rec.config.get("base_model_name_or_path") or state.base_model
+    task = rec.config.get("task_type")
+    cls = model_class(task)
+    have = type(model).__name__
+    if task and not have.endswith(cls.replace("AutoModel", "")):
+        labels = num_labels(rec.heads)
+        args = f"{trained!r}" + (f", num_labels={labels}" if labels and task == "SEQ_CLS" else "")
+        return (f"Adapter {name!r} is a {task} adapter, and this model is a {have}: load the base model with "
+                f"{cls}.from_pretrained({args}).")
+    if trained:
+        return f"The adapters were trained on {trained!r}; load that base model."
+    return "Load the base model the adapters were trained on."
 
 
 def peft_config(rec: AdapterRecord, name: str) -> Dict[str, Any]:
@@ -38,7 +63,19 @@ def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
     """Register the adapters ``names`` of ``state`` on ``model`` (a base model or a ``PeftModel``); ``names[0]`` is active."""
     from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
+    if not isinstance(model, PeftModel) and _has_peft_layers(model):
+        raise ConfigError(
+            f"this {type(model).__name__} already holds PEFT LoRA layers: apply() and load_into() change the base "
+            "model in place. Pass a freshly loaded base model, or the PeftModel they returned to add adapters to it.")
     check_fits(state, model, names)
+    if isinstance(model, PeftModel):
+        with_head = [a for a, c in model.peft_config.items() if getattr(c, "modules_to_save", None)]
+        headless = [n for n in names if not state.records[n].heads]
+        if with_head and headless:
+            raise ConfigError(
+                f"adapter {headless[0]!r} has no saved head, and this PeftModel already holds {with_head[0]!r}, which "
+                "saves one (modules_to_save): PEFT cannot add a head-less adapter after it. Load them in one call on "
+                f"a fresh base model: share.load_into(base_model, {[*headless, *with_head]!r}).")
     # PEFT cannot load a head-less adapter once another adapter has wrapped a head
     # (modules_to_save), so head-less adapters go in first; the active one is names[0].
     for n in sorted(names, key=lambda n: bool(state.records[n].heads)):
@@ -60,6 +97,12 @@ def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
     return model
 
 
+def _has_peft_layers(model: Any) -> bool:
+    """Whether PEFT already wrapped layers of ``model`` (an earlier ``get_peft_model`` changed it in place)."""
+    return getattr(model, "peft_config", None) is not None or any(
+        hasattr(m, "lora_A") for m in model.modules()) if isinstance(model, torch.nn.Module) else False
+
+
 def check_fits(state: SHAREState, model: Any, names: Sequence[str]) -> None:
     """Refuse a base model whose modules do not have the adapters' shapes, before PEFT touches it."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
@@ -67,9 +110,7 @@ def check_fits(state: SHAREState, model: Any, names: Sequence[str]) -> None:
     this = getattr(base, "name_or_path", None) or type(base).__name__
     comps = state.components
     for n in names:
-        trained = state.records[n].config.get("base_model_name_or_path") or state.base_model
-        hint = f"The adapters were trained on {trained!r}; load that base model." if trained else \
-            "Load the base model the adapters were trained on."
+        hint = load_hint(state, n, base)
         for key in state.records[n].weights:
             module, side = split_group_key(key)
             if side != "A" or group_key(module, "B") not in comps:

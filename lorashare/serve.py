@@ -45,6 +45,7 @@ import torch
 from .errors import AdapterError, ConfigError, UnknownAdapterError
 from .loraconfig import module_scale
 from .names import group_key, split_group_key
+from .peftload import load_hint
 from .state import SHAREState
 from .storage import DTYPES
 
@@ -281,14 +282,14 @@ def _plan(state: SHAREState, model: torch.nn.Module, names: Sequence[str], dtype
         ua_src, ub_src = components[group_key(module, "A")], components[group_key(module, "B")]
         if module not in modules:
             raise AdapterError(
-                f"adapter {group[0][1]!r}: module {module} is not in the base model. {hint}",
-                adapter=group[0][1], layer=module,
+                f"adapter {group[0][1]!r}: module {module} is not in the base model. "
+                f"{load_hint(state, group[0][1], model)}", adapter=group[0][1], layer=module,
             )
         target = modules[module]
         if hasattr(target, "lora_A") or hasattr(target, "base_layer"):
             raise AdapterError(
                 f"module {module} is already a PEFT LoRA layer ({type(target).__name__}). serve() needs the plain "
-                "base model: pass a freshly loaded one, or peft_model.unload().", layer=module,
+                "base model: pass a freshly loaded one (PEFT's unload() keeps an adapter's copy of its head).", layer=module,
             )
         features = _linear_features(target)
         if features is None:
@@ -661,7 +662,7 @@ class ServedModel(torch.nn.Module):
         if getattr(model, "peft_config", None) is not None:  # a PeftModel, or PEFT adapters loaded by transformers
             raise ConfigError(
                 f"serve() needs the plain base model, got a {type(model).__name__}. Pass a freshly loaded base "
-                "model, or peft_model.unload().")
+                "model (PEFT's unload() keeps an adapter's copy of its head, which would serve the wrong rows).")
         self.model = model
         # A weak reference: the served model keeps its own tables, so dropping the SHAREModel frees its
         # copy of the loadings; keep it to add or remove adapters later.

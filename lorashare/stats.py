@@ -151,7 +151,11 @@ def largest_saving_k(state: SHAREState) -> int:
 
 
 def warn_if_larger(state: SHAREState) -> None:
-    """Say so when the bases cost more than they save (k too large for so few adapters)."""
+    """Say so when the bases cost more than they save (k too large for so few adapters).
+
+    The record carries ``lorashare_note="larger"``: a front that says it in its own words (the
+    CLI, with ``-k``) keeps it off its terminal.
+    """
     st = config_of(state).compression_stats
     if not st.get("original_lora_bytes") or st.get("compression_ratio", 1.0) >= 1.0:
         return
@@ -161,6 +165,7 @@ def warn_if_larger(state: SHAREState) -> None:
     logger.warning(
         "the checkpoint's bases and loadings (%d bytes) are larger than the adapters' LoRA factors (%d bytes): "
         "the shared bases cost more than they save; %s.", st["compressed_bytes"], st["original_lora_bytes"], fix,
+        extra={"lorashare_note": "larger"},
     )
 
 

@@ -29,6 +29,12 @@ needs ``permissions: id-token: write``) is used when the runner offers it.
 
 Nothing is written into the workspace: downloads go to the Hugging Face cache, temporary
 files to ``tempfile`` (``$RUNNER_TEMP`` on a runner).
+
+``lorashare sync --check`` (:func:`check_sync`) is the offline part alone, for a pre-commit hook:
+it parses and validates the manifest, opens every adapter folder (its ``adapter_config.json``
+and the header of its weights: present, regular, readable, LoRA) and checks that the folders can
+share bases (one base model, the same shape per module; ``strict`` as the manifest says).  Hub
+sources are checked for their syntax only: nothing is resolved, no request is made, no token read.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from .manifest import (  # noqa: F401 - re-exported: lorashare.sync was the mani
     parse_manifest,
     workspace_root,
 )
-from .sync_apply import apply_plan, fingerprint_sources, read_published, set_card
+from .sync_apply import apply_plan, check_sources, fingerprint_sources, read_published, set_card
 from .sync_plan import AdapterPlan, Plan, commit_message, plan_json, plan_sync  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -73,6 +79,7 @@ __all__ = [
     "AdapterPlan",
     "Plan",
     "SyncResult",
+    "CheckResult",
     "load_manifest",
     "parse_manifest",
     "workspace_root",
@@ -81,6 +88,7 @@ __all__ = [
     "plan_sync",
     "commit_message",
     "run_sync",
+    "check_sync",
 ]
 
 
@@ -133,6 +141,65 @@ class SyncResult:
         elif not self.dry_run:
             lines.append("  no commit")
         return "\n".join(lines)
+
+
+@dataclass
+class CheckResult:
+    """What ``sync --check`` found; ``to_json()`` is the ``--json`` payload, ``ok`` is False on any problem."""
+
+    config: str
+    repo_id: str
+    adapters: Dict[str, Dict[str, Any]]
+    problems: List[LoraShareError]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"check": True, "ok": self.ok, "config": self.config, "repo_id": self.repo_id,
+                               "adapters": self.adapters,
+                               "problems": [{"adapter": p.adapter, "file": getattr(p, "file", None),
+                                             "line": getattr(p, "line", None), "type": type(p).__name__,
+                                             "message": str(p)} for p in self.problems]}
+        if self.problems:  # the shape of every other --json error, for readers that look only there
+            out.update(error=str(self.problems[0]), type=type(self.problems[0]).__name__)
+        return out
+
+    def text(self) -> str:
+        folders = sum(1 for a in self.adapters.values() if a["kind"] == "folder")
+        if self.problems:
+            return "\n".join(f"lorashare sync: error: {p}" for p in self.problems)
+        hubs = len(self.adapters) - folders
+        head = f"lorashare sync --check: {self.config}: ok: {self.repo_id}, {folders} adapter folders read and compatible"
+        lines = [head + (f", {hubs} Hub ids checked for syntax only (not resolved)" if hubs else "") + "; nothing sent"]
+        lines += [f"  note: {self.config}:{a['line']}: adapters.{n}: {a['note']}"
+                  for n, a in self.adapters.items() if a.get("note")]
+        return "\n".join(lines)
+
+
+def check_sync(config: str = "lorashare.yaml", *, json_mode: bool = False, out: Optional[IO[str]] = None) -> CheckResult:
+    """Validate a manifest and its adapter folders offline: no Hub request, no token, nothing written.
+
+    Raises :class:`ManifestError` (a ``ConfigError``) for a bad manifest; problems with the adapter
+    folders come back in the result (``ok`` False), each naming the manifest's file and line.  Under
+    GitHub Actions each is also an ``::error`` annotation.
+
+    Example:
+        >>> check_sync("examples/lorashare.yaml").ok  # doctest: +SKIP
+        True
+    """
+    gha = os.environ.get("GITHUB_ACTIONS") == "true"
+    rep = Reporter(gha=gha, stream=out or (sys.stderr if json_mode else sys.stdout))
+    try:
+        manifest = load_manifest(config)
+    except LoraShareError as exc:
+        rep.error(str(exc).replace("\n", " "), file=getattr(exc, "file", None), line=getattr(exc, "line", None))
+        raise
+    adapters, problems = check_sources(manifest)
+    for p in problems:
+        rep.error(str(p).replace("\n", " "), file=getattr(p, "file", None), line=getattr(p, "line", None))
+    return CheckResult(config=manifest.file, repo_id=manifest.repo_id, adapters=adapters, problems=problems)
 
 
 def _credentials(repo_id: str, rep: Reporter) -> Optional[str]:

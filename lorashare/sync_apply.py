@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from . import hub
-from .adapters import WEIGHTS_NAME, file_sha256
-from .errors import ConfigError, HubError, LoraShareError
+from .adapters import WEIGHTS_NAME, check_compatible, file_sha256, missing_path, open_adapter
+from .errors import AdapterError, ConfigError, HubError, LoraShareError
 from .manifest import AdapterSource, Manifest
 from .model import SHAREModel
+from .names import open_regular
 from .sync_plan import Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fingerprint_sources", "read_published", "apply_plan", "set_card"]
+__all__ = ["check_sources", "fingerprint_sources", "read_published", "apply_plan", "set_card"]
 
 
 def fingerprint_sources(manifest: Manifest, *, token: Optional[str] = None) -> Dict[str, str]:
@@ -24,6 +25,7 @@ def fingerprint_sources(manifest: Manifest, *, token: Optional[str] = None) -> D
     for name, src in manifest.adapters.items():
         try:
             if src.kind == "folder":
+                _refuse_lfs_pointer(os.path.join(src.folder, WEIGHTS_NAME), src.text)
                 out[name] = file_sha256(os.path.join(src.folder, WEIGHTS_NAME))
             else:
                 out[name] = hub.resolve_revision(src.ref, token=token)
@@ -32,6 +34,64 @@ def fingerprint_sources(manifest: Manifest, *, token: Optional[str] = None) -> D
         except OSError as exc:
             raise _locate(ConfigError(f"cannot read {src.text}: {exc.strerror or exc}"), manifest, name) from None
     return out
+
+
+def check_sources(manifest: Manifest) -> Tuple[Dict[str, Dict[str, Any]], List[LoraShareError]]:
+    """Offline: open every folder source (its config and its weights' header) and check that they can share bases.
+
+    Returns ``({name: what was found}, problems)``; each problem names the manifest's file, line and
+    adapter.  Hub sources were checked for their syntax by the parser; nothing is resolved, nothing
+    is requested, no token is read.
+    """
+    found: Dict[str, Dict[str, Any]] = {}
+    problems: List[LoraShareError] = []
+    opened = []
+    try:
+        for name, src in manifest.adapters.items():
+            entry: Dict[str, Any] = {"kind": src.kind, "source": src.text, "line": src.line, "checked": False}
+            found[name] = entry
+            if src.kind != "folder":
+                base, head = os.path.dirname(manifest.path), src.text.split("/", 1)[0]
+                if os.path.isdir(os.path.join(base, head)):
+                    entry["note"] = (f"read as a Hub id, though {head}/ is a folder here; if you meant a folder: "
+                                     f"{missing_path(src.text, base=base)}")
+                continue
+            try:
+                _refuse_lfs_pointer(os.path.join(str(src.folder), WEIGHTS_NAME), src.text)
+                adapter = open_adapter(str(src.folder), name)
+            except LoraShareError as exc:
+                problems.append(_locate(exc, manifest, name))
+                continue
+            except OSError as exc:
+                problems.append(_locate(ConfigError(f"cannot read {src.text}: {exc.strerror or exc}"), manifest, name))
+                continue
+            opened.append(adapter)
+            entry.update(checked=True, base_model=adapter.base_model, modules=len(adapter.modules),
+                         ranks=sorted({m.rank for m in adapter.modules.values()}))
+        if len(opened) >= 2:
+            try:
+                check_compatible(opened, strict=manifest.compression.strict)
+            except LoraShareError as exc:
+                problems.append(_locate(exc, manifest, exc.adapter if exc.adapter in found else opened[-1].name))
+    finally:
+        for adapter in opened:
+            adapter.close()
+    return found, problems
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _refuse_lfs_pointer(path: str, shown: str) -> None:
+    """A clear error for weights checked out as a Git LFS pointer (a small text file), not the file itself."""
+    try:
+        with open_regular(path) as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError:
+        return  # open_adapter says what is wrong with it
+    if head == LFS_POINTER:
+        raise AdapterError(f"{shown}/{WEIGHTS_NAME} is a Git LFS pointer, not the weights: run `git lfs pull` "
+                           "(in a workflow: actions/checkout with `lfs: true`).", path=path)
 
 
 def _locate(exc: LoraShareError, manifest: Manifest, name: str) -> LoraShareError:
@@ -108,5 +168,7 @@ def apply_plan(manifest: Manifest, plan: Plan, fingerprints: Mapping[str, str], 
 
 
 def set_card(share: Any, manifest: Manifest) -> None:
+    if manifest.base_model:
+        share.set_base_model(manifest.base_model)
     share.set_card(repo_id=manifest.repo_id, license=manifest.card.license or None,
                    description=manifest.card.description or None)

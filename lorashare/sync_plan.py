@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from .manifest import CARD_KEYS, CardOptions, Manifest
+from .manifest import CARD_KEYS, Manifest
 from .spec import CompressionSpec
 
 __all__ = ["ACTIONS", "AdapterPlan", "Plan", "plan_sync", "commit_message", "plan_json"]
@@ -53,8 +53,11 @@ def _settings_diff(spec: CompressionSpec, published: Any) -> List[str]:
     return CompressionSpec.from_config(published).diff(spec)
 
 
-def _card_diff(card: CardOptions, published: Any) -> List[str]:
-    return [k for k in CARD_KEYS if (getattr(published.card, k) or None) != getattr(card, k)]
+def _card_diff(manifest: Manifest, published: Any) -> List[str]:
+    diffs = [k for k in CARD_KEYS if (getattr(published.card, k) or None) != getattr(manifest.card, k)]
+    if manifest.base_model and manifest.base_model != published.base_model_name_or_path:
+        diffs.append("base_model")
+    return diffs
 
 
 def plan_sync(manifest: Manifest, fingerprints: Mapping[str, str], published: Any, *,
@@ -98,7 +101,7 @@ def plan_sync(manifest: Manifest, fingerprints: Mapping[str, str], published: An
     if settings:
         reasons.append("compression settings changed (" + ", ".join(settings) + ")")
     added = [e.name for e in entries if e.status == "added"]
-    card = _card_diff(manifest.card, published)
+    card = _card_diff(manifest, published)
     if force:
         action = "recompute"
         reasons = ["forced"] + reasons + [f"{n} added" for n in added]

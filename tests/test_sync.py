@@ -179,7 +179,7 @@ def test_escapes_are_refused(ws, tmp_path):
         ("/etc", r"outside the workspace"),
         ("adapters/link", r"resolves outside the workspace \(a symlink"),
         ("adapters/sneaky", r"adapter_model\.safetensors is a symlink that resolves outside"),
-        ("./adapters/missing", r"'\./adapters/missing': not a folder"),
+        ("./adapters/missing", r":4: adapters\.x: \./adapters/missing does not exist \(adapters has billing, legal"),
         ("adapters/billing/adapter_config.json", r"is a file, not an adapter folder"),
         ("./.git", r"has no adapter_config\.json"),
     ]:
@@ -550,7 +550,7 @@ def test_github_outputs_summary_and_mask(env, ws, gha, capsys, monkeypatch):
 def test_github_error_annotation_for_manifest(ws, gha, capsys, monkeypatch):
     monkeypatch.setenv("GITHUB_WORKSPACE", str(ws))
     (ws / "cfg").mkdir()
-    write(ws / "cfg", "repo_id: a/b\nadapters:\n  x: adapters/billing\n  y: 'bad, value: 100%'\n")
+    write(ws / "cfg", "repo_id: a/b\nadapters:\n  x: ../adapters/billing\n  y: 'bad, value: 100%'\n")
     assert main(["sync", "--config", "cfg/lorashare.yaml", "--dry-run"]) == 2
     out = capsys.readouterr().out.splitlines()
     errors = [line for line in out if line.startswith("::error")]
@@ -635,3 +635,188 @@ def test_errors_never_leak_the_token(env, ws, capsys, monkeypatch):
     assert main(["sync", "--json"]) == 1
     cap = capsys.readouterr()
     assert secret not in cap.out + cap.err and "***" in cap.err
+
+
+# ------------------------------------------------------------------ a typo of a folder is a folder
+def test_typo_of_a_folder_names_the_folder_and_its_siblings(ws):
+    with pytest.raises(S.ManifestError) as info:
+        parse(ws, "repo_id: a/b\nadapters:\n  billing: adapters/billingg\n  refunds: adapters/refunds\n")
+    msg = str(info.value)
+    assert msg.startswith("lorashare.yaml:3: adapters.billing: adapters/billingg does not exist (adapters has "
+                          "billing, legal, refunds, spare; did you mean adapters/billing?)"), msg
+    assert "Hub id" not in msg and info.value.line == 3
+    # pinned like a Hub id, still a folder of the repository
+    with pytest.raises(S.ManifestError, match=r":3: adapters\.x: adapters/billing@v2 does not exist \(adapters has "
+                                              r"billing, legal, refunds, spare; did you mean adapters/billing\?\)"):
+        parse(ws, "repo_id: a/b\nadapters:\n  x: adapters/billing@v2\n  y: adapters/refunds\n")
+    m = parse(ws, "repo_id: a/b\nadapters:\n  x: acme/refunds\n  y: adapters/refunds\n")  # no acme/ here: a Hub id
+    assert m.adapters["x"].kind == "hub"
+
+
+def test_a_folder_written_from_the_repository_root_says_how_to_write_it(ws):
+    (ws / "config").mkdir()
+    path = write(ws / "config", "repo_id: a/b\nadapters:\n  x: adapters/billing\n  y: ../adapters/refunds\n")
+    with pytest.raises(S.ManifestError) as info:
+        S.load_manifest(str(path))
+    assert str(info.value) == ("config/lorashare.yaml:3: adapters.x: adapters/billing does not exist here: folders are "
+                               "relative to the manifest's folder (config/), so write '../adapters/billing'")
+
+
+# --------------------------------------------------------------------------- sync --check (offline)
+def check_json(capsys, *args: str, rc: int = 0) -> dict:
+    code = main(["sync", "--check", "--json", *args])
+    cap = capsys.readouterr()
+    assert code == rc, cap.out + cap.err
+    return json.loads(cap.out)
+
+
+def test_check_makes_no_request_and_needs_no_token(hub, ws, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # a Hub that would answer, and log what it was asked
+    write(ws, manifest_text({**ABC, "remote": "tester/refunds@v1", "multi": "tester/multi/legal"}))
+    out = check_json(capsys)
+    assert out["command"] == "sync" and out["check"] is True and out["ok"] is True and out["problems"] == []
+    assert out["repo_id"] == REPO and out["config"] == "lorashare.yaml"
+    assert {n: (a["kind"], a["checked"]) for n, a in out["adapters"].items()} == {
+        "billing": ("folder", True), "refunds": ("folder", True), "legal": ("folder", True),
+        "remote": ("hub", False), "multi": ("hub", False)}
+    assert out["adapters"]["billing"]["base_model"] and out["adapters"]["billing"]["ranks"] == [4]
+    assert out["adapters"]["legal"]["line"] == 6
+    assert hub.records == []  # nothing resolved, nothing asked
+
+
+def test_check_works_with_the_hub_out_of_reach(ws, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"sync --check opened a connection: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    write(ws, manifest_text({**ABC, "remote": "tester/refunds@v1"}))
+    assert check_json(capsys)["ok"] is True
+    assert main(["sync", "--check", "-q"]) == 0
+    assert "lorashare sync --check: lorashare.yaml: ok: tester/support-share, 3 adapter folders read" in capsys.readouterr().out
+
+
+def test_check_catches_broken_folders_with_file_and_line(ws, capsys):
+    (ws / "adapters" / "refunds" / "adapter_config.json").write_text("{not json")
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 5780\n"
+    (ws / "adapters" / "legal" / "adapter_model.safetensors").write_bytes(lfs)
+    write(ws, manifest_text(ABC))
+    out = check_json(capsys, rc=1)
+    assert out["ok"] is False and out["type"] == "AdapterError"
+    problems = {p["adapter"]: p for p in out["problems"]}
+    assert set(problems) == {"refunds", "legal"}  # every broken folder, not only the first
+    assert problems["refunds"]["line"] == 5 and problems["refunds"]["file"] == "lorashare.yaml"
+    assert problems["refunds"]["message"].startswith("lorashare.yaml:5: adapters.refunds: ")
+    assert "not valid JSON" in problems["refunds"]["message"]
+    assert problems["legal"]["message"] == ("lorashare.yaml:6: adapters.legal: adapters/legal/adapter_model.safetensors "
+                                            "is a Git LFS pointer, not the weights: run `git lfs pull` (in a workflow: "
+                                            "actions/checkout with `lfs: true`).")
+    assert out["error"] == problems["refunds"]["message"]
+    assert out["adapters"]["billing"]["checked"] is True and out["adapters"]["legal"]["checked"] is False
+    assert main(["sync", "--check"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"lorashare sync: error: {problems['refunds']['message']}",
+                   f"lorashare sync: error: {problems['legal']['message']}"]
+
+
+def test_check_catches_incompatible_folders_and_strict(ws, capsys):
+    cfg = ws / "adapters" / "legal" / "adapter_config.json"
+    data = json.loads(cfg.read_text())
+    write(ws, manifest_text(ABC, compression="{strict: true}"))
+    assert check_json(capsys)["ok"] is True  # the same base, modules and ranks: strict holds
+    cfg.write_text(json.dumps({**data, "base_model_name_or_path": "someone/other-base"}))
+    out = check_json(capsys, rc=1)
+    assert out["type"] == "IncompatibleAdaptersError"
+    assert out["error"].startswith("lorashare.yaml:6: adapters.legal: adapter 'legal' was trained on base model "
+                                   "'someone/other-base'")
+
+
+def test_check_rejects_a_bad_manifest_a_missing_file_and_non_regular_files(ws, capsys):
+    write(ws, manifest_text({"billing": "adapters/billing", "refunds": "adapters/refundz"}))
+    out = check_json(capsys, rc=2)
+    assert out["type"] == "ManifestError" and out["error"].startswith(
+        "lorashare.yaml:5: adapters.refunds: adapters/refundz does not exist (adapters has billing, legal, refunds")
+    (ws / "adapters" / "spare" / "adapter_model.safetensors").unlink()
+    write(ws, manifest_text({"billing": "adapters/billing", "spare": "adapters/spare"}))
+    assert "lorashare.yaml:5: adapters.spare: 'adapters/spare' has no adapter_model.safetensors" in check_json(capsys, rc=2)["error"]
+    (ws / "adapters" / "spare" / "adapter_model.safetensors").mkdir()
+    assert "adapter_model.safetensors is not a regular file" in check_json(capsys, rc=2)["error"]
+    assert main(["sync", "--check", "--config", "nope.yaml"]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_check_usage_errors(ws, capsys):
+    write(ws, manifest_text(ABC))
+    assert main(["sync", "--check", "--force"]) == 2
+    assert "--check validates offline and never pushes" in capsys.readouterr().err
+    assert main(["sync", "--check", "--dry-run"]) == 2
+    assert "not allowed with argument --check" in capsys.readouterr().err
+
+
+def test_check_notes_a_hub_id_under_a_local_folder(ws, capsys):
+    write(ws, manifest_text({"billing": "adapters/billing", "odd": "adapters/gone/deeper"}))
+    out = check_json(capsys)
+    note = out["adapters"]["odd"]["note"]
+    assert out["adapters"]["odd"]["kind"] == "hub" and note.startswith("read as a Hub id, though adapters/ is a folder here")
+    assert "adapters/gone/deeper does not exist (adapters has no gone; it has billing, legal, refunds, spare" in note
+    assert main(["sync", "--check"]) == 0
+    assert "note: lorashare.yaml:5: adapters.odd: read as a Hub id" in capsys.readouterr().out
+
+
+def test_check_annotates_problems_on_github(ws, gha, capsys, monkeypatch):
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(ws))
+    (ws / "adapters" / "refunds" / "adapter_config.json").write_text("[]")
+    write(ws, manifest_text(ABC))
+    assert main(["sync", "--check"]) == 1
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("::error")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "::error file=lorashare.yaml,line=5,title=lorashare sync::lorashare.yaml:5: adapters.refunds: ")
+    assert gha["GITHUB_OUTPUT"].read_text() == ""
+
+
+def test_sync_refuses_weights_that_are_a_git_lfs_pointer(env, ws, capsys):
+    (ws / "adapters" / "legal" / "adapter_model.safetensors").write_bytes(
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 5780\n")
+    write(ws, manifest_text(ABC))
+    assert main(["sync", "--dry-run"]) == 1
+    assert ("lorashare.yaml:6: adapters.legal: adapters/legal/adapter_model.safetensors is a Git LFS pointer, not the "
+            "weights: run `git lfs pull`") in capsys.readouterr().err
+    assert env.records == []  # refused before the Hub was asked anything
+
+
+def test_base_model_key_names_a_local_base_models_hub_id(env, ws, capsys):
+    """Adapters trained from a local base folder: sync refuses to publish the path (saying what to add to the
+    manifest), and ``base_model:`` names the Hub id; changing it later is a card-only commit."""
+    local = ws.parent / "local-base"
+    local.mkdir()
+    for name in ABC:
+        cfg_path = ws / "adapters" / name / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = str(local)
+        cfg_path.write_text(json.dumps(cfg))
+    write(ws, manifest_text(ABC))
+    assert main(["sync"]) == 2
+    err = capsys.readouterr().err
+    assert "base_model: OWNER/NAME" in err and str(local) in err and "--base-model" not in err, err
+    with pytest.raises(HubApiError):
+        env.repo(REPO)  # nothing was published: not even the repo
+    write(ws, manifest_text(ABC, extra="base_model: google/bert_uncased_L-2_H-128_A-2\n"))
+    out = sync_json(capsys)
+    assert out["action"] == "create"
+    from lorashare import SHAREModel
+
+    published = SHAREModel.from_pretrained(REPO)
+    assert published.config.base_model_name_or_path == "google/bert_uncased_L-2_H-128_A-2"
+    write(ws, manifest_text(ABC, extra="base_model: google/bert_uncased_L-4_H-256_A-4\n"))
+    out = sync_json(capsys)
+    assert out["action"] == "card", out
+    assert SHAREModel.from_pretrained(REPO).config.base_model_name_or_path == "google/bert_uncased_L-4_H-256_A-4"
+    with pytest.raises(ConfigError, match=r"lorashare\.yaml:\d+: base_model: .* is not a Hub model id"):
+        parse(ws, manifest_text(ABC, extra=f"base_model: {local}\n"))
