@@ -220,8 +220,9 @@ def _rescale(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...], weighti
     if FA.numel() == 0:
         return FA, FB, None
     bounds = [0, *torch.tensor(ranks).cumsum(0).tolist()]
-    peaks = torch.stack([torch.stack([F[:, a:b].abs().amax((-1, -2)) for a, b in zip(bounds, bounds[1:])], -1)
-                         for F in (FA, FB)], -1).double()  # (G, members, 2)
+    rows = [torch.linalg.vector_norm(F, ord=math.inf, dim=-1) for F in (FA, FB)]  # (G, n): max |x| per row, no copy of F
+    peaks = torch.stack([torch.stack([R[:, a:b].amax(-1) for a, b in zip(bounds, bounds[1:])], -1)
+                         for R in rows], -1).double()  # (G, members, 2)
     if weighting != "delta_w":
         peaks = peaks.amax(1, keepdim=True).expand_as(peaks)
     tiny_or_huge = ((peaks > 2.0 ** _SAFE_EXPONENT) | ((peaks < 2.0 ** -_SAFE_EXPONENT) & (peaks > 0)))

@@ -53,6 +53,7 @@ import lorashare  # noqa: E402
 from lorashare import (  # noqa: E402
     LoraShareError,
     SHAREModel,
+    errors,
     hub,  # noqa: E402
 )
 from lorashare.adapters import name_sources  # noqa: E402
@@ -68,7 +69,8 @@ from lorashare.errors import HubError  # noqa: E402
 from lorashare.fmt import k_range, size  # noqa: E402
 from lorashare.jsonfile import loads as json_loads  # noqa: E402
 from lorashare.names import check_name, split_group_key  # noqa: E402
-from lorashare.storage import SCHEMES  # noqa: E402
+from lorashare.schema import FIX  # noqa: E402
+from lorashare.storage import NF4_BLOCK, SCHEMES  # noqa: E402
 
 logger = logging.getLogger("lorashare.space")
 
@@ -125,8 +127,108 @@ LIMITS = Limits.from_env()
 # ----------------------------------------------------------------------------------- errors
 
 
+#: Advice only the Space's operator or a Python caller can follow (environment variables, command-line
+#: flags, keyword arguments, the server's cache): no message a visitor sees may name any of it.
+NOT_FOR_VISITORS = re.compile(
+    r"HF_HUB_OFFLINE|HF_TOKEN|HF_ENDPOINT|HF_HOME|LORASHARE_|hf auth login|(?<![\w-])--[a-z]|"
+    r"\b(?:token|overwrite|dtype|replace|strict|timeout|spec|base_model)=|\bname=\.\.\.|\bin Python\b|"
+    r"\bpass a dict\b|delete it from the cache|set_base_model|from_adapters\("
+)
+
+_TOKEN_FIX = "sign in, or paste a token that can read it in the token field"
+#: Fixes lorashare gives for a repo's broken files, written for whoever holds the files: each is cut,
+#: and :data:`_BROKEN_FILES_FIX` said instead.
+_FILE_FIXES = (FIX, "Re-save it with safetensors.torch.save_file, or re-download it.",
+               "Re-download it (delete it from the cache) or re-save the checkpoint.", "Re-download it or re-save it.",
+               "Re-save it.")
+_BROKEN_FILES_FIX = ("This Space cannot use that repo's files: pick another repo, or, if it is yours, save it again "
+                     "with lorashare and push it.")
+
+#: lorashare.hub's messages carry no ``problem``: (pattern of the message, the message a visitor sees), where
+#: ``{0}``, ``{1}``… are the pattern's groups: the problem is kept, its fix replaced by one a visitor can do here.
+_HUB_MESSAGES: Tuple[Tuple[re.Pattern, str], ...] = tuple((re.compile(pattern, re.S), text) for pattern, text in (
+    (r"^(.+?) is gated: ", "{0} is gated: accept its conditions on its Hub page, then " + _TOKEN_FIX
+     + " (a token of the account that accepted them)."),
+    (r"^repo not found: (.+?)\. Check the id",
+     "repo not found: {0}. Check the id; for a private repo, " + _TOKEN_FIX + "."),
+    (r"^(not authorised for .+? \(HTTP \d+\)): ", "{0}: " + _TOKEN_FIX + " (to push, a token with write access)."),
+    (r"^(cannot reach the Hub at \S+ for .+?)\. Check the network",
+     "{0}. The Hub may be down or unreachable from this Space for now: try again in a few minutes."),
+    (r"^(.+?) is (not|only partly) in the local cache .*offline mode is on",
+     "{0} is {1} in this Space's download cache, and this Space is set to work offline, so it cannot download "
+     "it. Try again later, or run lorashare on your own machine."),
+    (r"^cannot (?:push|deploy) to (\S+): offline mode is on",
+     "cannot push to {0}: this Space is set to work offline. Download the checkpoint (.zip) and push it from your "
+     "own machine."),
+    (r"^cannot push to (\S+): no Hugging Face token",
+     "cannot push to {0}: sign in, or paste a token with write access in the token field."),
+))
+
+
+def visitor_message(exc: LoraShareError) -> str:
+    """What a visitor reads for a lorashare error: its problem, and a fix they can do in this Space.
+
+    lorashare's fixes are for Python callers (``overwrite=True``, ``HF_TOKEN``, ``LORASHARE_HUB_TIMEOUT``); an
+    error that carries ``problem`` (the message without its fix) gets this Space's fix after it, and
+    lorashare.hub's errors, which carry none, get theirs from :data:`_HUB_MESSAGES`.  :func:`_public` then
+    drops any advice left that a visitor cannot follow.
+    """
+    problem = exc.problem
+    if isinstance(exc, errors.StorageRangeError) and problem:
+        return f"{problem} Pick float32 or bfloat16 under Storage, which hold the range."
+    if isinstance(exc, errors.InvalidNameError) and problem:
+        return f"{problem} Pick another name."
+    if isinstance(exc, errors.LocalBaseModelError) and problem:
+        return (f"{problem} Compress adapters whose adapter_config.json names the base model's Hub id "
+                "(base_model_name_or_path), or push from your own machine with lorashare.")
+    if isinstance(exc, errors.DuplicateAdapterError):
+        return (f"adapter {exc.adapter!r} is given twice. Give one of them another name: one per line as "
+                "name=owner/name.")
+    if isinstance(exc, errors.OutputPathError):  # this Space writes into its own temporary folders only
+        return f"{problem or exc} This is the Space's fault, not yours: try again, and report it if it persists."
+    if isinstance(exc, errors.SaveError):
+        said = exc.message.split(" Nothing was changed there.")[0].rstrip(".")
+        return f"{said}. The server could not store the result: try again later, or with fewer adapters."
+    if isinstance(exc, errors.HubTimeoutError):
+        return (f"the Hub did not answer in time for {exc.path or 'a request'}. It may be slow or busy: try again in a "
+                "few minutes, or with fewer adapters at once.")
+    message = str(exc)
+    if isinstance(exc, HubError):
+        for pattern, text in _HUB_MESSAGES:
+            found = pattern.match(message)
+            if found:
+                return text.format(*found.groups())
+    cut = message
+    for fix in _FILE_FIXES:
+        cut = cut.replace(" " + fix, "").replace(fix, "")
+    cut = re.sub(r" \(set LORASHARE_MAX_TENSOR_BYTES to raise it\)", " per tensor", cut)
+    if cut != message:
+        return f"{cut.rstrip()} {_BROKEN_FILES_FIX}"
+    return message
+
+
+def _without_operator_advice(message: str) -> str:
+    """``message`` less each sentence that names advice a visitor cannot follow (:data:`NOT_FOR_VISITORS`).
+
+    A safety net under :func:`visitor_message`, for a message nobody taught this Space: the sentence at
+    fault goes, and if that is the first one, the whole message is replaced (and logged for the operator).
+    """
+    if not NOT_FOR_VISITORS.search(message):
+        return message
+    lines = []
+    for line in message.split("\n"):
+        sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z`(])", line)
+        kept = [s for s in sentences if not NOT_FOR_VISITORS.search(s)]
+        if sentences and NOT_FOR_VISITORS.search(sentences[0]):
+            logger.warning("a message for a visitor named operator-only advice: %s", hub.redact(message))
+            return ("This Space cannot do that with its current settings; the details were logged for its owner. "
+                    "Try again later, or run lorashare on your own machine.")
+        lines.append(" ".join(kept))
+    return "\n".join(lines)
+
+
 def _public(message: str, token: Optional[str] = None) -> str:
-    """A message fit for a visitor: no token, no server paths, no HTML."""
+    """A message fit for a visitor: no token, no server paths, no advice they cannot follow, no HTML."""
     if token:
         message = message.replace(token, "***")
     message = hub.redact(message)
@@ -136,11 +238,14 @@ def _public(message: str, token: Optional[str] = None) -> str:
     for root in sorted(roots, key=len, reverse=True):
         if root and len(root) > 1:
             message = message.replace(os.path.realpath(root), roots[root]).replace(root, roots[root])
-    # lorashare speaks to Python callers; here a token comes from the sign-in or the token field.
-    message = message.replace("(HF_TOKEN or token=...)", "(sign in, or paste one in the token field)")
-    message = message.replace("(HF_TOKEN)", "(sign in, or paste one in the token field)")
-    message = message.replace("pass a dict {name: source} (CLI: --name name=path)", "name them: one per line as name=owner/name")
-    return html.escape(message, quote=False)
+    # A file in the download cache, as the visitor knows it: the repo and its commit.
+    message = _CACHED_REPO.sub(lambda m: f"{m['owner']}/{m['name']}" + (f"@{m['sha'][:10]}" if m["sha"] else ""),
+                               message)
+    return html.escape(_without_operator_advice(message), quote=False)
+
+
+_CACHED_REPO = re.compile(r"<hf-cache>/(?:models|datasets|spaces)--(?P<owner>[^/\s]+?)--(?P<name>[^/\s]+?)"
+                          r"(?:/snapshots/(?P<sha>[0-9a-f]{7,64})|/blobs/[0-9a-f]+|(?=[/\s]|$))")
 
 
 class UserError(Exception):
@@ -158,8 +263,10 @@ def _readable_errors(token: Optional[str] = None) -> Iterator[None]:
         yield
     except gr.Error:
         raise
-    except (UserError, LoraShareError) as exc:
+    except UserError as exc:
         raise _fail(str(exc), token) from None
+    except LoraShareError as exc:
+        raise _fail(visitor_message(exc), token) from None
     except MemoryError:
         raise _fail("The server ran out of memory: compress fewer or smaller adapters, or choose a smaller k.") from None
     except Exception as exc:  # noqa: BLE001 - logged for the operator, summarised for the visitor
@@ -207,6 +314,7 @@ def parse_ids(text: str) -> List[Tuple[Optional[str], str, hub.HubRef]]:
     out: List[Tuple[Optional[str], str, hub.HubRef]] = []
     problems: List[str] = []
     seen: Dict[str, int] = {}
+    names: Dict[str, int] = {}
     for number, raw in enumerate((text or "").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -216,9 +324,14 @@ def parse_ids(text: str) -> List[Tuple[Optional[str], str, hub.HubRef]]:
             name, line = (part.strip() for part in line.split("=", 1))
             try:
                 check_name(name)
-            except LoraShareError as exc:
-                problems.append(f"line {number}: {exc}")
+            except errors.InvalidNameError as exc:
+                problems.append(f"line {number}: {exc.problem or exc} Pick another name before the `=`.")
                 continue
+            if name in names:
+                problems.append(f"line {number}: the name `{name}` is already given on line {names[name]}; "
+                                "give each adapter its own name.")
+                continue
+            names[name] = number
         try:
             _not_local(line)
             ref = hub.parse_adapter_id(line)
@@ -253,6 +366,14 @@ def _repo_arg(repo_id: str, what: str = "checkpoint repo") -> str:
         raise UserError(f"`{repo_id}` is not a Hub repo id (expected owner/name).") from None
 
 
+def _adapter_name(name: str) -> str:
+    """An adapter name the visitor picked, checked before any request."""
+    try:
+        return check_name(name)
+    except errors.InvalidNameError as exc:
+        raise UserError(f"{exc.problem or exc} Pick one of the checkpoint's adapters from the list.") from None
+
+
 # ------------------------------------------------------------------------- Hub size checks
 
 
@@ -260,8 +381,7 @@ def _check_budget(total: int, what: str) -> None:
     if total > LIMITS.max_bytes:
         raise UserError(
             f"{what} {size(total)} to download; this Space downloads at most {size(LIMITS.max_bytes)} "
-            "per request (LORASHARE_SPACE_MAX_BYTES). Compress fewer adapters here, or run lorashare "
-            "on your own machine."
+            "per request. Compress fewer adapters here, or run lorashare on your own machine."
         )
 
 
@@ -273,6 +393,18 @@ RATIO_NOTE = (
     "**Excluding bases** is the marginal cost of one more adapter once the bases exist (its "
     "loadings only); it is not the compression ratio."
 )
+
+
+def larger_note(st: Dict[str, Any]) -> str:
+    """A note when the checkpoint is larger than the adapters it holds, with the k that would make it smaller."""
+    ratio = st.get("compression_ratio")
+    if not st.get("original_lora_bytes") or not ratio or ratio >= 1.0:
+        return ""
+    k = st.get("largest_saving_k")
+    fix = (f"set Components per module to number with k = {k} or less, or compress more adapters together" if k else
+           "with so few adapters no k saves space: compress more adapters together")
+    return (f"\n\n**Note:** this checkpoint is {1 / ratio:.2f}× the size of the adapters' LoRA weights: the shared "
+            f"bases cost more than they save. To make it smaller, {fix}.")
 
 
 def stats_table(config: Any) -> pd.DataFrame:
@@ -403,8 +535,8 @@ def compress(
             raise UserError(f"Give at least 2 adapter ids, one per line ({ID_FORMS}); got {len(items)}.")
         if len(items) > LIMITS.max_adapters:
             raise UserError(
-                f"{len(items)} adapters given; this Space compresses at most {LIMITS.max_adapters} at once "
-                "(LORASHARE_SPACE_MAX_ADAPTERS)."
+                f"{len(items)} adapters given; this Space compresses at most {LIMITS.max_adapters} at once. "
+                f"List at most {LIMITS.max_adapters}, or run lorashare on your own machine."
             )
         if k_mode == "auto":
             num_components: Any = "auto"
@@ -452,6 +584,7 @@ def compress(
                 f"{size(cfg.compression_stats.get('original_lora_bytes'))} → "
                 f"{size(cfg.compression_stats.get('compressed_bytes'))} "
                 f"(**{cfg.compression_stats.get('compression_ratio', 0):.2f}×**).\n\n{RATIO_NOTE}"
+                + larger_note(cfg.compression_stats)
             )
             # Gradio copies the zip into its cache when it receives this; the folder goes after.
             yield (status, stats_table(cfg), fidelity_table(share), explained_plot(cfg), bytes_frame(cfg),
@@ -550,7 +683,7 @@ def reconstruct(repo_id: str, revision: str, adapter: str, token_text: str, oaut
         adapter = (adapter or "").strip()
         if not adapter:
             raise UserError("Pick an adapter to reconstruct (Explore the checkpoint first).")
-        check_name(adapter)
+        _adapter_name(adapter)
         progress(0.1, desc="Checking sizes")
         config, sha = _checkpoint_config(repo_id, revision, token)
         if adapter not in config.adapter_names:
@@ -679,7 +812,7 @@ def weights_params(path: str, who: str) -> Tuple[int, int]:
 
 def _over_limit(base_id: str, what: str) -> UserError:
     return UserError(f"The base model {base_id}: {what}, over this Space's limit of {_count(LIMITS.try_max_params)} "
-                     "parameters (LORASHARE_SPACE_TRY_MAX_PARAMS). Serve it on your own machine: "
+                     "parameters. Serve it on your own machine: "
                      "`SHAREModel.from_pretrained(...).serve(base_model)`.")
 
 
@@ -765,7 +898,7 @@ def _base_config(base_id: str, token: Optional[str]) -> Tuple[Dict[str, Any], Di
     if params > LIMITS.try_max_params:
         raise UserError(
             f"The base model {base_id} has about {params / 1e6:,.0f} M parameters (from its config.json); this Space "
-            f"runs base models of up to {LIMITS.try_max_params / 1e6:,.0f} M (LORASHARE_SPACE_TRY_MAX_PARAMS). "
+            f"runs base models of up to {LIMITS.try_max_params / 1e6:,.0f} M. "
             "Serve it on your own machine: `SHAREModel.from_pretrained(...).serve(base_model)`.")
     if "model.safetensors" not in sizes:
         raise UserError(f"The base model {base_id} has no model.safetensors (one file). This Space loads "
@@ -784,7 +917,7 @@ def try_list(repo_id: str, revision: str, token_text: str, oauth_token: gr.OAuth
         base_id = _base_of(config)
         _, _, params, _ = _base_config(base_id, token)
         text = (f"**{repo_id}** (commit `{sha[:10]}`): {len(names)} adapters on `{base_id}` "
-                f"(about {params / 1e6:,.1f} M parameters). Pick up to {LIMITS.try_max_adapters}, type a text, "
+                f"(about {_count(params)} parameters). Pick up to {LIMITS.try_max_adapters}, type a text, "
                 "and run them all in one batch.")
         return text, gr.Dropdown(choices=names, value=names[: min(3, LIMITS.try_max_adapters)])
 
@@ -806,9 +939,9 @@ def try_adapters(repo_id: str, revision: str, adapters: Optional[List[str]], tex
             raise UserError("Pick at least one adapter (List adapters first).")
         if len(chosen) > LIMITS.try_max_adapters:
             raise UserError(f"{len(chosen)} adapters picked; this Space runs at most {LIMITS.try_max_adapters} "
-                            "at once (LORASHARE_SPACE_TRY_MAX_ADAPTERS).")
+                            f"at once: pick at most {LIMITS.try_max_adapters}.")
         for name in chosen:
-            check_name(name)
+            _adapter_name(name)
         progress(0.05, desc="Checking the checkpoint and the base model")
         config, sha = _checkpoint_config(repo_id, revision, token)
         missing = [n for n in chosen if n not in config.adapter_names]
@@ -874,7 +1007,7 @@ def try_adapters(repo_id: str, revision: str, adapters: Optional[List[str]], tex
         added = served.served_bytes()
         frame = pd.DataFrame([{"adapter": "base model" if n == "__base__" else n, "output": o, "detail": d}
                               for n, (o, d) in zip(rows, outputs)], columns=["adapter", "output", "detail"])
-        summary = (f"Ran {len(rows)} rows in **one batch** on `{base_id}` (about {params / 1e6:,.1f} M parameters, "
+        summary = (f"Ran {len(rows)} rows in **one batch** on `{base_id}` (about {_count(params)} parameters, "
                    f"{'classification' if task == 'SEQ_CLS' else 'greedy generation'}): each row with its own adapter "
                    f"over the shared bases. Serving them added {size(added['total'])} to the base model "
                    f"(bases {size(added['bases'])}, loadings {size(added['tables'])}, heads {size(added['heads'])}).")
@@ -893,8 +1026,40 @@ standard PEFT adapter. Powered by [lorashare](https://github.com/lorashare/loras
 ID_PLACEHOLDER = "acme/billing-lora\nacme/refunds-lora@v2\nacme/multi-lora/legal\nlegal2=bob/legal-lora"
 
 
+#: What each endpoint does, for gradio_client's view_api and the API page (the docstrings are for this file).
+API_DESCRIPTIONS = {
+    "compress": f"Compress 2 or more LoRA adapters of one base model from the Hub (adapter_ids: one per line, "
+                f"{ID_FORMS}; name=owner/name names one) into a SHARE checkpoint: status, statistics, fidelity per "
+                "adapter, the plots' data, and the checkpoint as a .zip.",
+    "push": "Push this session's last compressed checkpoint to a Hub repo (owner/name) with its model card. Needs a "
+            "token with write access: token_text, or Client(..., oauth_token=...).",
+    "explore": "Read a SHARE checkpoint on the Hub, without downloading any adapter: its summary, adapters, "
+               "statistics, the plots' data, and its adapter names.",
+    "reconstruct": "Rebuild one adapter of a SHARE checkpoint on the Hub as a standard PEFT adapter (.zip), with how "
+                   "to load it.",
+    "try_list": "List a SHARE checkpoint's adapters, and check that its base model is small enough to run here.",
+    "try_run": "Run one text through several adapters of a SHARE checkpoint in one batch (and the base model alone): "
+               "one output row per adapter.",
+}
+
+
 def _toggle_k(mode: str):
     return gr.Number(interactive=mode != "auto"), gr.Slider(interactive=mode == "auto")
+
+
+#: Closes the message toasts on screen (Gradio's own close buttons).
+CLEAR_MESSAGES = "() => { document.querySelectorAll('.toast-close').forEach((b) => b.click()); }"
+
+
+def _pushed_to(repo: str):
+    """Explore and Try it, filled in with the repo just pushed (when it was given as owner/name)."""
+    repo = (repo or "").strip()
+    return (repo, repo) if "/" in repo else (gr.skip(), gr.skip())
+
+
+def _reveal():
+    """Show a column of results (hidden while there are none, rather than empty tables and plots)."""
+    return gr.Column(visible=True)
 
 
 def oauth_enabled() -> bool:
@@ -934,51 +1099,59 @@ def build_demo() -> gr.Blocks:
                 k = gr.Number(value=32, label="k", precision=0, minimum=1, interactive=False)
                 threshold = gr.Slider(0.5, 0.999, value=0.95, step=0.001, label="Variance threshold (auto)")
                 storage = gr.Dropdown(list(SCHEMES), value="float32", label="Storage",
-                                      info="int8: 8-bit, one scale per component; nf4: 4-bit NormalFloat",
+                                      info=f"int8: 8-bit; nf4: 4-bit NormalFloat; both keep one float32 scale per "
+                                           f"block of {NF4_BLOCK} values",
                                       elem_id="storage")
             compress_btn = gr.Button("Compress", variant="primary", elem_id="compress-btn")
-            status = gr.Markdown(elem_id="compress-status")
-            stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True, elem_id="stats")
-            fidelity = gr.Dataframe(label="Fidelity per adapter", interactive=False, wrap=True, elem_id="fidelity")
-            with gr.Row():
-                ev_plot = gr.LinePlot(x="layer", y="explained variance", color="side",
-                                      tooltip=["module", "side", "explained variance"],
-                                      title="Explained variance per module and side", height=320)
-                bytes_plot = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
-                                        y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"])
-            checkpoint_zip = gr.File(label="SHARE checkpoint (.zip)", interactive=False, elem_id="checkpoint-zip")
-            with gr.Accordion("Push to the Hub", open=True):
-                gr.Markdown("Sign in (on the Space) or paste a token with write access above."
-                            if on_space else "Paste a token with write access above (sign-in works on a Space).")
+            status = gr.Markdown(label="Status", show_label=False, elem_id="compress-status")
+            with gr.Column(visible=False) as compress_results:  # shown once there are results
+                stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True, elem_id="stats")
+                fidelity = gr.Dataframe(label="Fidelity per adapter", interactive=False, wrap=True, elem_id="fidelity")
                 with gr.Row():
-                    repo_box = gr.Textbox(label="Repo (owner/name)", placeholder="you/support-share", scale=3,
-                                          elem_id="push-repo")
-                    private = gr.Checkbox(value=True, label="Private", scale=1)
-                    license_box = gr.Dropdown(
-                        [("none", "")] + list(HUB_LICENSES), value="", label="License (optional)", scale=1,
-                        info="one of the Hub's license ids", elem_id="push-license")
-                push_btn = gr.Button("Push to the Hub", elem_id="push-btn")
-                push_result = gr.Markdown(elem_id="push-result")
+                    ev_plot = gr.LinePlot(x="layer", y="explained variance", color="side",
+                                          tooltip=["module", "side", "explained variance"],
+                                          title="Explained variance per module and side", height=320,
+                                          label="Explained variance", show_label=False)
+                    bytes_plot = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
+                                            y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"],
+                                            label="Bytes before and after", show_label=False)
+                checkpoint_zip = gr.File(label="SHARE checkpoint (.zip)", interactive=False, elem_id="checkpoint-zip")
+                with gr.Accordion("Push to the Hub", open=True):
+                    gr.Markdown("Sign in (on the Space) or paste a token with write access above."
+                                if on_space else "Paste a token with write access above (sign-in works on a Space).")
+                    with gr.Row():
+                        repo_box = gr.Textbox(label="Repo (owner/name)", placeholder="you/support-share", scale=3,
+                                              elem_id="push-repo")
+                        private = gr.Checkbox(value=True, label="Private", scale=1)
+                        license_box = gr.Dropdown(
+                            [("none", "")] + list(HUB_LICENSES), value="", label="License (optional)", scale=1,
+                            info="one of the Hub's license ids", elem_id="push-license")
+                    push_btn = gr.Button("Push to the Hub", elem_id="push-btn")
+                    push_result = gr.Markdown(label="Push result", show_label=False, elem_id="push-result")
 
         with gr.Tab("Explore", id="explore"):
             with gr.Row():
                 repo_id = gr.Textbox(label="SHARE checkpoint repo (owner/name)", scale=3, elem_id="explore-repo")
                 revision = gr.Textbox(label="Revision (optional)", value="", placeholder="main", scale=1)
             explore_btn = gr.Button("Explore", variant="primary", elem_id="explore-btn")
-            card = gr.Markdown(elem_id="explore-card")
-            adapters = gr.Dataframe(label="Adapters", interactive=False, wrap=True, elem_id="explore-adapters")
-            explore_stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True)
-            with gr.Row():
-                explore_ev = gr.LinePlot(x="layer", y="explained variance", color="side",
-                                         tooltip=["module", "side", "explained variance"],
-                                         title="Explained variance per module and side", height=320)
-                explore_bytes = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
-                                           y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"])
-            with gr.Row():
-                adapter_pick = gr.Dropdown(label="Adapter", choices=[], allow_custom_value=True, scale=3)
-                rebuild_btn = gr.Button("Reconstruct as a PEFT adapter", scale=1, elem_id="reconstruct-btn")
-            adapter_zip = gr.File(label="PEFT adapter (.zip)", interactive=False, elem_id="adapter-zip")
-            snippet = gr.Markdown(elem_id="reconstruct-snippet")
+            card = gr.Markdown(label="Checkpoint summary", show_label=False, elem_id="explore-card")
+            with gr.Column(visible=False) as explore_results:  # shown once a checkpoint is read
+                adapters = gr.Dataframe(label="Adapters", interactive=False, wrap=True, elem_id="explore-adapters")
+                explore_stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True)
+                with gr.Row():
+                    explore_ev = gr.LinePlot(x="layer", y="explained variance", color="side",
+                                             tooltip=["module", "side", "explained variance"],
+                                             title="Explained variance per module and side", height=320,
+                                             label="Explained variance", show_label=False)
+                    explore_bytes = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
+                                               y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"],
+                                               label="Bytes before and after", show_label=False)
+                with gr.Row():
+                    adapter_pick = gr.Dropdown(label="Adapter to reconstruct", choices=[], allow_custom_value=True,
+                                               scale=3)
+                    rebuild_btn = gr.Button("Reconstruct as a PEFT adapter", scale=1, elem_id="reconstruct-btn")
+                adapter_zip = gr.File(label="PEFT adapter (.zip)", interactive=False, elem_id="adapter-zip")
+                snippet = gr.Markdown(label="How to load it", show_label=False, elem_id="reconstruct-snippet")
 
         with gr.Tab("Try it", id="try"):
             gr.Markdown("Run one text through several adapters of a SHARE checkpoint **in one batch**: every row "
@@ -989,15 +1162,16 @@ def build_demo() -> gr.Blocks:
                 try_repo = gr.Textbox(label="SHARE checkpoint repo (owner/name)", scale=3, elem_id="try-repo")
                 try_revision = gr.Textbox(label="Revision (optional)", value="", placeholder="main", scale=1)
             try_list_btn = gr.Button("List adapters", elem_id="try-list-btn")
-            try_info = gr.Markdown(elem_id="try-info")
-            try_pick = gr.Dropdown(label=f"Adapters (up to {LIMITS.try_max_adapters})", choices=[], multiselect=True,
-                                   allow_custom_value=True, elem_id="try-adapters")
+            try_info = gr.Markdown(label="Checkpoint and base model", show_label=False, elem_id="try-info")
+            try_pick = gr.Dropdown(label="Adapters to run", info=f"up to {LIMITS.try_max_adapters}", choices=[],
+                                   multiselect=True, allow_custom_value=True, elem_id="try-adapters")
             try_text = gr.Textbox(label="Text", lines=3, elem_id="try-text",
                                   placeholder="A sentence to classify, or a prompt to continue")
-            try_base = gr.Checkbox(value=True, label="Also run the base model alone (a __base__ row)")
+            try_base = gr.Checkbox(value=True, label="Also run the base model alone (its own \"base model\" row)")
             try_btn = gr.Button("Run all in one batch", variant="primary", elem_id="try-btn")
-            try_summary = gr.Markdown(elem_id="try-summary")
-            try_out = gr.Dataframe(label="Each adapter's output", interactive=False, wrap=True, elem_id="try-out")
+            try_summary = gr.Markdown(label="Batch summary", show_label=False, elem_id="try-summary")
+            with gr.Column(visible=False) as try_results:  # shown once a batch has run
+                try_out = gr.Dataframe(label="Each adapter's output", interactive=False, wrap=True, elem_id="try-out")
 
         gr.Markdown(
             f"Limits: {LIMITS.max_adapters} adapters and {size(LIMITS.max_bytes)} of downloads per request; "
@@ -1007,20 +1181,31 @@ def build_demo() -> gr.Blocks:
         )
 
         k_mode.change(_toggle_k, k_mode, [k, threshold], api_visibility="private", queue=False)
+        for button in (compress_btn, push_btn, explore_btn, rebuild_btn, try_list_btn, try_btn):
+            # A new try clears the messages of the last ones, so that an error on screen is this request's.
+            button.click(None, js=CLEAR_MESSAGES, api_visibility="private", queue=False)
         compress_btn.click(
             compress, [ids, k_mode, k, threshold, token_box, storage],
             [status, stats, fidelity, ev_plot, bytes_plot, checkpoint_zip, result], api_name="compress",
-        )
-        push_btn.click(push, [result, repo_box, private, license_box, token_box], push_result, api_name="push")
+            api_description=API_DESCRIPTIONS["compress"], show_progress_on=status,
+        ).success(_reveal, None, compress_results, api_visibility="private", queue=False)
+        push_btn.click(push, [result, repo_box, private, license_box, token_box], push_result, api_name="push",
+                       api_description=API_DESCRIPTIONS["push"], show_progress_on=push_result,
+                       ).success(_pushed_to, repo_box, [repo_id, try_repo], api_visibility="private", queue=False)
         explore_btn.click(
             explore, [repo_id, revision, token_box],
             [card, adapters, explore_stats, explore_ev, explore_bytes, adapter_pick], api_name="explore",
-        )
+            api_description=API_DESCRIPTIONS["explore"], show_progress_on=card,
+        ).success(_reveal, None, explore_results, api_visibility="private", queue=False)
         rebuild_btn.click(reconstruct, [repo_id, revision, adapter_pick, token_box], [adapter_zip, snippet],
-                          api_name="reconstruct")
-        try_list_btn.click(try_list, [try_repo, try_revision, token_box], [try_info, try_pick], api_name="try_list")
+                          api_name="reconstruct", api_description=API_DESCRIPTIONS["reconstruct"],
+                          show_progress_on=snippet)
+        try_list_btn.click(try_list, [try_repo, try_revision, token_box], [try_info, try_pick], api_name="try_list",
+                           api_description=API_DESCRIPTIONS["try_list"], show_progress_on=try_info)
         try_btn.click(try_adapters, [try_repo, try_revision, try_pick, try_text, try_base, token_box],
-                      [try_summary, try_out], api_name="try_run")
+                      [try_summary, try_out], api_name="try_run", api_description=API_DESCRIPTIONS["try_run"],
+                      show_progress_on=try_summary,
+                      ).success(_reveal, None, try_results, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.queue_size)
     return demo
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,10 @@ TOKEN = "hf_spaceTestSecret0123456789"  # any token passes the test Hub; it must
 MAX_ADAPTERS = 6
 MAX_BYTES = 1_000_000
 THREE = "tester/billing-lora\ntester/refunds-lora@v1\ntester/multi-lora/legal"
+#: Advice a visitor of the Space cannot follow (environment variables, command-line flags, Python keywords):
+#: no message the Space shows may name any of it.
+NOT_FOR_VISITORS = ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "LORASHARE_", "--", "token=", "overwrite=",
+                    "dtype=", "in Python", "hf auth login", "delete it from the cache")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -214,6 +219,8 @@ def assert_clean_error(exc: BaseException, *expected: str) -> str:
         assert text in message, f"{text!r} not in {message!r}"
     for leak in ("Traceback", 'File "', "site-packages", "lorashare-space-", TOKEN, str(ROOT)):
         assert leak not in message, f"{leak!r} leaked into {message!r}"
+    for advice in NOT_FOR_VISITORS:
+        assert advice not in message, f"{advice!r} (not a visitor's fix) in {message!r}"
     return message
 
 
@@ -235,6 +242,39 @@ def test_named_endpoints_and_no_login_button_locally(space):
     assert set(api["named_endpoints"]) == {"/compress", "/push", "/explore", "/reconstruct", "/try_list", "/try_run"}
     # Not on a Space: no sign-in button (Gradio would need this machine's own login), the token field instead.
     assert "Compress" in buttons(space.url) and "Sign in with Hugging Face" not in buttons(space.url)
+
+
+#: Every endpoint's outputs, by the names gradio_client gives them (from each component's label).
+RETURNS = {
+    "/compress": ["status", "compression_statistics", "fidelity_per_adapter", "explained_variance",
+                  "bytes_before_and_after", "share_checkpoint_zip"],
+    "/push": ["push_result"],
+    "/explore": ["checkpoint_summary", "adapters", "compression_statistics", "explained_variance",
+                 "bytes_before_and_after", "adapter_to_reconstruct"],
+    "/reconstruct": ["peft_adapter_zip", "how_to_load_it"],
+    "/try_list": ["checkpoint_and_base_model", "adapters_to_run"],
+    "/try_run": ["batch_summary", "each_adapters_output"],
+}
+
+
+def test_the_api_names_every_endpoint_input_and_output(space):
+    from gradio_client.utils import sanitize_parameter_names
+
+    client = space.client()
+    api = client.view_api(return_format="dict", print_info=False)
+    assert api["unnamed_endpoints"] == {}  # the k toggle is private: no endpoint at all
+    named = api["named_endpoints"]
+    returns = {name: [sanitize_parameter_names(r["label"]) for r in ep["returns"]] for name, ep in named.items()}
+    assert returns == RETURNS
+    generated = re.compile(r"(value|parameter)_\d+")
+    for name, ep in named.items():
+        params = [p["parameter_name"] for p in ep["parameters"]]
+        assert params and not [p for p in params if generated.fullmatch(p)], (name, params)
+        assert "token_text" in params, name  # each takes the visitor's token the same way
+        description = ep["description"]
+        assert len(description) > 40 and "``" not in description and "Gradio" not in description, (name, description)
+    text = client.view_api(return_format="str", print_info=False)
+    assert not generated.search(text), generated.search(text)
 
 
 def test_server_files_are_not_served(space):
@@ -293,6 +333,19 @@ def test_compress_three_hub_adapters_and_load_the_zip(space, tmp_path):
         assert all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in mine), name
 
 
+def test_a_checkpoint_larger_than_its_adapters_says_how_to_shrink_it(space):
+    client = space.client()
+    two = "tester/billing-lora\ntester/multi-lora/legal"
+    status, stats, *_ = compress(client, two, k=8)  # 2 adapters of rank 4: k = 8 keeps everything, saves nothing
+    assert float({r["statistic"]: r for r in table(stats)}["compression ratio"]["value"].rstrip("×")) < 1
+    found = re.search(r"\*\*Note:\*\* this checkpoint is [\d.]+× the size .* to number with k = (\d+) or less", status)
+    assert found, status
+    assert not [a for a in NOT_FOR_VISITORS if a in status], status
+    status, stats, *_ = compress(client, two, k=int(found[1]))  # as the note says
+    assert float({r["statistic"]: r for r in table(stats)}["compression ratio"]["value"].rstrip("×")) > 1
+    assert "Note:" not in status
+
+
 def test_push_explore_and_reconstruct(space, tmp_path):
     client = space.client(oauth_token=TOKEN)  # as if signed in: the token reaches gr.OAuthToken
     compress(client, "tester/billing-lora\ntester/multi-lora/legal", mode="auto", threshold=0.99)
@@ -345,7 +398,7 @@ def test_push_explore_and_reconstruct(space, tmp_path):
         ("foo\ntester/billing-lora", ["`foo` is not a Hub id (expected owner/name"]),
         ("tester/nope-lora\ntester/billing-lora", ["repo not found", "tester/nope-lora"]),
         ("tester/billing-lora\ntester/other-base-lora", ["base model", "some-other-base"]),
-        ("tester/billing-lora\ntester/huge-lora", ["at most 1.00 MB", "LORASHARE_SPACE_MAX_BYTES"]),
+        ("tester/billing-lora\ntester/huge-lora", ["at most 1.00 MB", "per request", "Compress fewer adapters"]),
         ("tester/billing-lora\ntester/gated-lora", ["gated"]),
         ("tester/billing-lora\ntester/private-lora", ["not found", "token field"]),
         ("tester/billing-lora\ntester/refunds-lora@no-such-tag", ["revision not found"]),
@@ -365,6 +418,44 @@ def test_compress_errors_are_readable(space, ids, expected):
         compress(space.client(), ids)
     assert_clean_error(err.value, *expected)
     assert not space.hub.served_files("tester/huge-lora")  # refused on its size, before any download
+
+
+def test_every_error_names_only_what_a_visitor_can_do(space, tmp_path):
+    """A table of failures, each through the app: the problem, and a fix a visitor can do in the Space."""
+    files = space.hub.snapshot("tester/seed-share")
+    rel = "adapters/legal/loadings.safetensors"
+    files[rel] = files[rel][:-1] + bytes([files[rel][-1] ^ 1])  # one bit: its sha256 no longer matches
+    put(space.hub, "tester/tampered-share", files)
+    client = space.client()
+    cases = [
+        ("unreachable", lambda: compress(client, "tester/billing-lora\ntester/unreachable-lora"),
+         ["cannot reach the Hub", "tester/unreachable-lora", "try again in a few minutes"]),
+        ("gated", lambda: compress(client, "tester/billing-lora\ntester/gated-lora"),
+         ["tester/gated-lora", "accept its conditions", "sign in", "token field"]),
+        ("private", lambda: client.predict("tester/private-lora", "", "", api_name="/explore"),
+         ["repo not found", "Check the id", "token field"]),
+        ("bad-id", lambda: compress(client, "foo\ntester/billing-lora"), ["line 1", "`foo` is not a Hub id"]),
+        ("duplicate-name", lambda: compress(client, "x=tester/billing-lora\nx=tester/multi-lora/legal"),
+         ["line 2", "the name `x` is already given on line 1"]),
+        ("invalid-name", lambda: compress(client, "bad name=tester/billing-lora\ntester/multi-lora/legal"),
+         ["line 1", "'bad name' is not allowed", "Pick another name"]),
+        ("checkpoint-refused", lambda: client.predict("tester/tampered-share", "", "legal", "", api_name="/reconstruct"),
+         ["loadings.safetensors in tester/tampered-share@", "sha256", "pick another repo"]),
+        ("bad-adapter-name", lambda: client.predict("tester/seed-share", "", "../x", "", api_name="/reconstruct"),
+         ["'../x' is not allowed", "Pick one of the checkpoint's adapters"]),
+        ("too-big", lambda: compress(client, "tester/billing-lora\ntester/huge-lora"),
+         ["at most 1.00 MB", "Compress fewer adapters"]),
+    ]
+    dropped = space.hub.inject_when(("drop",), path_regex=r"tester/unreachable-lora", times=None)
+    try:
+        for case, call, expected in cases:
+            with pytest.raises(AppError) as err:
+                call()
+            message = assert_clean_error(err.value, *expected)
+            assert "Re-download" not in message and "re-download" not in message, (case, message)
+    finally:
+        dropped.remaining = 0
+    assert dropped.fired >= 2  # the Space tried again before giving up
 
 
 def test_other_errors_are_readable_and_the_app_stays_usable(space):

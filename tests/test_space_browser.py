@@ -29,7 +29,7 @@ if importlib.util.find_spec("gradio") is None:  # not imported here: only the ap
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
 
 from lorashare import SHAREModel  # noqa: E402
-from tests.test_space import THREE, TOKEN, launch_space  # noqa: E402
+from tests.test_space import NOT_FOR_VISITORS, THREE, TOKEN, launch_space  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,7 @@ def test_compress_push_explore_in_the_browser(space, browser, tmp_path):
 
         # Explore the pushed (private) repo, then rebuild one adapter.
         page.get_by_role("tab", name="Explore").click()
+        expect(textbox(page, "explore-repo")).to_have_value("tester/browser-share")  # filled in by the push
         textbox(page, "explore-repo").fill("tester/browser-share")
         page.locator("#explore-btn").click()
         expect(page.locator("#explore-card")).to_contain_text("tiny-bert-for-tests")
@@ -115,4 +116,69 @@ def test_compress_push_explore_in_the_browser(space, browser, tmp_path):
     assert (tmp_path / "space-explore.png").stat().st_size > 10_000
     assert not errors, errors
     assert TOKEN not in space.log.read_text()
+    assert sorted(p.name for p in Path(space.tmpdir).iterdir()) == []
+
+
+def test_empty_states_errors_and_try_it_in_the_browser(space, browser, tmp_path):
+    """No empty tables before there are results; an error is a message a visitor can act on, gone at the next
+    try; and Try it runs a checkpoint's adapters in one batch."""
+    from tests.test_space_try import seed as seed_try
+
+    seed_try(space.hub, tmp_path / "seed")  # tester/bert-share, on tester/tiny-bert
+    expect = sync_api.expect
+    expect.set_options(timeout=TIMEOUT_MS)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(space.url)
+        expect(page.locator("#compress-btn")).to_be_visible()
+        for hidden in ("#stats", "#fidelity", "#checkpoint-zip", "#push-btn"):  # nothing to show yet
+            expect(page.locator(hidden)).to_be_hidden()
+
+        textbox(page, "adapter-ids").fill("tester/billing-lora\ntester/gated-lora")
+        page.locator("#compress-btn").click()
+        message = page.get_by_text(re.compile("accept its conditions")).first
+        expect(message).to_be_visible()
+        shown = message.inner_text()
+        assert "tester/gated-lora" in shown and "token field" in shown, shown
+        assert not [a for a in NOT_FOR_VISITORS if a in shown], shown
+        page.screenshot(path=str(tmp_path / "space-error.png"))
+        expect(page.locator("#stats")).to_be_hidden()
+
+        textbox(page, "adapter-ids").fill("tester/multi-lora/legal\ntester/multi-lora/extra")
+        page.locator("#compress-btn").click()
+        expect(page.get_by_text(re.compile("accept its conditions"))).to_have_count(0)  # the last try's message went
+        expect(page.locator("#compress-status")).to_contain_text("Compressed 2 adapters")
+        expect(page.locator("#stats")).to_contain_text("compression ratio")
+        expect(page.locator("#push-btn")).to_be_visible()
+
+        page.get_by_role("tab", name="Explore").click()
+        expect(page.locator("#explore-btn")).to_be_visible()
+        expect(page.locator("#reconstruct-btn")).to_be_hidden()  # no adapter to pick before a checkpoint is read
+        textbox(page, "explore-repo").fill("tester/seed-share")
+        page.locator("#explore-btn").click()
+        expect(page.locator("#explore-adapters")).to_contain_text("legal")
+        page.locator("#reconstruct-btn").click()
+        expect(page.locator("#adapter-zip")).to_contain_text("billing-lora-peft-adapter")
+
+        page.get_by_role("tab", name="Try it").click()
+        expect(page.locator("#try-out")).to_be_hidden()
+        textbox(page, "try-repo").fill("tester/bert-share")
+        page.locator("#try-list-btn").click()
+        expect(page.locator("#try-info")).to_contain_text("3 adapters on tester/tiny-bert")
+        for name in ("task0", "task1", "task2"):
+            expect(page.locator("#try-adapters")).to_contain_text(name)
+        textbox(page, "try-text").fill("the film was not good")
+        page.locator("#try-btn").click()
+        expect(page.locator("#try-summary")).to_contain_text("one batch")
+        out = page.locator("#try-out")
+        for row in ("task0", "task1", "task2", "base model", "LABEL_"):
+            expect(out).to_contain_text(row)
+        page.screenshot(path=str(tmp_path / "space-try.png"), full_page=True)
+    finally:
+        page.close()
+    assert (tmp_path / "space-try.png").stat().st_size > 10_000
+    assert not errors, errors
     assert sorted(p.name for p in Path(space.tmpdir).iterdir()) == []
