@@ -207,6 +207,19 @@ def _raise_non_finite(chunk: Sequence[GroupPlan], adapters: Sequence[Adapter]) -
 _SAFE_EXPONENT = 32
 
 
+def _grams_out_of_range(GA: Sequence[torch.Tensor], GB: Sequence[torch.Tensor]) -> bool:
+    """Whether some member's Gram (r × r) is tiny, zero, huge or not finite: then its factors need :func:`_rescale`.
+
+    The Grams are computed anyway, so the common case costs a few small reductions: a member's
+    largest squared row norm within 2^±64 is exact enough in float32.
+    """
+    grams = (*GA, *GB)
+    if not grams:
+        return False
+    d = torch.stack([torch.diagonal(g, dim1=-2, dim2=-1).amax(-1) for g in grams])  # (2N, G): one host sync below
+    return not bool(((d >= 2.0 ** -(2 * _SAFE_EXPONENT)) & (d <= 2.0 ** (2 * _SAFE_EXPONENT))).all())
+
+
 def _rescale(FA: torch.Tensor, FB: torch.Tensor, ranks: Tuple[int, ...], weighting: str
              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Factor stacks scaled by exact powers of two so that Grams neither underflow nor overflow.
@@ -467,8 +480,11 @@ def _spectra(
         if opts.device:
             FA, FB = FA.to(opts.device), FB.to(opts.device)
         ranks = chunk[0].ranks
-        FA, FB, _ = _rescale(FA, FB, ranks, opts.weighting)  # spectra only: no loadings to scale back
-        _, _, WA, WB, _, _ = _weights(FA, FB, ranks, opts.weighting)
+        GA, GB, WA, WB, _, _ = _weights(FA, FB, ranks, opts.weighting)
+        if _grams_out_of_range(GA, GB):  # spectra only: no loadings to scale back
+            FA, FB, shifts = _rescale(FA, FB, ranks, opts.weighting)
+            if shifts is not None:
+                _, _, WA, WB, _, _ = _weights(FA, FB, ranks, opts.weighting)
         for side, F, W in (("A", FA, WA), ("B", FB, WB)):
             seed += 1
             n, d = F.shape[-2], F.shape[-1]
@@ -703,9 +719,12 @@ def _compress(
         if opts.device:
             FA, FB = FA.to(opts.device), FB.to(opts.device)
         ranks = chunk[0].ranks
-        raw = (FA, FB)
-        FA, FB, shifts = _rescale(FA, FB, ranks, opts.weighting)
+        raw, shifts = (FA, FB), None
         GA, GB, WA, WB, sq, totals = _weights(FA, FB, ranks, opts.weighting)
+        if _grams_out_of_range(GA, GB):  # rare: factors so small or large that their Grams lost precision
+            FA, FB, shifts = _rescale(FA, FB, ranks, opts.weighting)
+            if shifts is not None:
+                GA, GB, WA, WB, sq, totals = _weights(FA, FB, ranks, opts.weighting)
         bases, kept = {}, {}
         for side, F, W in (("A", FA, WA), ("B", FB, WB)):
             seed += 1

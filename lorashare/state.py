@@ -94,9 +94,10 @@ class AdapterRecord:
         """``{"<module>:<A|B>": loading (k × r)}`` as float tensors."""
         return MappingProxyType({k: as_float(w) for k, w in self.weights.items()})
 
-    @property
+    @cached_property
     def rank(self) -> int:
-        return max((int(as_float(w).shape[1]) for w in self.weights.values()), default=0)
+        """The largest rank of its modules."""
+        return max((int(w.shape[1]) for w in self.weights.values()), default=0)
 
     def replace(self, **changes: Any) -> "AdapterRecord":
         return dataclasses.replace(self, **changes)
