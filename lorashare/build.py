@@ -67,11 +67,13 @@ def _assemble(opened: Sequence[Adapter], results: Sequence[GroupResult], heads: 
         p = res.plan
         for side in "AB":
             key = group_key(p.module, side)
-            bases[key] = res.stored_basis.get(side, res.basis[side])
+            st = res.stored_basis.get(side)
+            # The pipeline already decoded what it stored (errors are measured on it): no second decode.
+            bases[key] = st.decoded_as(res.basis[side]) if st is not None else res.basis[side]
             explained[key] = res.explained[side]
             stored = res.stored_loadings.get(side)
             for j, (idx, L) in enumerate(zip(p.members, res.loadings[side])):
-                loadings[opened[idx].name][key] = stored[j] if stored else L
+                loadings[opened[idx].name][key] = stored[j].decoded_as(L) if stored else L
         for idx, e in zip(p.members, res.rel_error):
             errors[opened[idx].name][p.module] = e
     records = {a.name: record_of(a, loadings[a.name], heads.get(a.name) or {}, errors[a.name], sha)

@@ -132,6 +132,12 @@ class Stored:
             object.__setattr__(self, "_version", cached._version)
         return cached
 
+    def decoded_as(self, value: torch.Tensor) -> "Stored":
+        """This value, with ``value`` (what :meth:`dequantize` gives, already computed) as its decoded cache."""
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_version", value._version)
+        return self
+
     def unchanged(self) -> bool:
         """Whether the cached float tensor (if decoded) still holds what the codes decode to.
 
