@@ -122,15 +122,19 @@ def main(argv: List[str] | None = None) -> int:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
     today = _dt.date.today().isoformat()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    candidate = f"working tree at {head}" + (" (with uncommitted changes)" if dirty else "")
     rows = [{"task": t, "base_s": statistics.median(v["base"]), "candidate_s": statistics.median(v["candidate"]),
              "ratio": statistics.median(v["candidate"]) / statistics.median(v["base"])} for t, v in times.items()]
-    meta = {"date": today, "base": rev, "candidate": "working tree", "rounds": args.rounds, "threads": args.threads,
+    meta = {"date": today, "base": rev, "candidate": candidate, "rounds": args.rounds, "threads": args.threads,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "command": "python benchmarks/revisions.py "
             + " ".join(a for a in (argv or sys.argv[1:]))}
     out = args.out or HERE / "results" / f"revisions-{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "raw": times}, indent=2))
-    md = [f"# {rev} vs working tree ({today}, {meta['machine']}, {args.threads} thread(s), {args.rounds} rounds)", "",
+    md = [f"# {rev} vs the {candidate} ({today}, {meta['machine']}, {args.threads} thread(s), {args.rounds} rounds)", "",
           f"`{meta['command'].strip()}`", "", "| task | base (s) | candidate (s) | candidate / base |", "|---|---|---|---|"]
     md += [f"| {r['task']} | {r['base_s']:.4f} | {r['candidate_s']:.4f} | {r['ratio']:.2f} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
