@@ -294,6 +294,7 @@ def worker_layer(d: int, r: int, k: int, n_adapters: int, rows: int, dtype: str,
     share = SHAREModel(SHAREConfig(), comps, loads, {a: dict(cfg) for a in names})
     box = Box().to(dt_)
     served = share.serve(box)
+    snapshot = served._snapshot()  # the tables one call reads (taken before the base layer is swapped out)
     ours_layer = box.proj
     base_layer = ours_layer.base_layer
     ours_layer.base_layer = _Zeros(d)
@@ -308,7 +309,7 @@ def worker_layer(d: int, r: int, k: int, n_adapters: int, rows: int, dtype: str,
             if "lora_" in nm:
                 p.normal_(0, 0.05, generator=g)
     results = []
-    index = {a: i + 1 for i, a in enumerate(served.adapter_names)}
+    index = snapshot.index
     with torch.no_grad():
         for phase, tokens in (("decode", 1), ("prefill", prefill)):
             x = torch.randn(rows, tokens, d, generator=g).to(dt_)
@@ -319,7 +320,7 @@ def worker_layer(d: int, r: int, k: int, n_adapters: int, rows: int, dtype: str,
                 idx = torch.tensor([index[a] for a in row_names])
 
                 def ours() -> None:
-                    with served._router.use(_Route(idx, None)):  # what one routed forward sets up
+                    with served._router.use(_Route(snapshot, idx, None)):  # what one routed forward sets up
                         ours_layer(x)
 
                 fns = {"ours": ours, "peft": lambda: peft_layer(x, adapter_names=row_names)}
