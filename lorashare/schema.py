@@ -190,6 +190,12 @@ def validate(data: Mapping[str, Any], schema: type, path: str, prefix: str = "")
                 raise bad(path, prefix + need, data.get(need), f"a number ({prefix}{name} is set)")
 
 
+def _validated(schema: Any, data: Mapping[str, Any], path: str) -> Any:
+    """``schema(**data)`` after :func:`validate`, with only the fields it knows."""
+    validate(data, schema, path)
+    return schema(**_known(schema, data, path))
+
+
 def _known(schema: type, data: Mapping[str, Any], what: str) -> Dict[str, Any]:
     """The keys of ``data`` that are fields of ``schema`` (newer writers may add others)."""
     names = {f.name for f in dataclasses.fields(schema)}
@@ -269,8 +275,7 @@ class CompressionStats:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, path: str = "compression_stats") -> "CompressionStats":
         """Validated; missing keys (0.1.x) take their defaults, unknown ones are ignored."""
-        validate(data, cls, path)
-        return cls(**_known(cls, data, path))
+        return _validated(cls, data, path)
 
 
 @dataclass
@@ -305,8 +310,8 @@ class AdapterInfo:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, path: str = "adapters") -> "AdapterInfo":
-        validate(data, cls, path)
-        return cls(**_known(cls, data, path))
+        """Validated; unknown keys are ignored."""
+        return _validated(cls, data, path)
 
 
 @dataclass

@@ -1072,6 +1072,17 @@ def oauth_enabled() -> bool:
         os.environ.get("OAUTH_CLIENT_ID"))
 
 
+def _result_plots() -> Tuple[gr.LinePlot, gr.BarPlot]:
+    """The two plots a compression and a checkpoint both show: explained variance, and bytes before and after."""
+    with gr.Row():
+        ev = gr.LinePlot(x="layer", y="explained variance", color="side", tooltip=["module", "side", "explained variance"],
+                         title="Explained variance per module and side", height=320, label="Explained variance",
+                         show_label=False)
+        sizes = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after", y_axis_format="~s",
+                           height=320, sort=["original LoRA", "SHARE"], label="Bytes before and after", show_label=False)
+    return ev, sizes
+
+
 def build_demo() -> gr.Blocks:
     on_space = oauth_enabled()
     with gr.Blocks(title="lorashare: SHARE for LoRA adapters", delete_cache=(1800, 3600)) as demo:
@@ -1107,14 +1118,7 @@ def build_demo() -> gr.Blocks:
             with gr.Column(visible=False) as compress_results:  # shown once there are results
                 stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True, elem_id="stats")
                 fidelity = gr.Dataframe(label="Fidelity per adapter", interactive=False, wrap=True, elem_id="fidelity")
-                with gr.Row():
-                    ev_plot = gr.LinePlot(x="layer", y="explained variance", color="side",
-                                          tooltip=["module", "side", "explained variance"],
-                                          title="Explained variance per module and side", height=320,
-                                          label="Explained variance", show_label=False)
-                    bytes_plot = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
-                                            y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"],
-                                            label="Bytes before and after", show_label=False)
+                ev_plot, bytes_plot = _result_plots()
                 checkpoint_zip = gr.File(label="SHARE checkpoint (.zip)", interactive=False, elem_id="checkpoint-zip")
                 with gr.Accordion("Push to the Hub", open=True):
                     gr.Markdown("Sign in (on the Space) or paste a token with write access above."
@@ -1138,14 +1142,7 @@ def build_demo() -> gr.Blocks:
             with gr.Column(visible=False) as explore_results:  # shown once a checkpoint is read
                 adapters = gr.Dataframe(label="Adapters", interactive=False, wrap=True, elem_id="explore-adapters")
                 explore_stats = gr.Dataframe(label="Compression statistics", interactive=False, wrap=True)
-                with gr.Row():
-                    explore_ev = gr.LinePlot(x="layer", y="explained variance", color="side",
-                                             tooltip=["module", "side", "explained variance"],
-                                             title="Explained variance per module and side", height=320,
-                                             label="Explained variance", show_label=False)
-                    explore_bytes = gr.BarPlot(x="checkpoint", y="bytes", color="part", title="Bytes before and after",
-                                               y_axis_format="~s", height=320, sort=["original LoRA", "SHARE"],
-                                               label="Bytes before and after", show_label=False)
+                explore_ev, explore_bytes = _result_plots()
                 with gr.Row():
                     adapter_pick = gr.Dropdown(label="Adapter to reconstruct", choices=[], allow_custom_value=True,
                                                scale=3)
