@@ -32,7 +32,7 @@ from .errors import AdapterError, AdapterNotFoundError, IncompatibleAdaptersErro
 from .jsonfile import loads as json_loads
 from .loraconfig import check_lora_config, module_scale, pattern_value
 from .names import check_name, derive_name, file_kind, open_regular, unique_name
-from .tensorfile import TensorFile, read_header, save_bytes
+from .tensorfile import TensorFile, read_header, write_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -696,15 +696,17 @@ def write_peft_adapter(
     *,
     inputs: Iterable[str] = (),
     overwrite: bool = False,
+    durable: bool = True,
 ) -> None:
     """Write a standard PEFT adapter folder atomically (``PeftModel.from_pretrained`` loads it).
 
     ``folder`` may be new, empty or an adapter lorashare rebuilt before; see
-    :func:`lorashare.atomic.check_target` for what is never replaced.
+    :func:`lorashare.atomic.check_target` for what is never replaced.  ``durable=False`` skips
+    the fsync, for a cache that checks its folders itself.
     """
     with atomic_folder(folder, what="rebuilt adapter", replaceable=foreign_adapter_content, inputs=inputs,
-                       overwrite=overwrite) as tmp:
+                       overwrite=overwrite, durable=durable) as tmp:
         with open(os.path.join(tmp, WEIGHTS_NAME), "wb") as f:
-            f.write(save_bytes(tensors, REBUILT_METADATA))
+            write_tensors(f, tensors, REBUILT_METADATA)
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(dict(config), f, indent=2, sort_keys=True)

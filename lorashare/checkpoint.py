@@ -96,6 +96,8 @@ class CheckpointData:
     metas: Dict[str, Dict[str, Any]]
     stored_components: Dict[str, Stored] = field(default_factory=dict)
     stored_loadings: Dict[str, Dict[str, Stored]] = field(default_factory=dict)
+    peaks: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Per-column peaks of the bases, from their checks: what a later load with ``bases=`` reuses."""
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -162,9 +164,15 @@ def checkpoint_files(cfg: SHAREConfig, names: Optional[Iterable[str]] = None) ->
 
 
 def load_checkpoint(
-    folder: str, *, adapters: Optional[Iterable[str]] = None, verify: bool = True, jail: Optional[str] = None
+    folder: str, *, adapters: Optional[Iterable[str]] = None, verify: bool = True, jail: Optional[str] = None,
+    bases: Optional[CheckpointData] = None,
 ) -> CheckpointData:
     """Read a checkpoint (v1 or 0.1.x), only the named adapters if ``adapters`` is given.
+
+    ``bases``: an earlier load of the same checkpoint (the same ``share_config.json``), whose
+    bases were read and checked already; they are reused instead of read again, so that loading
+    adapters one at a time reads the bases once.  A config that differs from the one they came
+    with is refused.
 
     With ``verify`` every file read is checked against its sha256 in the config.  Whatever
     ``verify`` says, every claim of the config (keys, k, shapes, ranks) is checked against the
@@ -174,10 +182,12 @@ def load_checkpoint(
 
     Example:
         >>> data = load_checkpoint("share_ckpt", adapters=["billing"])  # doctest: +SKIP
+        >>> bases = load_checkpoint("share_ckpt", adapters=[])  # doctest: +SKIP
+        >>> one = load_checkpoint("share_ckpt", adapters=["refunds"], bases=bases)  # doctest: +SKIP
     """
     cfg, stamp = read_config_stamped(folder, jail=jail)
     try:
-        data = _load(folder, cfg, adapters, verify, jail)
+        data = _load(folder, cfg, adapters, verify, jail, bases)
     except CheckpointError as exc:
         _check_unchanged(folder, jail, stamp, exc)
         raise
@@ -197,7 +207,14 @@ def _check_unchanged(folder: str, jail: Optional[str], stamp: Stamp, cause: Opti
 
 
 def _load(folder: str, cfg: SHAREConfig, adapters: Optional[Iterable[str]], verify: bool,
-          jail: Optional[str]) -> CheckpointData:
+          jail: Optional[str], bases: Optional[CheckpointData] = None) -> CheckpointData:
+    if cfg.format_version == 0:
+        bases = None  # a 0.1.x config has no fingerprints to tell that the bases are still these: read them
+    elif bases is not None and bases.config != cfg:
+        raise CheckpointError(
+            f"{folder}/{CONFIG_FILE} is not the config the bases were read with: the checkpoint changed in "
+            "between. Load it again from the start.", path=os.path.join(folder, CONFIG_FILE),
+        )
     if cfg.format_version == 0:
         cfg = _legacy_config(folder, cfg, jail)
         if verify:
@@ -220,12 +237,15 @@ def _load(folder: str, cfg: SHAREConfig, adapters: Optional[Iterable[str]], veri
                     "Re-download it or re-save it.",
                     path=os.path.join(folder, *rel.split("/")),
                 )
-    components = _read_tensors(folder, COMPONENTS_FILE, cfg, verify, jail)
-    stored_components: Dict[str, Stored] = {}
     stored_loadings: Dict[str, Dict[str, Stored]] = {}
-    if cfg.storage is not None:
-        components, stored_components = _decode(components, cfg.storage["bases"], cfg, folder, COMPONENTS_FILE, None)
-    amax = _check_bases(folder, cfg, components)  # per column, for _check_rebuild
+    if bases is not None:
+        components, stored_components, amax = bases.components, bases.stored_components, bases.peaks
+    else:
+        components = _read_tensors(folder, COMPONENTS_FILE, cfg, verify, jail)
+        stored_components = {}
+        if cfg.storage is not None:
+            components, stored_components = _decode(components, cfg.storage["bases"], cfg, folder, COMPONENTS_FILE, None)
+        amax = _check_bases(folder, cfg, components)  # per column, for _check_rebuild
     loadings, heads, metas = {}, {}, {}
     for n in names:
         base = f"adapters/{n}"
@@ -246,7 +266,7 @@ def _load(folder: str, cfg: SHAREConfig, adapters: Optional[Iterable[str]], veri
     card = checkpoint_path(folder, CARD_FILE, jail)
     if verify and CARD_FILE in cfg.files and os.path.isfile(card):
         _verify(folder, CARD_FILE, cfg, card)  # the card is not used here, but a tampered one is reported
-    return CheckpointData(cfg, components, loadings, heads, metas, stored_components, stored_loadings)
+    return CheckpointData(cfg, components, loadings, heads, metas, stored_components, stored_loadings, amax)
 
 
 def _decode(raw: Mapping[str, torch.Tensor], scheme: str, cfg: SHAREConfig, folder: str, rel: str,

@@ -249,6 +249,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_adapters
+
+    share = _load(args, args.adapter or None)
+    written = export_adapters(share.state, args.output, args.adapter or None, max_rank=args.max_rank, dtype=args.dtype,
+                              overwrite=args.overwrite, progress=not (args.quiet or args.json))
+    ranks = {n: share.records[n].rank for n in written}
+    if not args.json:
+        for n in written:
+            print(f"{n} -> {os.path.join(args.output, n)} (rank {ranks[n]})")
+    _emit(args, {"written": written, "ranks": ranks}, "")
+    return 0
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     _OWN_NOTES.add("larger")
     share = _load(args)
@@ -302,6 +316,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
                       progress=not args.json and not args.quiet, json_mode=args.json)
     _emit(args, result.to_json(), result.text())
     return 0
+
+
+def _rebuild_flags(parser: argparse.ArgumentParser) -> None:
+    """--overwrite and --revision, as the verbs that write rebuilt adapters have them."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="also replace a non-empty folder that lorashare did not write (never a file, '.', "
+                             "the checkpoint, anything inside it, or a folder holding it)")
+    parser.add_argument("--revision", help="Hub branch, tag or commit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,11 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="rebuild every adapter into OUTPUT/<name>")
     reconstruct.add_argument("-o", "--output", required=True,
                              help="output folder: new, empty, or an adapter lorashare rebuilt before (replaced atomically)")
-    reconstruct.add_argument("--overwrite", action="store_true",
-                             help="also replace a non-empty folder that lorashare did not write (never a file, '.', "
-                                  "the checkpoint, anything inside it, or a folder holding it)")
-    reconstruct.add_argument("--revision", help="Hub branch, tag or commit")
+    _rebuild_flags(reconstruct)
     reconstruct.set_defaults(func=cmd_reconstruct)
+
+    export = sub.add_parser(
+        "export", parents=[common], help="write adapters as PEFT folders for vLLM, SGLang or LoRAX",
+        description="Rebuild all adapters (or those given with --adapter) as standard PEFT folders OUTPUT/<name>, "
+                    "for an inference engine's static LoRA list (vLLM: --lora-modules name=OUTPUT/name). "
+                    "--max-rank checks every adapter against the engine's max_lora_rank before anything is written.")
+    export.add_argument("checkpoint", help="checkpoint folder or Hub repo id (from the Hub, only the chosen adapters "
+                                           "are downloaded)")
+    export.add_argument("-o", "--output", required=True, help="folder to write OUTPUT/<name> into")
+    export.add_argument("--adapter", action="append", metavar="NAME", help="an adapter to export (repeat; default: all)")
+    export.add_argument("--max-rank", type=int, metavar="R",
+                        help="refuse (exit 2, nothing written) if an adapter's rank is above R, the engine's max_lora_rank")
+    export.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the LoRA factors on disk (default float32; engines cast to the model's dtype)")
+    _rebuild_flags(export)
+    export.set_defaults(func=cmd_export)
 
     add = sub.add_parser("add", parents=[common], help="add an adapter to a checkpoint (projection or recompute)",
                          description="Add an adapter to a local checkpoint, by projection onto the bases when they explain it well enough, else by recomputing.")
@@ -499,7 +534,7 @@ def _with_fix(exc: LoraShareError, fix: Optional[str]) -> str:
 
 
 def _foreign_message(exc: LoraShareError, args: argparse.Namespace) -> str:
-    if args.command in ("compress", "reconstruct"):  # the subcommands that have --overwrite
+    if args.command in ("compress", "reconstruct", "export"):  # the subcommands that have --overwrite
         return _with_fix(exc, "Choose another path, remove it yourself, or pass --overwrite to replace it.")
     if args.command in ("add", "remove"):
         # An edit in place: --overwrite would delete what the user put there, so no such flag; moving it works.
@@ -510,7 +545,9 @@ def _foreign_message(exc: LoraShareError, args: argparse.Namespace) -> str:
 
 
 def _invalid_name_message(exc: LoraShareError, args: argparse.Namespace) -> str:
-    given = [*(getattr(args, "names", None) or []), getattr(args, "adapter", None), getattr(args, "adapter_name", None),
+    chosen = getattr(args, "adapter", None)
+    given = [*(getattr(args, "names", None) or []), *(chosen if isinstance(chosen, list) else [chosen]),
+             getattr(args, "adapter_name", None),
              *(item.split("=", 1)[0] for item in getattr(args, "name", None) or [] if isinstance(item, str))]
     if exc.adapter not in given:  # not a name typed here (one read from a checkpoint): no flag fixes it
         return _with_fix(exc, None)
@@ -518,7 +555,7 @@ def _invalid_name_message(exc: LoraShareError, args: argparse.Namespace) -> str:
         "compress": "Pick another name with --name NAME=PATH (or --names).",
         "add": "Pick another name with --name NAME.",
     }.get(args.command)
-    if fix is None and args.command in ("reconstruct", "remove"):
+    if fix is None and args.command in ("reconstruct", "remove", "export"):
         ckpt = getattr(args, "checkpoint", None) or "CHECKPOINT"
         fix = f"Give the name of an adapter in the checkpoint (lorashare info {shlex.quote(ckpt)} lists them)."
     return _with_fix(exc, fix)
@@ -564,6 +601,8 @@ KEYWORD_FLAGS: Dict[str, Dict[str, Tuple[str, str]]] = {
 
 def _config_message(exc: LoraShareError, args: argparse.Namespace) -> str:
     msg = str(exc)
+    if args.command == "export" and getattr(args, "max_rank", None) is not None and "max_lora_rank" in msg:
+        return f"--max-rank {args.max_rank}: {msg}"
     for keyword, (flag, dest) in KEYWORD_FLAGS.get(args.command, {}).items():
         m = re.match(rf"{keyword}=\S*?: ", msg)
         if m:

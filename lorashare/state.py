@@ -195,15 +195,20 @@ class SHAREState:
         return new
 
 
-def rebuild(state: SHAREState, name: str, *, peft_keys: bool = False) -> Dict[str, torch.Tensor]:
-    """One adapter's rebuilt factors and heads, under its own keys (PEFT's saved form with ``peft_keys``)."""
+def rebuild(state: SHAREState, name: str, *, peft_keys: bool = False, contiguous: bool = True) -> Dict[str, torch.Tensor]:
+    """One adapter's rebuilt factors and heads, under its own keys (PEFT's saved form with ``peft_keys``).
+
+    ``contiguous=False`` leaves A factors as transposed views, for a caller that copies them anyway
+    (a cast to another dtype makes them contiguous in the same pass).
+    """
     rec = state.records[name]
     own = {} if peft_keys else rec.lora_keys
     out: Dict[str, torch.Tensor] = {}
     for key, L in rec.loadings.items():
         module, side = split_group_key(key)
         W = S.reconstruct_rows(state.components[key], L)  # (r, d)
-        out[own.get(key) or lora_key(module, side)] = (W if side == "A" else W.T).contiguous()
+        W = W if side == "A" else W.T
+        out[own.get(key) or lora_key(module, side)] = W.contiguous() if contiguous else W
     out.update(rec.heads)
     return out
 

@@ -309,6 +309,9 @@ class HubServer:
     * ``github_request_token`` / ``github_id_token``: ``GET /__github/id-token`` (point
       ``ACTIONS_ID_TOKEN_REQUEST_URL`` at ``url + "/__github/id-token"``) answers ``github_id_token``
       to a bearer of ``github_request_token``; ``id_token_audiences`` logs the audiences asked for.
+    * ``bandwidth``: if set, bytes per second of one link that all response bodies share (as a
+      server's uplink would), for benchmarks; ``bytes_sent`` counts the body bytes sent since the
+      last ``reset_log``.
     """
 
     def __init__(self, *, user: str = "tester", seed_gitattributes: bool = True) -> None:
@@ -321,6 +324,10 @@ class HubServer:
         self.github_request_token = "gha-request-token"
         self.github_id_token = "eyJ.github-id-token.sig"
         self.id_token_audiences: list[str] = []
+        self.bandwidth: float | None = None
+        self.bytes_sent = 0
+        self._link_free = 0.0
+        self._link_lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
         self.records: list[RequestRecord] = []
         self.internal_errors: list[str] = []
@@ -385,6 +392,7 @@ class HubServer:
         with self._lock:
             self.requests.clear()
             self.records.clear()
+            self.bytes_sent = 0
 
     def served_files(self, repo_id: str, *, repo_type: str = "model") -> set[str]:
         """Paths whose content was sent by a GET ``/resolve`` (HEADs and errors don't count)."""
@@ -860,6 +868,12 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in separate writes: without this, Nagle's algorithm holds the body
+        # until the client's delayed ACK (about 40 ms on Linux) on every keep-alive request.
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         with self.server.sockets_lock:
             self.server.open_sockets.add(self.connection)
 
@@ -1001,7 +1015,27 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if name == "trickle":
             self._trickle(body, *action[1:])  # type: ignore[misc]
             return
-        self.wfile.write(body)
+        self._write_paced(body)
+
+    def _write_paced(self, body: bytes) -> None:
+        """Send ``body``, at the hub's ``bandwidth`` if set: each chunk books its time on the one shared link."""
+        hub = self.server.hub
+        with hub._lock:
+            hub.bytes_sent += len(body)
+        if not hub.bandwidth:
+            self.wfile.write(body)
+            return
+        step = 1 << 18
+        for start in range(0, len(body), step):
+            chunk = body[start : start + step]
+            with hub._link_lock:
+                begin = max(time.monotonic(), hub._link_free)
+                hub._link_free = begin + len(chunk) / float(hub.bandwidth)
+                until = hub._link_free
+            delay = until - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.wfile.write(chunk)
 
     def _trickle(self, body: bytes, nbytes: int = 4, interval: float = 0.25) -> None:
         """Send ``body`` a few bytes at a time: every read succeeds, the whole takes forever."""

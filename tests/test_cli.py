@@ -62,7 +62,7 @@ def test_cli_named_and_auto(adapter_dirs, tmp_path, capsys):
 
 def test_cli_subprocess_help_and_exit_codes(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    for verb in ("compress", "info", "reconstruct", "add", "remove", "push"):
+    for verb in ("compress", "info", "reconstruct", "export", "add", "remove", "push"):
         r = subprocess.run([sys.executable, "-m", "lorashare", verb, "--help"], capture_output=True, text=True, env=env)
         assert r.returncode == 0 and "usage: lorashare" in r.stdout, verb
     r = subprocess.run([sys.executable, "-m", "lorashare", "info", str(tmp_path / "missing")], capture_output=True, text=True, env=env)

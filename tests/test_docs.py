@@ -68,7 +68,7 @@ def test_cli_page_has_every_verb_and_option_of_the_parser():
     parser = build_parser()
     page = gen.cli_markdown(parser)
     verbs = gen.subcommands(parser)
-    assert {"compress", "info", "reconstruct", "add", "remove", "push", "sync"} <= set(verbs)
+    assert {"compress", "info", "reconstruct", "export", "add", "remove", "push", "sync"} <= set(verbs)
     sections = _sections(page)
     assert list(sections) == list(verbs), "one section per verb, in the parser's order"
     for verb, sub in verbs.items():

@@ -44,7 +44,7 @@ ADAPTERS = ROOT / "examples" / "adapters"
 #: CHANGELOG.md and CONTRIBUTING.md), and the pages of the Action and the Space, docs/action.md
 #: and docs/space.md, which are checked with them (tests/test_manifest_example.py, tests/test_space*.py).
 PAGES = ["README.md", "CONTRIBUTING.md"] + [
-    f"docs/{p}" for p in ("index.md", "getting-started.md", "hub.md", "serving.md", "how-it-works.md",
+    f"docs/{p}" for p in ("index.md", "getting-started.md", "hub.md", "serving.md", "vllm.md", "how-it-works.md",
                           "format.md", "api.md", "modules.md", "reliability.md", "benchmarks.md")]
 
 #: What stands in for the placeholders of the pages. Folders are copies of the bundled adapters in
@@ -287,7 +287,7 @@ def test_the_placeholders_are_the_pages_own():
 
 
 RUN = {"bundled-example", "walkthrough-cli", "walkthrough-python", "readme-library", "readme-cli", "readme-serving",
-       "hub-adapters", "hub-push", "hub-cli", "serving", "api-import"}
+       "hub-adapters", "hub-push", "hub-cli", "serving", "api-import", "vllm-export"}
 
 
 def test_the_readme_opens_with_the_bundled_example():
@@ -423,6 +423,23 @@ def test_serving_page(model, scratch, local_hub, monkeypatch):
 
 
 # --------------------------------------------------------------------------- the API page
+def test_vllm_page_export(scratch, monkeypatch):
+    ran = run_bash(block("run", "vllm-export"), monkeypatch)
+    assert [r.argv[1] for r in ran] == ["compress", "export", "export"]
+    assert_prints(block("output", "vllm-export"), ran[1].stdout)
+    assert json.loads(ran[2].stdout.strip().splitlines()[-1])["ranks"] == {"task3": 4}
+    for name in ("task1", "task3"):
+        assert (scratch / "exported" / name / "adapter_model.safetensors").is_file()
+    assert sorted(os.listdir(scratch / "exported-bf16")) == ["task3"]
+    # The refusal the page quotes is what the command says.
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert lorashare_main(["export", "share_ckpt", "-o", "small", "--max-rank", "2"]) == 2
+    said = err.getvalue().split("error: ", 1)[1].strip()
+    assert quoted("docs/vllm.md", said), said
+    assert not (scratch / "small").exists()
+
+
 def test_api_page_import():
     ns = namespace()
     run_python(block("run", "api-import"), ns)

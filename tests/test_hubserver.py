@@ -474,3 +474,25 @@ def test_reset_aborts_the_connection_with_rst(hub: HubServer, nbytes: object) ->
     # The server carries on: the next request is answered in full.
     assert urllib.request.urlopen(hf_hub_url(REPO, "f.bin", endpoint=hub.url), timeout=5).read() == body
     assert hub.internal_errors == []
+
+
+def test_bandwidth_paces_bodies_on_one_shared_link_and_counts_bytes():
+    import time as _time
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.request import urlopen
+
+    with HubServer() as hub:
+        hub.create_repo("me/big")
+        payload = bytes(range(256)) * 2048  # 512 KiB
+        hub.commit("me/big", {"a.bin": payload, "b.bin": payload[::-1]})
+        hub.reset_log()
+        hub.bandwidth = 4 * 1024 * 1024  # 4 MiB/s: two 512 KiB bodies at once take 0.25 s on the shared link
+        start = _time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda f: urlopen(f"{hub.url}/me/big/resolve/main/{f}").read(), ["a.bin", "b.bin"]))
+        took = _time.monotonic() - start
+        assert got == [payload, payload[::-1]]
+        assert hub.bytes_sent == 2 * len(payload)
+        assert took >= 0.24, took  # a floor only: the link cannot go faster than its bandwidth
+        hub.reset_log()
+        assert hub.bytes_sent == 0
