@@ -84,7 +84,7 @@ def _files(folder: str) -> Dict[str, bytes]:
 def _worker(impl: str, url: str, names: List[str], dtype: str) -> Dict[str, Any]:
     """One side, in a fresh interpreter whose HF cache is empty: seconds per cold adapter, in order."""
     seconds: List[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         if impl == "whole":
             from huggingface_hub import HfApi, snapshot_download
 
@@ -108,12 +108,12 @@ def _worker(impl: str, url: str, names: List[str], dtype: str) -> Dict[str, Any]
 
 
 def _run_side(impl: str, hub: Any, names: List[str], bandwidth: Optional[float], dtype: str,
-              threads: int, profile: Optional[Path] = None) -> Dict[str, Any]:
+              threads: int, profile: Optional[Path] = None, tmp: Optional[str] = None) -> Dict[str, Any]:
     hub.bandwidth = bandwidth * MB if bandwidth else None
     hub.reset_log()
     os.sync()  # each side starts with no dirty pages of the one before, which would throttle its writes
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "HF_HOME": home, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+    with tempfile.TemporaryDirectory(dir=tmp) as home:
+        env = {**os.environ, "HF_HOME": home, **({"BENCH_TMP": tmp} if tmp else {}), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": str(ROOT)}
         env.pop("HF_TOKEN", None)
@@ -153,6 +153,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N=10 at 100 MB/s")
     ap.add_argument("--cache-dir", type=Path, default=HERE / ".cache")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--tmp", help="folder for both sides' caches (default: the system's temporary folder); "
+                                   "/dev/shm takes the disk out of the measurement")
     ap.add_argument("--sides", default="whole,ours", help="which sides to run (default whole,ours)")
     ap.add_argument("--profile", type=Path, help="write a cProfile of each worker to PROFILE-<side>.prof")
     ap.add_argument("--worker", choices=["whole", "ours"], help=argparse.SUPPRESS)
@@ -188,7 +190,7 @@ def main() -> None:
         hub.commit("bench/share", files, lfs=[p for p in files if p.endswith(".safetensors")])
         for bw in [float(b) for b in args.bandwidth.split(",")]:
             for impl in args.sides.split(","):
-                row = _run_side(impl, hub, names, bw or None, args.dtype, args.threads, args.profile)
+                row = _run_side(impl, hub, names, bw or None, args.dtype, args.threads, args.profile, args.tmp)
                 rows.append(row)
                 print(f"{impl:5s} {bw:g} MB/s: {row['bytes'] / MB:,.1f} MB, mean {row['mean_s'] * 1000:,.0f} ms",
                       file=sys.stderr)
@@ -199,9 +201,11 @@ def main() -> None:
     today = _dt.date.today().isoformat()
     meta = {"date": today, "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version(), "n": args.n, "k": args.k, "dtype": args.dtype,
+            "caches": args.tmp or tempfile.gettempdir(),
             "command": " ".join(["python", "benchmarks/resolver.py"] + sys.argv[1:])}
     lines = [f"{today}, {meta['machine']}; `{meta['command']}`; 7B shape (32 layers × q/k/v/o, d=4096, r=16), "
-             f"adapters in bfloat16, checkpoint k={args.k} bfloat16, export {args.dtype}, N={args.n}.", ""]
+             f"adapters in bfloat16, checkpoint k={args.k} bfloat16, export {args.dtype}, N={args.n}; caches in "
+             f"{meta['caches']}.", ""]
     lines += _table(rows, args.n) + ["", "| bandwidth | bytes: whole / ours | time: whole / ours |", "|---|---|---|"]
     for r in ratios:
         bw = f"{r['bandwidth_mb_s']:g} MB/s" if r["bandwidth_mb_s"] else "loopback, unpaced"

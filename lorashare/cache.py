@@ -3,8 +3,9 @@
 An inference server names an adapter ``ALIAS/ADAPTER`` (``support/refunds``).  An
 :class:`AdapterCache` maps the alias to a configured checkpoint, a Hub repo (optionally at a
 revision) or a folder, and gives back a standard PEFT folder for the adapter: from the Hub it
-downloads the shared bases once per checkpoint revision and then only that adapter's files
-(kilobytes), rebuilds the adapter and writes it under the cache root.
+downloads the shared bases once and then only that adapter's files (kilobytes), each into the
+content store ``.blobs/<sha256>`` once it matched the checkpoint's fingerprint, rebuilds the
+adapter and writes it under the cache root.
 
 The folder's name comes from what the adapter is made of (the sha256 of its files and of the
 bases, as the checkpoint fingerprints them, and the export dtype), so a later revision that
@@ -37,7 +38,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 from . import hub
 from .checkpoint import CONFIG_FILE, CheckpointData, checkpoint_files, load_checkpoint
-from .errors import CheckpointNotFoundError, ConfigError, InvalidNameError
+from .errors import CheckpointNotFoundError, ConfigError, HubError, InvalidNameError
 from .export import check_dtype, export_adapter
 from .names import check_name
 from .schema import SHAREConfig, checkpoint_path, read_config
@@ -227,8 +228,17 @@ class AdapterCache:
         pinned = ref.revision if ref.revision and _SHA.match(ref.revision) else None
         if old is not None and (pinned or time.monotonic() - old.checked < self.refresh):
             return old
-        commit = pinned or hub.resolve_revision(hub.HubRef(ref.location, "", ref.revision), token=self.token,
-                                                timeout=self.hub_timeout)
+        try:
+            commit = pinned or hub.resolve_revision(hub.HubRef(ref.location, "", ref.revision), token=self.token,
+                                                    timeout=self.hub_timeout)
+        except HubError as exc:
+            if old is None:
+                raise
+            # A Hub that does not answer now does not make the revision known a minute ago wrong.
+            old.checked = time.monotonic()
+            logger.warning("checkpoint %s: could not look up its revision (%s); staying at commit %s",
+                           ref, " ".join(str(exc).split()), (old.commit or "")[:8])
+            return old
         if old is not None and old.commit == commit:
             old.checked = time.monotonic()
             return old

@@ -376,3 +376,21 @@ def test_cold_adapters_resolved_at_once_download_the_bases_once(env, share, tmp_
     gets = [r.filename for r in env.records if r.method == "GET" and r.kind == "resolve"]
     assert gets.count(BASES) == 1, gets
     assert cache.built == 3
+
+
+def test_a_silent_hub_keeps_the_revision_known_before(env, share, tmp_path, monkeypatch, caplog):
+    import lorashare.hub
+
+    monkeypatch.setenv("LORASHARE_HUB_TIMEOUT", "5")
+    monkeypatch.setattr(lorashare.hub.time, "sleep", lambda seconds: None)  # retries without their back-off
+    share.push_to_hub(CKPT, token=HUB_TOKEN)
+    cache = AdapterCache(parse_checkpoints(f"support={CKPT}"), str(tmp_path / "cache"), refresh=0)
+    first = cache.folder_for("support/task1")  # the bases and task1 are here now
+    env.inject(lambda method, path: ("status", 503) if "/api/models/" in path else None)
+    with caplog.at_level(logging.WARNING, logger="lorashare"):
+        assert cache.folder_for("support/task1") == first
+        assert_equal_tensors(rebuilt(cache.folder_for("support/task2")), share.reconstruct("task2"))
+    assert any("staying at commit" in r.getMessage() for r in caplog.records)
+    cold = AdapterCache(parse_checkpoints(f"support={CKPT}"), str(tmp_path / "other"))
+    with pytest.raises(LoraShareError, match=CKPT):  # nothing known before: the error, named
+        cold.folder_for("support/task1")
