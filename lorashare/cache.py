@@ -190,8 +190,9 @@ class AdapterCache:
         with self._locks[ref.alias]:
             view = self._view(ref)
         if adapter not in view.config.adapter_names:
-            logger.info("%s: checkpoint %s has no adapter %r (it has %s)", name, ref, adapter,
-                        ", ".join(view.config.adapter_names))
+            have = view.config.adapter_names
+            listed = ", ".join(have[:10]) + (f", … ({len(have)} in all)" if len(have) > 10 else "")
+            logger.info("%s: checkpoint %s has no adapter %r (it has %s)", name, ref, adapter, listed)
             return None
         self._check_base(ref, view.config, base_model)
         key = content_key(view.config, adapter, self.dtype, fallback=self._fallback(ref, view, adapter))

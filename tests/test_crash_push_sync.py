@@ -169,10 +169,10 @@ def test_sigkill_during_push_to_hub(env, adapter_dirs, tmp_path, monkeypatch):
         a = SHAREModel.from_pretrained({str(tmp_path / 'state_a')!r})
         b = SHAREModel.from_pretrained({str(tmp_path / 'state_b')!r})
         print("ready", flush=True)
-        i = int(sys.argv[1])
+        i = int(sys.argv[1]) * 1001  # the trial's parity, and descriptions no earlier trial pushed
         while True:
             share = a if i % 2 else b
-            share.config.card.description = f"push {{i}}"  # never a no-op
+            share.config.card.description = f"push {{i}}"  # never a no-op, also across trials
             share.push_to_hub({REPO!r}, commit_message=f"push {{i}}")
             print("pushed", i, flush=True)
             i += 1
