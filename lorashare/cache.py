@@ -37,6 +37,7 @@ import zlib
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 from . import hub
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, file_sha256
 from .checkpoint import CONFIG_FILE, CheckpointData, checkpoint_files, load_checkpoint
 from .errors import CheckpointNotFoundError, ConfigError, HubError, InvalidNameError
 from .export import check_dtype, export_adapter
@@ -115,11 +116,11 @@ def content_key(cfg: SHAREConfig, adapter: str, dtype: str, *, fallback: str = "
     """A sha256 of what ``adapter``'s rebuilt folder is made of: its files, the bases and the export dtype.
 
     ``fallback`` stands in for fingerprints a checkpoint lacks (lorashare 0.1.x): the Hub commit,
-    or the files' own sha256.
+    or the files' own sha256; empty for a checkpoint that has them.
     """
     files = {rel: cfg.files.get(rel) for rel in checkpoint_files(cfg, [adapter]) if rel != CONFIG_FILE}
     payload = {"layout": LAYOUT, "adapter": adapter, "files": files, "dtype": cfg.dtype, "storage": cfg.storage,
-               "export_dtype": dtype, "fallback": fallback if cfg.format_version == 0 or None in files.values() else ""}
+               "export_dtype": dtype, "fallback": fallback}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -130,7 +131,6 @@ class _View:
     config: SHAREConfig
     commit: Optional[str] = None
     folder: Optional[str] = None
-    jail: Optional[str] = None
     bases: Optional[CheckpointData] = None
     checked: float = 0.0
 
@@ -255,7 +255,7 @@ class AdapterCache:
         cfg = read_config(farm, jail=self.root)
         if old is not None:
             logger.info("checkpoint %s moved to commit %s", ref, commit[:8])
-        view = self._views[ref.alias] = _View(cfg, commit=commit, folder=farm, jail=self.root, checked=time.monotonic())
+        view = self._views[ref.alias] = _View(cfg, commit=commit, folder=farm, checked=time.monotonic())
         return view
 
     def _read_adapter(self, ref: CheckpointRef, view: _View, adapter: str):
@@ -297,14 +297,8 @@ class AdapterCache:
             return ""
         if ref.is_hub:
             return view.commit or ""
-        h = hashlib.sha256()
-        for rel in checkpoint_files(view.config, [adapter]):
-            path = checkpoint_path(ref.location, rel)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-        return h.hexdigest()
+        paths = [checkpoint_path(ref.location, rel) for rel in checkpoint_files(view.config, [adapter])]
+        return ",".join(file_sha256(p) for p in paths if os.path.isfile(p))
 
     def _check_base(self, ref: CheckpointRef, cfg: SHAREConfig, base_model: Optional[str]) -> None:
         made_for = cfg.base_model_name_or_path
@@ -316,7 +310,7 @@ class AdapterCache:
                            "adapters fit this model.", ref, made_for, base_model)
 
 
-FILES = ("adapter_config.json", "adapter_model.safetensors")
+FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 def _put(path: str, data: bytes) -> None:
@@ -358,10 +352,7 @@ def _digests(folder: str) -> Dict[str, object]:
 
 def _write_sidecar(folder: str) -> None:
     """Record the folder's file sizes and CRCs next to it, atomically (write, then rename)."""
-    tmp = f"{_sidecar(folder)}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_digests(folder), f, sort_keys=True)
-    os.replace(tmp, _sidecar(folder))
+    _put(_sidecar(folder), json.dumps(_digests(folder), sort_keys=True).encode())
 
 
 def _intact(folder: str) -> bool:

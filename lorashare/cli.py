@@ -227,24 +227,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .adapters import check_adapter_target
+    from .export import export_adapter, export_adapters
 
     if not args.adapter and not args.all:
         raise UsageError("give --adapter NAME or --all")
     share = _load(args, None if args.all else [args.adapter])
-    names = share.adapter_names if args.all else [args.adapter]
-    targets = {n: os.path.join(args.output, n) if args.all else args.output for n in names}
-    # Every target is checked before the first is written, with the saves' own check, so a
-    # refused one leaves nothing behind (each save checks again, with the folders it read).
-    inputs = [args.checkpoint] if os.path.isdir(args.checkpoint) else []
-    for out in targets.values():
-        check_adapter_target(out, inputs=inputs, overwrite=args.overwrite)
-    written = {}
-    for n, out in targets.items():
-        share.reconstruct(n, output_dir=out, overwrite=args.overwrite)
-        written[n] = os.path.abspath(out)
-        if not args.json:
-            print(f"{n} -> {out}")
+    # export_adapters checks every target before it writes the first, so a refused one leaves nothing behind.
+    if args.all:
+        written = export_adapters(share.state, args.output, overwrite=args.overwrite, progress=False)
+    else:
+        written = {args.adapter: export_adapter(share.state, args.adapter, args.output, overwrite=args.overwrite)}
+    if not args.json:
+        for n in written:
+            print(f"{n} -> {os.path.join(args.output, n) if args.all else args.output}")
     _emit(args, {"written": written}, "")
     return 0
 

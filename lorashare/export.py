@@ -54,7 +54,7 @@ def check_ranks(state: SHAREState, names: Iterable[str], max_rank: Optional[int]
     Example:
         >>> check_ranks(share.state, ["billing"], max_rank=8)  # doctest: +SKIP
         Traceback (most recent call last):
-        ConfigError: adapter 'billing' has rank 16, above --max-rank 8. ...
+        ConfigError: adapter 'billing' has rank 16, above the engine's max_lora_rank 8. ...
     """
     if max_rank is None:
         return

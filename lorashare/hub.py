@@ -31,6 +31,7 @@ are demoted to DEBUG meanwhile.  Not covered: transfers that bypass httpx
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from .errors import (
     HubError,
     HubNotFoundError,
     HubTimeoutError,
+    IntegrityError,
     LoraShareError,
 )
 from .names import is_within
@@ -844,12 +846,8 @@ def fetch_verified(
 
 
 def _get_verified(repo_id: str, commit: str, path: str, sha: str, dest: str, token: Optional[str]) -> None:
-    import hashlib
-
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    from .errors import IntegrityError
 
     _install_hooks()
     url = hf_hub_url(repo_id, path, revision=commit, endpoint=endpoint())

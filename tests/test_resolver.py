@@ -58,7 +58,7 @@ def assert_equal_tensors(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor])
 
 
 def files_fetched(hub: HubServer) -> set:
-    return {f for f in hub.served_files(CKPT)}
+    return set(hub.served_files(CKPT))
 
 
 # ------------------------------------------------------------------------------------ export
