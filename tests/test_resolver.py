@@ -394,3 +394,22 @@ def test_a_silent_hub_keeps_the_revision_known_before(env, share, tmp_path, monk
     cold = AdapterCache(parse_checkpoints(f"support={CKPT}"), str(tmp_path / "other"))
     with pytest.raises(LoraShareError, match=CKPT):  # nothing known before: the error, named
         cold.folder_for("support/task1")
+
+
+def test_export_never_replaces_a_foreign_folder_or_writes_into_the_checkpoint(share, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    share.save_pretrained(ckpt)
+    out = tmp_path / "exp"
+    (out / "task2").mkdir(parents=True)
+    (out / "task2" / "notes.txt").write_text("mine")
+    assert main(["export", str(ckpt), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert str(out / "task2") in err and "--overwrite" in err
+    assert sorted(os.listdir(out)) == ["task2"] and (out / "task2" / "notes.txt").read_text() == "mine"
+
+    assert main(["export", str(ckpt), "-o", str(ckpt / "adapters")]) == 1  # inside the checkpoint it reads
+    assert str(ckpt) in capsys.readouterr().err
+    assert sorted(os.listdir(ckpt / "adapters")) == share.adapter_names
+
+    assert main(["export", str(ckpt), "-o", str(out), "--overwrite"]) == 0
+    assert_equal_tensors(rebuilt(str(out / "task2")), share.reconstruct("task2"))
