@@ -106,6 +106,11 @@ class ConfigError(LoraShareError, ValueError):
     """A parameter or manifest value is out of range or of the wrong type."""
 
 
+class TrainingError(LoraShareError, ValueError):
+    """A model given to learning in the subspace is not the one it needs (not built by
+    ``subspace_model``, trained on other bases, or without the original adapter to match)."""
+
+
 class HubError(LoraShareError):
     """A Hugging Face Hub request failed (not found, unauthorised, offline...)."""
 

@@ -424,6 +424,73 @@ class SHAREModel:
 
         return serve(self, base_model, adapters=None if adapters is None else list(adapters), dtype=dtype)
 
+    # ------------------------------------------------------------------ learning in the subspace
+    def subspace_model(self, base_model: Any, name: str, **options: Any) -> Any:
+        """A ``PeftModel`` of ``base_model`` with a new adapter ``name`` that trains only its loadings.
+
+        The factors are ``lora_A = (U_A·L_A)ᵀ`` and ``lora_B = U_B·L_B`` over this checkpoint's
+        frozen bases; the loadings (and ``modules_to_save``, e.g. a new head) are the only
+        parameters that require grad.  Train it with ``transformers.Trainer``, accelerate or a
+        plain loop, then :meth:`add_trained`.  Options (``r``, ``lora_alpha``, ``target_modules``,
+        ``modules_to_save``, ``lora_dropout``, ``init_zero``, ``rank_updates``, ``use_rslora``,
+        ``task_type``, ``seed``) are those of :func:`lorashare.training.subspace_model`.
+
+        Example:
+            >>> model = share.subspace_model(base_model, "refunds_v2", modules_to_save=["classifier"])  # doctest: +SKIP
+            >>> model.print_trainable_parameters()  # doctest: +SKIP
+        """
+        from .training import subspace_model
+
+        return subspace_model(self._state, base_model, name, **options)
+
+    def add_trained(self, model: Any, *, replace: bool = False, device: Optional[str] = None) -> Dict[str, Any]:
+        """Add the adapter trained in ``model`` (from :meth:`subspace_model`) as it was trained.
+
+        No other adapter changes.  An adapter trained with ``rank_updates`` reaches outside the
+        bases: it is added as a recompute does (every adapter recompressed, the bases refitted),
+        and the report says so.  Returns ``{"method": "trained" | "recompute", "adapter_name", ...}``.
+
+        Example:
+            >>> share.add_trained(model)["method"]  # doctest: +SKIP
+            'trained'
+        """
+        from .training import add_trained
+
+        device = resolve_device(device)
+        with self._lock:
+            nxt, report = add_trained(self._state, model, replace=replace, device=device, progress=self._progress)
+            self._publish(nxt)
+        return report
+
+    def refit(self, adapter_name: str, batches: Iterable[Mapping[str, Any]], *, base_model: Any, **options: Any
+              ) -> Dict[str, Any]:
+        """Train one adapter's loadings to reproduce its original adapter's outputs (distillation).
+
+        ``batches`` are a few hundred unlabelled inputs (tokenizer outputs); the bases and every
+        other adapter stay as they are.  The original adapter comes from ``original=`` or the
+        adapter's recorded source, and must have the recorded fingerprint.  Options: ``original``,
+        ``epochs``, ``lr``, ``loss``, ``temperature``, ``eval_batches``, ``token``, ``progress``
+        (see :func:`lorashare.training.refit`).  Returns a report with the ΔW error and the
+        agreement with the original before and after.
+
+        Example:
+            >>> share.refit("billing", batches, base_model=base)["agreement_after"]  # doctest: +SKIP
+            0.994
+        """
+        from .training import refit
+
+        options.setdefault("progress", self._progress)
+        state = self._state
+        nxt, report = refit(state, adapter_name, batches, base_model=base_model, **options)
+        with self._lock:
+            now = self._state
+            if now.records.get(adapter_name) is not state.records[adapter_name] or any(
+                    now.bases.get(k) is not state.bases[k] for k in state.records[adapter_name].weights):
+                raise ConfigError(f"adapter {adapter_name!r} or the bases changed while it was refitted; refit it again.")
+            if nxt is not state:
+                self._publish(now.next(records={**now.records, adapter_name: nxt.records[adapter_name]}))
+        return report
+
     # ------------------------------------------------------------------ statistics
     def summary(self) -> Dict[str, Any]:
         """Print and return the compression statistics.

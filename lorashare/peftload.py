@@ -17,7 +17,7 @@ from .errors import AdapterError, ConfigError
 from .names import group_key, split_group_key
 from .state import AdapterRecord, SHAREState, rebuild
 
-__all__ = ["peft_config", "load_into", "check_fits", "load_hint"]
+__all__ = ["peft_config", "load_into", "check_fits", "check_module", "has_peft_layers", "load_hint"]
 
 
 def load_hint(state: SHAREState, name: str, model: Any) -> str:
@@ -63,7 +63,7 @@ def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
     """Register the adapters ``names`` of ``state`` on ``model`` (a base model or a ``PeftModel``); ``names[0]`` is active."""
     from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
-    if not isinstance(model, PeftModel) and _has_peft_layers(model):
+    if not isinstance(model, PeftModel) and has_peft_layers(model):
         raise ConfigError(
             f"this {type(model).__name__} already holds PEFT LoRA layers: apply() and load_into() change the base "
             "model in place. Pass a freshly loaded base model, or the PeftModel they returned to add adapters to it.")
@@ -97,7 +97,7 @@ def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
     return model
 
 
-def _has_peft_layers(model: Any) -> bool:
+def has_peft_layers(model: Any) -> bool:
     """Whether PEFT already wrapped layers of ``model`` (an earlier ``get_peft_model`` changed it in place)."""
     return getattr(model, "peft_config", None) is not None or any(
         hasattr(m, "lora_A") for m in model.modules()) if isinstance(model, torch.nn.Module) else False
@@ -106,8 +106,6 @@ def _has_peft_layers(model: Any) -> bool:
 def check_fits(state: SHAREState, model: Any, names: Sequence[str]) -> None:
     """Refuse a base model whose modules do not have the adapters' shapes, before PEFT touches it."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    modules = dict(base.named_modules())
-    this = getattr(base, "name_or_path", None) or type(base).__name__
     comps = state.components
     for n in names:
         hint = load_hint(state, n, base)
@@ -115,17 +113,26 @@ def check_fits(state: SHAREState, model: Any, names: Sequence[str]) -> None:
             module, side = split_group_key(key)
             if side != "A" or group_key(module, "B") not in comps:
                 continue
-            want = (int(comps[key].shape[0]), int(comps[group_key(module, "B")].shape[0]))
-            if module not in modules:
-                raise AdapterError(
-                    f"adapter {n!r}: module {module} is not in the model ({this}). {hint}", adapter=n, layer=module)
-            have = _features(modules[module])
-            if have is not None and have != want:
-                raise AdapterError(
-                    f"adapter {n!r}: module {module} expects {want[0]} → {want[1]} features (lora_A (r, {want[0]}), "
-                    f"lora_B ({want[1]}, r)), but in the model ({this}) it maps {have[0]} → {have[1]}. {hint}",
-                    adapter=n, layer=module,
-                )
+            check_module(base, module, int(comps[key].shape[0]), int(comps[group_key(module, "B")].shape[0]),
+                         adapter=n, hint=hint)
+
+
+def check_module(model: Any, module: str, d_in: int, d_out: int, *, adapter: str, hint: str) -> None:
+    """Refuse ``model`` unless ``module`` is in it and maps ``d_in`` → ``d_out`` features (if linear-like)."""
+    this = getattr(model, "name_or_path", None) or type(model).__name__
+    try:
+        found = model.get_submodule(module)
+    except AttributeError:
+        raise AdapterError(
+            f"adapter {adapter!r}: module {module} is not in the model ({this}). {hint}", adapter=adapter, layer=module,
+        ) from None
+    have = _features(found)
+    if have is not None and have != (d_in, d_out):
+        raise AdapterError(
+            f"adapter {adapter!r}: module {module} expects {d_in} → {d_out} features (lora_A (r, {d_in}), "
+            f"lora_B ({d_out}, r)), but in the model ({this}) it maps {have[0]} → {have[1]}. {hint}",
+            adapter=adapter, layer=module,
+        )
 
 
 def _features(module: Any) -> Optional[Tuple[int, int]]:
