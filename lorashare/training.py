@@ -96,6 +96,18 @@ def lora_init(k: int, r: int, *, generator: Optional[torch.Generator] = None) ->
     return (torch.rand(k, r, generator=generator) * 2 - 1) * bound
 
 
+class _Clock:
+    """Counts a model's forward calls (a forward pre-hook): a factor computed during one call is
+    reused within that call only, so PEFT's second read of a weight (its dtype, then the product)
+    costs nothing and no autograd graph outlives its backward."""
+
+    def __init__(self) -> None:
+        self.tick = 0
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.tick += 1
+
+
 class SubspaceFactor(nn.Module):
     """A parametrization of a LoRA factor by its loading on a frozen basis.
 
@@ -110,6 +122,8 @@ class SubspaceFactor(nn.Module):
         super().__init__()
         self.side, self.scheme = side, scheme
         self.register_buffer("basis", basis.detach().to(torch.float32).clone(), persistent=False)
+        self.clock: Optional[_Clock] = None
+        self._cache: Optional[Tuple[Tuple[Any, ...], torch.Tensor]] = None
         self.extra = None
         if extra:
             # Small random directions: a zero one would get no gradient through a zero loading row.
@@ -119,9 +133,25 @@ class SubspaceFactor(nn.Module):
         return self.basis if self.extra is None else torch.cat([self.basis, self.extra.to(self.basis.dtype)], 1)
 
     def forward(self, loading: torch.Tensor) -> torch.Tensor:
+        key = None
+        if self.clock is not None:
+            # Same call, same tensors, same values (an optimizer step bumps _version), same modes.
+            key = (self.clock.tick, loading.data_ptr(), loading._version, self.basis.data_ptr(),
+                   None if self.extra is None else self.extra._version, torch.is_grad_enabled(),
+                   torch.is_autocast_enabled(loading.device.type))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         L = stored_as(loading, self.scheme) if self.extra is None else loading
         W = self.full_basis().to(L.dtype) @ L  # (d, r), as reconstruct_rows computes it
-        return W.T if self.side == "A" else W
+        W = W.T if self.side == "A" else W
+        if key is not None:
+            self._cache = (key, W)
+        return W
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # a computed weight carries its autograd graph; copies and pickles start fresh
+        return state
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """A factor's coordinates in the basis (what ``weight = ...`` assigns)."""
@@ -270,11 +300,14 @@ def _build(state: SHAREState, base_model: Any, name: str, cfg: Any, modules: Seq
     model.peft_config[name].base_model_name_or_path = state.base_model or getattr(base, "name_or_path", None)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     scheme, comps = state.spec.dtype, state.components
+    clock = _Clock()
+    model.register_forward_pre_hook(clock)
     for m in modules:
         for side in "AB":
             key = group_key(m, side)
             lin = getattr(_lora_layer(model, m), f"lora_{side}")[name]
             factor = SubspaceFactor(comps[key], side, scheme, rank_updates, generator=gen).to(lin.weight.device)
+            factor.clock = clock
             r = int(lin.weight.shape[0 if side == "A" else 1])
             parametrize.register_parametrization(lin, "weight", factor, unsafe=True)
             original = lin.parametrizations.weight.original
@@ -499,24 +532,43 @@ def _on(batch: Mapping[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _run(model: Any, b: Mapping[str, Any], select: Callable[[Any], torch.Tensor], hidden: bool
+         ) -> Tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """The matched output and, with ``hidden``, every layer's hidden states (not the embeddings)."""
+    out = model(**b, output_hidden_states=True) if hidden else model(**b)
+    states = (getattr(out, "hidden_states", None) or ())[1:] if hidden else ()
+    return select(out).float(), [h.float() for h in states]
+
+
+def _hidden_loss(s: Sequence[torch.Tensor], t: Sequence[torch.Tensor], b: Mapping[str, Any]) -> torch.Tensor:
+    """Mean squared difference of the layers' hidden states, summed over layers (masked positions only)."""
+    out = torch.zeros(())
+    for hs, ht in zip(s, t):
+        m = _mask(b, ht)
+        out = out + torch.nn.functional.mse_loss(hs[m], ht[m])
+    return out
+
+
 def _measure(model: Any, name: str, batches: Sequence[Mapping[str, Any]], kind: str, temperature: float,
-             device: torch.device, select: Callable[[Any], torch.Tensor]) -> Dict[str, float]:
-    """Loss and top-1 agreement of adapter ``name`` with the teacher on ``batches``."""
-    total, agree, count, n = 0.0, 0, 0, 0
+             device: torch.device, select: Callable[[Any], torch.Tensor], hidden: bool = False) -> Dict[str, float]:
+    """Loss, hidden-state loss and top-1 agreement of adapter ``name`` with the teacher on ``batches``."""
+    total, total_h, agree, count, n = 0.0, 0.0, 0, 0, 0
     model.eval()
     with torch.no_grad():
         for b in batches:
             b = _on(b, device)
             model.set_adapter(TEACHER)
-            t = select(model(**b)).float()
+            t, th = _run(model, b, select, hidden)
             model.set_adapter(name)
-            s = select(model(**b)).float()
+            s, sh = _run(model, b, select, hidden)
             m = _mask(b, t)
-            total += float(_loss(s, t, m, kind, temperature)) * _n_rows(b)
-            n += _n_rows(b)
+            rows = _n_rows(b)
+            total += float(_loss(s, t, m, kind, temperature)) * rows
+            total_h += float(_hidden_loss(sh, th, b)) * rows
+            n += rows
             agree += int((s.argmax(-1) == t.argmax(-1))[m].sum())
             count += int(m.sum())
-    return {"loss": total / max(1, n), "agreement": agree / max(1, count)}
+    return {"loss": total / max(1, n), "hidden": total_h / max(1, n), "agreement": agree / max(1, count)}
 
 
 def refit(
@@ -526,11 +578,12 @@ def refit(
     *,
     base_model: Any,
     original: Optional[str] = None,
-    epochs: int = 10,
-    lr: float = 1e-3,
+    epochs: int = 6,
+    lr: float = 5e-3,
     loss: str = "kl",
-    temperature: float = 1.0,
-    anchor: float = 1.0,
+    temperature: float = 2.0,
+    anchor: float = 0.3,
+    hidden: float = 1.0,
     select: Optional[Callable[[Any], torch.Tensor]] = None,
     eval_batches: Optional[Iterable[Mapping[str, Any]]] = None,
     token: Optional[str] = None,
@@ -557,6 +610,10 @@ def refit(
             over modules), each relative to its value before the refit, so the weight means the
             same for every model.  It keeps a refit on few inputs close to the original's update
             where the inputs say nothing.  0 turns it off.
+        hidden: weight of the mean squared difference of every layer's hidden states (relative to
+            its value before, like ``anchor``): each layer's update is matched on the inputs' own
+            activations, many more numbers per input than the outputs, so a few hundred inputs
+            constrain the loadings much more.  0 turns it off.
         select: what to match, as a function of the model's output (default: its logits, else
             its last hidden state), e.g. ``lambda out: out.logits[:, :2]`` for a head whose other
             outputs the task never reads.
@@ -604,9 +661,9 @@ def refit(
         targets = {m: (A.to(device), B.to(device)) for m, (A, B) in targets.items()}
         with torch.no_grad():
             dist0 = float(_delta_w_distance(model, name, targets))
-        out0 = _measure(model, name, batches, loss, temperature, device, select)["loss"] if evals is not batches else None
-        before = _measure(model, name, evals, loss, temperature, device, select)
-        out0 = max(before["loss"] if out0 is None else out0, 1e-12)
+        first = _measure(model, name, batches, loss, temperature, device, select, hidden=bool(hidden))
+        before = first if evals is batches else _measure(model, name, evals, loss, temperature, device, select)
+        out0, hidden0 = max(first["loss"], 1e-12), first["hidden"]
         start = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         n_inputs = sum(_n_rows(b) for b in batches)
@@ -617,11 +674,13 @@ def refit(
                 model.eval()  # no dropout: the outputs to match are the original's, deterministic
                 with torch.no_grad():
                     model.set_adapter(TEACHER)
-                    t = select(model(**b)).float()
+                    t, th = _run(model, b, select, hidden0 > 0)
                 model.set_adapter(name)
                 _freeze_all_but(model, params)
-                s = select(model(**b)).float()
+                s, sh = _run(model, b, select, hidden0 > 0)
                 value = _loss(s, t, _mask(b, t), loss, temperature) / out0
+                if hidden0 > 0:
+                    value = value + hidden * _hidden_loss(sh, th, b) / hidden0
                 if anchor and dist0 > 0:
                     value = value + anchor * _delta_w_distance(model, name, targets) / dist0
                 opt.zero_grad(set_to_none=True)
@@ -653,7 +712,7 @@ def refit(
         adapter.close()
     report = {
         "adapter_name": name, "inputs": n_inputs, "steps": epochs * len(batches), "epochs": epochs, "lr": lr,
-        "loss_kind": loss, "anchor": anchor, "kept": kept,
+        "loss_kind": loss, "anchor": anchor, "hidden": hidden, "kept": kept,
         "delta_w_error_before": _mean(before_err), "delta_w_error_after": _mean(after_err) if kept else _mean(before_err),
         "agreement_before": before["agreement"], "agreement_after": after["agreement"] if kept else before["agreement"],
         "loss_before": before["loss"], "loss_after": after["loss"] if kept else before["loss"],

@@ -381,3 +381,25 @@ def test_the_worked_example_runs(tmp_path):
     loaded = SHAREModel.from_pretrained(tmp_path / "ckpt")
     assert "refunds" in loaded.adapter_names
     assert "added refunds" in out.stdout and "refit" in out.stdout
+
+
+def test_gradient_accumulation_and_copies_see_fresh_factors(share):
+    model = _train(share.subspace_model(tiny_bert(), "new", seed=0), steps=1)
+    model.eval()  # no dropout: the two ways must see the same forward
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(batches):
+        for p in params:
+            p.grad = None
+        for i in batches:
+            torch.nn.functional.cross_entropy(model(**_batch(i)).logits, _labels(i)).backward()
+        return [p.grad.clone() for p in params]
+
+    together = grads([1, 2])  # two micro-batches, one step: each forward builds its own graph
+    apart = [a + b for a, b in zip(grads([1]), grads([2]))]
+    assert all(torch.allclose(t, s, atol=1e-6) for t, s in zip(together, apart))
+    twin = copy.deepcopy(model)  # after a forward with grad: no graph is copied
+    assert torch.allclose(_logits(twin, _batch(3)), _logits(model, _batch(3)))
+    with torch.no_grad():
+        params[0].add_(1.0)  # an in-place change is seen by the next call
+    assert not torch.allclose(_logits(twin, _batch(3)), _logits(model, _batch(3)))
