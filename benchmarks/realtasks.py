@@ -163,32 +163,60 @@ def train_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    if schedule not in ("constant", "linear"):
-        raise ValueError(f"schedule={schedule!r}: expected 'constant' or 'linear'")
-    tok = tokenizer()
-    n = task.num_labels
-    base = load_base(head_labels or n, seed=base_seed)
+    base = load_base(head_labels or task.num_labels, seed=base_seed)
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"], lora_dropout=0.0,
                      task_type="SEQ_CLS", modules_to_save=["classifier"])
     torch.manual_seed(init_seed)
     model = get_peft_model(base, cfg)
     model.peft_config["default"].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
+    fit(model, task, epochs=epochs, lr=lr, batch_size=batch_size, init_seed=init_seed, max_length=max_length,
+        schedule=schedule)
+    model.eval()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def fit(
+    model,
+    task: Task,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    init_seed: int = 0,
+    max_length: int = 64,
+    schedule: str = "constant",
+) -> List[float]:
+    """Train ``model``'s trainable parameters on ``task`` (cross-entropy on its first ``num_labels``
+    logits, AdamW); returns the seconds of each optimizer step (forward, backward, update).
+
+    Every model trained with the same arguments sees the same batches in the same order and the
+    same learning-rate schedule, so a LoRA and a subspace adapter are compared step for step.
+    """
+    import time
+
+    if schedule not in ("constant", "linear"):
+        raise ValueError(f"schedule={schedule!r}: expected 'constant' or 'linear'")
+    tok = tokenizer()
+    n = task.num_labels
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     total = epochs * -(-len(task.texts) // batch_size)
     warm = max(1, int(0.06 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, (lambda s: 1.0) if schedule == "constant" else (lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm + 1e-9)))))
     model.train()
+    times = []
     for epoch in range(epochs):
         for enc, y in batches(tok, task, batch_size, max_length, shuffle_seed=epoch + init_seed):
+            t0 = time.perf_counter()
             loss = torch.nn.functional.cross_entropy(model(**enc).logits[:, :n], y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+            times.append(time.perf_counter() - t0)
     model.eval()
-    model.save_pretrained(out_dir)
-    return out_dir
+    return times
 
 
 @torch.no_grad()
