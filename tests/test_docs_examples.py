@@ -44,7 +44,7 @@ ADAPTERS = ROOT / "examples" / "adapters"
 #: CHANGELOG.md and CONTRIBUTING.md), and the pages of the Action and the Space, docs/action.md
 #: and docs/space.md, which are checked with them (tests/test_manifest_example.py, tests/test_space*.py).
 PAGES = ["README.md", "CONTRIBUTING.md"] + [
-    f"docs/{p}" for p in ("index.md", "getting-started.md", "hub.md", "serving.md", "vllm.md", "how-it-works.md",
+    f"docs/{p}" for p in ("index.md", "getting-started.md", "hub.md", "serving.md", "training.md", "vllm.md", "how-it-works.md",
                           "format.md", "api.md", "modules.md", "reliability.md", "benchmarks.md")]
 
 #: What stands in for the placeholders of the pages. Folders are copies of the bundled adapters in
@@ -59,6 +59,8 @@ PLACEHOLDERS: Dict[str, str] = {
     "acme/support-share": "created by the pages' own pushes; for docs/serving.md, pushed by the test",
     "base_model": "tiny_bert() (or a tiny Llama), built afresh for each block, as the pages ask",
     "batch": "a tokenized batch of 3 rows (input_ids, attention_mask)",
+    "batches": "a few tokenized batches of unlabelled inputs",
+    "train_dataset": "a torch Dataset of 32 rows (input_ids, attention_mask, labels)",
     "hf_...": "the local Hub's test token",
 }
 LOCAL = {"runs/billing": "task0", "runs/a": "task0", "runs/b": "task1"}
@@ -287,7 +289,7 @@ def test_the_placeholders_are_the_pages_own():
 
 
 RUN = {"bundled-example", "walkthrough-cli", "walkthrough-python", "readme-library", "readme-cli", "readme-serving",
-       "hub-adapters", "hub-push", "hub-cli", "serving", "api-import", "vllm-export"}
+       "hub-adapters", "hub-push", "hub-cli", "serving", "api-import", "vllm-export", "training", "refit"}
 
 
 def test_the_readme_opens_with_the_bundled_example():
@@ -444,3 +446,38 @@ def test_api_page_import():
     ns = namespace()
     run_python(block("run", "api-import"), ns)
     assert {"SHAREModel", "SHAREConfig", "LoraShareError"} <= set(ns)
+
+
+# --------------------------------------------------------------------------- learning in the subspace
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randint(0, 100, (n, 10), generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": self.y[i]}
+
+
+def test_training_page(scratch, local_hub):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SHAREModel.from_adapters({"billing": str(ADAPTERS / "task0"), "refunds": str(ADAPTERS / "task1")},
+                                 num_components=4, progress=False).push_to_hub("acme/support-share", token=HUB_TOKEN)
+    ns = namespace(base_model=tiny_bert(), train_dataset=_Rows())
+    out = run_python(block("run", "training"), ns)
+    assert "trainable params" in out
+    assert ns["report"]["method"] == "trained" and (scratch / "runs" / "refunds_v2").is_dir()
+    loaded = SHAREModel.from_pretrained("share_ckpt")
+    assert loaded.adapter_names == ["billing", "refunds", "refunds_v2"]
+    with torch.no_grad():
+        want, got = ns["model"].eval()(**bert_batch()).logits, loaded.apply(tiny_bert(), "refunds_v2")(**bert_batch()).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    share = SHAREModel.from_adapters({"billing": str(ADAPTERS / "task0"), "refunds": str(ADAPTERS / "task1")},
+                                     num_components=1, progress=False)
+    ns = namespace(share=share, base_model=tiny_bert(), batches=[bert_batch(), bert_batch()])
+    out = run_python(block("run", "refit"), ns)
+    assert "agreement" in out and ns["report"]["adapter_name"] == "billing"
