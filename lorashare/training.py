@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,12 +35,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from . import subspace as S
-from .adapters import open_adapter, write_peft_adapter
+from .adapters import lora_key, open_adapter, write_peft_adapter
 from .errors import AdapterError, ConfigError, DuplicateAdapterError, TrainingError
 from .names import check_name, group_key
 from .peftload import check_module, has_peft_layers, load_hint, peft_config
-from .state import AdapterRecord, SHAREState, Weight, as_float
+from .state import AdapterRecord, SHAREState, Weight, as_float, rebuild
+from .stats import delta_w_errors
 from .storage import DTYPES, is_quantized, quantize
 
 logger = logging.getLogger(__name__)
@@ -407,17 +408,15 @@ def _stored_weight(L: torch.Tensor, scheme: str) -> Weight:
     return L.to(DTYPES[scheme]).contiguous()
 
 
-def _module_errors(factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], state: SHAREState,
-                   weights: Mapping[str, Weight]) -> Dict[str, float]:
-    """ΔW relative error of the stored loadings against ``factors``, per module."""
-    out = {}
-    for module, (A, B) in factors.items():
-        ka, kb = group_key(module, "A"), group_key(module, "B")
-        A2 = S.reconstruct_rows(state.components[ka], as_float(weights[ka]))
-        B2 = S.reconstruct_rows(state.components[kb], as_float(weights[kb])).T
-        err, orig = S.delta_w_error(A, B, A2, B2)
-        out[module] = 0.0 if float(orig) == 0 else float((err / orig).sqrt())
-    return out
+def _as_peft(factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {lora_key(m, side): f for m, (A, B) in factors.items() for side, f in (("A", A), ("B", B))}
+
+
+def _errors(state: SHAREState, name: str, rec: AdapterRecord,
+            factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, float]:
+    """ΔW relative error per module of ``rec``, as adapter ``name`` of ``state``, against ``factors``."""
+    probe = dataclasses.replace(state, records={**state.records, name: rec})
+    return delta_w_errors(_as_peft(factors), rebuild(probe, name, peft_keys=True))
 
 
 def _lora_bytes(factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -437,7 +436,7 @@ def add_trained(state: SHAREState, model: Any, *, replace: bool = False, device:
     run = _run_of(model)
     model = _unwrapped(model)
     name = run.name
-    if name in state.records and not replace and run.refit_of is None:
+    if name in state.records and not replace:
         raise DuplicateAdapterError(
             f"adapter {name!r} already exists in the checkpoint (added since subspace_model()?). Pass replace=True "
             "to replace it, or remove_adapter() it first.", adapter=name)
@@ -454,11 +453,10 @@ def add_trained(state: SHAREState, model: Any, *, replace: bool = False, device:
     for key in run.keys:
         L = _factor(model, name, key)[0].parametrizations.weight.original.detach().float().cpu()
         weights[key] = _stored_weight(L[: state.components[key].shape[1]].contiguous(), state.spec.dtype)
-    errors = _module_errors(factors, state, weights)
-    old = state.records.get(name)
-    rec = AdapterRecord(weights=weights, config=config, heads=heads, source=old.source if old else "",
-                        revision=old.revision if old else None, sha256=old.sha256 if old else None,
-                        lora_bytes=old.lora_bytes if old else _lora_bytes(factors), errors=errors)
+    # No source or fingerprint: a recompute must rebuild it from its loadings, never from an older original.
+    rec = AdapterRecord(weights=weights, config=config, heads=heads, lora_bytes=_lora_bytes(factors))
+    errors = _errors(state, name, rec, factors)
+    rec = rec.replace(errors=errors)
     records = dict(state.records)
     records[name] = rec
     report = {"method": "trained", "adapter_name": name, "rank": rec.rank, "modules": len(factors),
@@ -471,7 +469,6 @@ def _add_with_rank_updates(state: SHAREState, name: str, factors: Mapping[str, T
                            heads: Dict[str, torch.Tensor], config: Dict[str, Any], *, replace: bool,
                            device: Optional[str], progress: bool, rank_updates: int) -> Tuple[SHAREState, Dict[str, Any]]:
     from . import edit
-    from .adapters import lora_key
 
     tensors = {lora_key(m, "A"): A.contiguous() for m, (A, _) in factors.items()}
     tensors.update({lora_key(m, "B"): B.contiguous() for m, (_, B) in factors.items()})
@@ -641,11 +638,11 @@ def refit(
     rec = state.records[name]
     teacher_folder, adapter = _original(state, name, original, token)
     try:
-        before_err = _record_errors(state, name, adapter)
-        targets = {m: (adapter.read_factor(m, "A").float(), adapter.read_factor(m, "B").float())
-                   for m in adapter.modules if group_key(m, "A") in rec.weights}
+        originals = {m: (adapter.read_factor(m, "A").float(), adapter.read_factor(m, "B").float())
+                     for m in adapter.modules if group_key(m, "A") in rec.weights}
     finally:
         adapter.close()
+    before_err = _errors(state, name, rec, originals)
     from peft import PeftConfig
 
     modules = [k[:-2] for k in rec.weights if k.endswith(":A")]
@@ -658,7 +655,7 @@ def refit(
         _load_teacher(model, teacher_folder)
         device = next(model.parameters()).device
         params = [_factor(model, name, key)[0].parametrizations.weight.original for key in rec.weights]
-        targets = {m: (A.to(device), B.to(device)) for m, (A, B) in targets.items()}
+        targets = {m: (A.to(device), B.to(device)) for m, (A, B) in originals.items()}
         with torch.no_grad():
             dist0 = float(_delta_w_distance(model, name, targets))
         first = _measure(model, name, batches, loss, temperature, device, select, hidden=bool(hidden))
@@ -702,14 +699,7 @@ def refit(
     finally:
         _unload(model)
     new_rec = rec.replace(weights=weights)
-    nxt_records = dict(state.records)
-    nxt_records[name] = new_rec
-    probe = state.next(records=nxt_records)
-    adapter = open_adapter(teacher_folder, name)
-    try:
-        after_err = _record_errors(probe, name, adapter)
-    finally:
-        adapter.close()
+    after_err = _errors(state, name, new_rec, originals)
     report = {
         "adapter_name": name, "inputs": n_inputs, "steps": epochs * len(batches), "epochs": epochs, "lr": lr,
         "loss_kind": loss, "anchor": anchor, "hidden": hidden, "kept": kept,
@@ -721,8 +711,7 @@ def refit(
         logger.warning("refit of %r did not lower the loss (%.4g → %.4g): the adapter is left as it was", name,
                        before["loss"], after["loss"])
         return state, report
-    nxt_records[name] = new_rec.replace(errors=after_err)
-    return state.next(records=nxt_records), report
+    return state.next(records={**state.records, name: new_rec.replace(errors=after_err)}), report
 
 
 def _sq_norm_product(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -767,13 +756,6 @@ def _original(state: SHAREState, name: str, original: Optional[str], token: Opti
             f"checkpoint recorded {rec.sha256[:12]}…). Pass original= the adapter that was compressed.",
             adapter=name, path=src)
     return a.folder, a
-
-
-def _record_errors(state: SHAREState, name: str, adapter: Any) -> Dict[str, float]:
-    """ΔW relative error per module of ``name`` in ``state`` against the opened original adapter."""
-    factors = {m: (adapter.read_factor(m, "A").float(), adapter.read_factor(m, "B").float()) for m in adapter.modules}
-    rec = state.records[name]
-    return _module_errors({m: f for m, f in factors.items() if group_key(m, "A") in rec.weights}, state, rec.weights)
 
 
 def _unload(model: Any) -> None:

@@ -403,3 +403,15 @@ def test_gradient_accumulation_and_copies_see_fresh_factors(share):
     with torch.no_grad():
         params[0].add_(1.0)  # an in-place change is seen by the next call
     assert not torch.allclose(_logits(twin, _batch(3)), _logits(model, _batch(3)))
+
+
+def test_a_replaced_adapter_forgets_its_original(share, adapter_dirs):
+    name = share.adapter_names[0]
+    assert share.records[name].sha256  # compressed from an original
+    share.remove_adapter(name)
+    model = _train(share.subspace_model(tiny_bert(), name, seed=0), steps=2)
+    share.add_adapter(adapter_dirs[0], name=name, variance_threshold=0.0)  # the original comes back (projected)
+    share.add_trained(model, replace=True)
+    rec = share.records[name]
+    # a later recompute must rebuild it from its loadings, not from the original that has the recorded fingerprint
+    assert rec.sha256 is None and rec.source == ""
