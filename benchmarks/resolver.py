@@ -1,8 +1,8 @@
 """Cold adapters for a vLLM server: lorashare's resolver against downloading each adapter repo whole.
 
 vLLM's Hub resolver answers a request for an adapter it has not loaded by listing the adapter's
-repo and downloading all of it.  lorashare's resolver (:mod:`lorashare.vllm_plugin`, through
-:class:`lorashare.cache.AdapterCache`) downloads the SHARE checkpoint's bases once, then per
+repo and downloading all of it.  lorashare's resolver (:mod:`lorashare.serving.vllm_plugin`, through
+:class:`lorashare.serving.cache.AdapterCache`) downloads the SHARE checkpoint's bases once, then per
 adapter only its loadings, and rebuilds the adapter into a folder.  Both serve the same N
 adapters, one cold request after another, from one local Hub (:mod:`tests.hubserver`) whose
 responses share one link of a stated bandwidth.  Each side runs in a fresh interpreter with an
@@ -96,7 +96,7 @@ def _worker(impl: str, url: str, names: List[str], dtype: str) -> Dict[str, Any]
                 seconds.append(time.perf_counter() - t)
                 assert os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
         else:
-            from lorashare.cache import AdapterCache, parse_checkpoints
+            from lorashare.serving.cache import AdapterCache, parse_checkpoints
 
             cache = AdapterCache(parse_checkpoints("share=bench/share"), os.path.join(tmp, "rebuilt"), dtype=dtype)
             for name in names:

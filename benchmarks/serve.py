@@ -215,7 +215,7 @@ def worker_memory(shape: str, n: int, k: int, impl: str, quick: bool) -> Dict[st
     import peft.tuners.lora  # noqa: F401  imports and LAPACK set-up before the baseline, not in the delta
     import peft.utils.save_and_load  # noqa: F401
 
-    import lorashare.serve  # noqa: F401
+    import lorashare.serving.serve  # noqa: F401
 
     torch.linalg.qr(torch.randn(64, 8))
     rss0 = rss_bytes()
@@ -282,7 +282,7 @@ def worker_layer(d: int, r: int, k: int, n_adapters: int, rows: int, dtype: str,
     from peft import LoraConfig, get_peft_model
 
     from lorashare import SHAREConfig, SHAREModel
-    from lorashare.serve import _Route  # the benchmark times one layer inside one routed call
+    from lorashare.serving.serve import _Route  # the benchmark times one layer inside one routed call
 
     dt_ = _torch_dtype(dtype)
     g = torch.Generator().manual_seed(0)

@@ -75,8 +75,7 @@ def _timed(dirs: List[Path], repeats: int, **kwargs: Any) -> Dict[str, Any]:
 
 
 def bench(shape: str, n: int, variant: str, args: argparse.Namespace) -> Dict[str, Any]:
-    from lorashare import compress
-
+    from lorashare.codec import compress
     dirs = synth.ensure_adapter_set(shape, n, variant, args.cache_dir)
     row: Dict[str, Any] = {"shape": shape, "n": n, "variant": variant}
     row["fixed"] = _timed(dirs, args.repeats, num_components=args.k, dtype=args.dtype)

@@ -5,8 +5,8 @@ A mkdocs hook (``hooks:`` in ``mkdocs.yml``): each marker below, on a line of it
 
 * ``<!-- generated: cli -->``: every verb, argument and option of ``lorashare.cli.build_parser()``;
 * ``<!-- generated: action -->``: the inputs and outputs of ``action.yml``;
-* ``<!-- generated: modules -->``: every module of ``lorashare/``, with its one job (the README's
-  "How it works" table) and its docstring (mkdocstrings).
+* ``<!-- generated: modules -->``: every module of ``lorashare/``, with its one job (the table of
+  ``docs/modules.md``) and its docstring (mkdocstrings).
 
 The functions are plain too: ``tests/test_docs.py`` calls them and compares their output with the
 parser and with ``action.yml``.
@@ -168,25 +168,25 @@ def action_markdown(path: Path = ROOT / "action.yml") -> str:
     return "\n".join(out) + "\n"
 
 
-def module_jobs(readme: Path = ROOT / "README.md") -> Dict[str, str]:
-    """``{"subspace.py": "its one job", ...}`` from the README's "How it works" table."""
-    text = readme.read_text(encoding="utf-8")
-    section = text.split("## How it works", 1)[-1]
-    return dict(re.findall(r"^\| `lorashare/([a-z_]+\.py)` \| ([^|]+?) \|", section, flags=re.M))
+def module_jobs(page: Path = ROOT / "docs" / "modules.md") -> Dict[str, str]:
+    """``{"codec/subspace.py": "its one job", ...}`` from the table of ``docs/modules.md``."""
+    text = page.read_text(encoding="utf-8")
+    return dict(re.findall(r"^\| `lorashare/([a-z_/]+\.py)` \| ([^|]+?) \|", text, flags=re.M))
 
 
 def modules_markdown(package: Path = ROOT / "lorashare") -> str:
-    """One section per module of ``lorashare/``: its job, then its docstring (mkdocstrings)."""
+    """One section per module of ``lorashare/``, room by room: its job, then its docstring (mkdocstrings)."""
     jobs = module_jobs()
     out = []
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py"), key=lambda p: (len(p.relative_to(package).parts), str(p))):
         if path.name in ("__init__.py", "__main__.py"):
             continue
-        mod = path.stem
-        out += [f"## `lorashare.{mod}`", ""]
-        if path.name in jobs:
-            out += [f"*{jobs[path.name].strip()}*", ""]
-        out += [f"::: lorashare.{mod}", "    options:", "      members: false", "      show_root_heading: false", ""]
+        rel = path.relative_to(package).as_posix()
+        mod = "lorashare." + rel[:-3].replace("/", ".")
+        out += [f"## `{mod}`", ""]
+        if rel in jobs:
+            out += [f"*{jobs[rel].strip()}*", ""]
+        out += [f"::: {mod}", "    options:", "      members: false", "      show_root_heading: false", ""]
     return "\n".join(out)
 
 

@@ -2,8 +2,8 @@
 
 __version__ = "0.2.0"
 
-from .checkpoint import SHAREConfig  # noqa: E402
 from .errors import LoraShareError  # noqa: E402
+from .format.checkpoint import SHAREConfig  # noqa: E402
 from .model import SHAREModel  # noqa: E402
 
 __all__ = ["SHAREModel", "SHAREConfig", "LoraShareError", "__version__"]

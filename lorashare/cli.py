@@ -22,7 +22,6 @@ import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
-from .adapters import check_source, name_sources
 from .errors import (
     AdapterNotFoundError,
     ConfigError,
@@ -35,7 +34,8 @@ from .errors import (
     LoraShareError,
     StorageRangeError,
 )
-from .storage import NF4_BLOCK, SCHEMES
+from .format.storage import NF4_BLOCK, SCHEMES
+from .peft.adapters import check_source, name_sources
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _sources(args: argparse.Namespace):
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .checkpoint import check_checkpoint_target
+    from .format.checkpoint import check_checkpoint_target
     from .model import SHAREModel
 
     k = "auto" if args.auto else args.num_components  # None: -k not given, the library's default
@@ -171,7 +171,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def _bytes_on_disk(checkpoint: str) -> int:
     """Bytes of the checkpoint's bases' and loadings' files, headers and scales included: what a byte budget counts."""
-    from .checkpoint import COMPONENTS_FILE, LOADINGS_FILE, checkpoint_files, read_config
+    from .format.checkpoint import COMPONENTS_FILE, LOADINGS_FILE, checkpoint_files, read_config
 
     files = [rel for rel in checkpoint_files(read_config(checkpoint))
              if rel == COMPONENTS_FILE or rel.endswith("/" + LOADINGS_FILE)]
@@ -227,7 +227,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .export import export_adapter, export_adapters
+    from .serving.export import export_adapter, export_adapters
 
     if not args.adapter and not args.all:
         raise UsageError("give --adapter NAME or --all")
@@ -245,7 +245,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_adapters
+    from .serving.export import export_adapters
 
     share = _load(args, args.adapter or None)
     written = export_adapters(share.state, args.output, args.adapter or None, max_rank=args.max_rank, dtype=args.dtype,
@@ -292,7 +292,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .sync import check_sync, run_sync
+    from .sync.run import check_sync, run_sync
 
     if args.check:
         if args.force:
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", parents=[common], help="recompress and republish when a manifest's adapters change",
                           description="Compare the adapters named in a manifest (lorashare.yaml) with the checkpoint published "
                                       "on the Hub; when they differ, add (projection) or recompress, and push one commit. See "
-                                      "the docstring of lorashare.manifest (python -m pydoc lorashare.manifest) for every key "
+                                      "the docstring of lorashare.sync.manifest (python -m pydoc lorashare.sync.manifest) for every key "
                                       "of the manifest, and examples/lorashare.yaml in the lorashare repository for one that works. "
                                       "Token from HF_TOKEN "
                                       "(not needed with --dry-run or --check).")

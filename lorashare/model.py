@@ -1,10 +1,10 @@
-"""``SHAREModel``: the public facade over one published :class:`~lorashare.state.SHAREState`.
+"""``SHAREModel``: the public facade over one published :class:`~lorashare.codec.state.SHAREState`.
 
 Source-compatible with lorashare 0.1.x (same methods, arguments and attributes).  The model
-holds one immutable state; every edit builds the next state (:mod:`lorashare.edit`) and
+holds one immutable state; every edit builds the next state (:mod:`lorashare.codec.edit`) and
 publishes it in one step, so readers (a served call, a save) always see one whole revision.
-Building is :mod:`lorashare.build`, statistics :mod:`lorashare.stats`, PEFT loading
-:mod:`lorashare.peftload`, the format on disk :mod:`lorashare.checkpoint`.
+Building is :mod:`lorashare.codec.build`, statistics :mod:`lorashare.codec.stats`, PEFT loading
+:mod:`lorashare.serving.peftload`, the format on disk :mod:`lorashare.format.checkpoint`.
 """
 
 from __future__ import annotations
@@ -12,33 +12,55 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import threading
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from . import edit
-from .adapters import lora_key, open_adapter, open_adapters, write_peft_adapter
-from .build import build
-from .card import check_license, is_model_id, render_card
-from .checkpoint import SHAREConfig, check_checkpoint_target, load_checkpoint, save_checkpoint
-from .compress import resolve_device
-from .errors import ConfigError, LocalBaseModelError
-from .peftload import load_into, peft_config
-from .spec import CompressionSpec, check_number
-from .state import AdapterRecord, Fit, Origin, SHAREState, from_checkpoint, rebuild, to_checkpoint
-from .stats import config_of, delta_w_errors, summary_text
+from . import hub
+from .codec import edit
+from .codec.build import build_from_sources
+from .codec.compress import resolve_device
+from .codec.state import (
+    AdapterRecord,
+    SHAREState,
+    from_parts,
+    load_state,
+    peft_config,
+    rebuild,
+    save_inputs,
+    to_checkpoint,
+)
+from .codec.stats import config_of, reconstruction_error, summary_text
+from .errors import ConfigError
+from .format.checkpoint import SHAREConfig, check_checkpoint_target, save_checkpoint
+from .format.spec import CompressionSpec, check_number, resolve_spec
+from .hub.card import check_card_options, check_license, check_publishable_base, render_card
+from .peft.adapters import open_adapter, write_peft_adapter
+from .serving.peftload import load_into
 
 if TYPE_CHECKING:
-    from .serve import ServedModel
+    from .serving.serve import ServedModel
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SHAREModel", "AdapterRecord"]
 
 AdapterSources = Union[Sequence[str], Mapping[str, str]]
+
+
+class _PerAdapter:
+    """A read-only ``{adapter: record.<field>}`` view of the current state (0.1.x's attributes)."""
+
+    def __init__(self, field: str, doc: str, *, only_set: bool = False) -> None:
+        self.field, self.only_set, self.__doc__ = field, only_set, doc
+
+    def __get__(self, model: Optional["SHAREModel"], owner: type) -> Any:
+        if model is None:
+            return self
+        values = ((n, getattr(r, self.field)) for n, r in model.state.records.items())
+        return MappingProxyType({n: v for n, v in values if v or not self.only_set})
 
 
 class SHAREModel:
@@ -49,13 +71,8 @@ class SHAREModel:
         >>> share.save_pretrained("share_ckpt")  # doctest: +SKIP
         >>> state_dict = SHAREModel.from_pretrained("share_ckpt").reconstruct("billing")  # doctest: +SKIP
 
-    Attributes (as in 0.1.x, read-only views of :attr:`state`):
-        config: the :class:`SHAREConfig` (``share_config.json``'s view of the state).
-        components: ``{"<module>:<A|B>": basis (d × k)}``.
-        all_loadings: ``{adapter: {"<module>:<A|B>": loading (k × r)}}``.
-        adapter_configs: ``{adapter: its adapter_config.json}``.
-        all_classifier_heads: ``{adapter: {key: tensor}}`` (non-LoRA tensors, bit-exact).
-        adapter_sources: ``{adapter: folder or Hub id it came from}``.
+    0.1.x's attributes (``config``, ``components``, ``all_loadings``, ``adapter_configs``, ``all_classifier_heads``,
+    ``adapter_sources``) are read-only views of :attr:`state`, the one immutable value that every edit replaces.
     """
 
     def __init__(
@@ -67,24 +84,8 @@ class SHAREModel:
         all_classifier_heads: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
         adapter_sources: Optional[Dict[str, str]] = None,
     ) -> None:
-        heads, sources = all_classifier_heads or {}, adapter_sources or {}
-        infos = config.adapters if isinstance(config.adapters, dict) else {}
-        records = {}
-        for n, loadings in all_loadings.items():
-            info = infos.get(n) if isinstance(infos.get(n), dict) else {}
-            records[n] = AdapterRecord(
-                weights=loadings, config=adapter_configs.get(n) or {}, heads=heads.get(n) or {},
-                source=sources.get(n) or info.get("source") or "", revision=info.get("revision"),
-                sha256=info.get("sha256"), lora_bytes=info.get("lora_bytes"),
-            )
-        st = config.compression_stats or {}
-        self._publish(SHAREState(
-            spec=CompressionSpec.from_config(config), bases=components, records=records,
-            base_model=config.base_model_name_or_path or "", card=config.card,
-            fit=Fit(dict(st.get("per_layer_explained_variance") or {}), tuple(st.get("capped_groups") or ()),
-                    config.budget_bytes if config.component_selection == "budget" else None),
-            origin=Origin("", config.format_version, dict(config.files)),
-        ))
+        self._publish(from_parts(config, components, all_loadings, adapter_configs, all_classifier_heads,
+                                 adapter_sources))
 
     def _publish(self, state: SHAREState, *, progress: Optional[bool] = None) -> None:
         """Make ``state`` the current one (one attribute write: readers see the old or the new, never a mix)."""
@@ -101,7 +102,6 @@ class SHAREModel:
         model._publish(state, progress=progress)
         return model
 
-    # ------------------------------------------------------------------ the state and its views
     @property
     def state(self) -> SHAREState:
         """The current state: spec, bases, records and revision, as one immutable value."""
@@ -127,35 +127,14 @@ class SHAREModel:
         """``{"<module>:<A|B>": basis (d × k)}``."""
         return self._state.components
 
-    @property
-    def all_loadings(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
-        """``{adapter: {"<module>:<A|B>": loading (k × r)}}``."""
-        return MappingProxyType({n: r.loadings for n, r in self._state.records.items()})
-
-    @property
-    def adapter_configs(self) -> Mapping[str, Dict[str, Any]]:
-        """``{adapter: its adapter_config.json}``."""
-        return MappingProxyType({n: r.config for n, r in self._state.records.items()})
-
-    @property
-    def all_classifier_heads(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
-        """``{adapter: {key: tensor}}`` for the adapters that have non-LoRA tensors."""
-        return MappingProxyType({n: r.heads for n, r in self._state.records.items() if r.heads})
-
-    @property
-    def adapter_sources(self) -> Mapping[str, str]:
-        """``{adapter: the folder or Hub id it came from}``."""
-        return MappingProxyType({n: r.source for n, r in self._state.records.items()})
-
-    @property
-    def delta_w_errors(self) -> Mapping[str, Mapping[str, float]]:
-        """Per-module ΔW relative errors measured at compression: ``{adapter: {module: error}}``."""
-        return MappingProxyType({n: r.errors for n, r in self._state.records.items()})
-
-    @property
-    def lora_keys(self) -> Mapping[str, Mapping[str, str]]:
-        """The adapters' own factor keys where they differ from ``lora_key(module, side)``."""
-        return MappingProxyType({n: r.lora_keys for n, r in self._state.records.items()})
+    all_loadings = _PerAdapter("loadings", "``{adapter: {\"<module>:<A|B>\": loading (k × r)}}``.")
+    adapter_configs = _PerAdapter("config", "``{adapter: its adapter_config.json}``.")
+    all_classifier_heads = _PerAdapter("heads", "``{adapter: {key: tensor}}`` for the adapters that have non-LoRA tensors.",
+                                       only_set=True)
+    adapter_sources = _PerAdapter("source", "``{adapter: the folder or Hub id it came from}``.")
+    delta_w_errors = _PerAdapter("errors", "Per-module ΔW relative errors measured at compression: "
+                                           "``{adapter: {module: error}}``.")
+    lora_keys = _PerAdapter("lora_keys", "The adapters' own factor keys where they differ from PEFT's default.")
 
     @property
     def adapter_names(self) -> List[str]:
@@ -166,105 +145,67 @@ class SHAREModel:
         cfg = self.config
         return f"SHAREModel(adapters={self.adapter_names}, k={cfg.num_components}, dtype={cfg.dtype})"
 
-    # ------------------------------------------------------------------ build
     @classmethod
     def from_adapters(
-        cls,
-        adapters: AdapterSources,
-        num_components: Union[int, str] = 32,
-        variance_threshold: float = 0.95,
-        device: Optional[str] = None,
-        layer_by_layer: bool = False,
-        chunk_size: Optional[int] = None,
-        on_error: str = "raise",
-        *,
-        dtype: str = "float32",
-        budget_bytes: Optional[int] = None,
-        strict: bool = False,
-        progress: bool = True,
-        token: Optional[str] = None,
-        weighting: str = "delta_w",
-        target_ratio: Optional[float] = None,
-        spec: Optional[CompressionSpec] = None,
-        hub_timeout: Optional[float] = None,
-        base_model: Optional[str] = None,
+        cls, adapters: AdapterSources, num_components: Union[int, str] = 32, variance_threshold: float = 0.95,
+        device: Optional[str] = None, layer_by_layer: bool = False, chunk_size: Optional[int] = None,
+        on_error: str = "raise", *, dtype: str = "float32", budget_bytes: Optional[int] = None, strict: bool = False,
+        progress: bool = True, token: Optional[str] = None, weighting: str = "delta_w",
+        target_ratio: Optional[float] = None, spec: Optional[CompressionSpec] = None,
+        hub_timeout: Optional[float] = None, base_model: Optional[str] = None,
     ) -> "SHAREModel":
         """Compress PEFT LoRA adapters into shared bases.
 
         Args:
-            adapters: folders or Hub ids (``user/repo``, ``user/repo@rev``, ``user/repo/sub``),
-                or a dict ``{name: source}``.
-            num_components: k per module and side, or ``"auto"`` (per module, from
-                ``variance_threshold`` of the ΔW energy).  k ≥ N·r is lossless.
-            variance_threshold: energy share to keep with ``"auto"``; also the
-                projection threshold of :meth:`add_adapter`.
+            adapters: folders or Hub ids (``user/repo``, ``user/repo@rev``, ``user/repo/sub``), or a dict ``{name:
+                source}``.
+            num_components: k per module and side, or ``"auto"`` (per module, from ``variance_threshold`` of the ΔW
+                energy).  k ≥ N·r is lossless.
+            variance_threshold: energy share to keep with ``"auto"``; also the projection threshold of
+                :meth:`add_adapter`.
             device: ``"cuda"`` to run the math on a GPU; default CPU.
-            layer_by_layer: accepted for 0.1.x compatibility; lorashare always streams one
-                bounded chunk of modules at a time.
-            chunk_size: accepted for 0.1.x compatibility, like ``layer_by_layer``.
+            layer_by_layer, chunk_size: accepted for 0.1.x compatibility; lorashare always streams one bounded chunk
+                of modules at a time.
             on_error: ``"raise"``, or ``"skip"`` to log and drop unreadable adapters.
-            dtype: storage of bases and loadings: ``float32``, ``float16``, ``bfloat16``, ``int8``
-                (8-bit, a scale per block of 64) or ``nf4`` (4-bit NormalFloat); both quantized
-                schemes are dequantized to float32 on load.
-            budget_bytes: bytes of the bases' and loadings' files on disk (headers and scales
-                included); k is then chosen per module by water-filling on the spectra
-                (``num_components`` is ignored).
-            target_ratio: the same, as a compression ratio: a budget of the adapters'
-                LoRA bytes divided by ``target_ratio`` (e.g. 6 for 1/6 of the size).
+            dtype: storage of bases and loadings: ``float32``, ``float16``, ``bfloat16``, ``int8`` (8-bit, a scale per
+                block of 64) or ``nf4`` (4-bit NormalFloat); both quantized schemes are dequantized to float32 on
+                load.
+            budget_bytes: bytes of the bases' and loadings' files on disk (headers and scales included); k is then
+                chosen per module by water-filling on the spectra (``num_components`` is ignored).
+            target_ratio: the same, as a compression ratio: a budget of the adapters' LoRA bytes divided by
+                ``target_ratio`` (e.g. 6 for 1/6 of the size).
             strict: refuse mixed ranks or mixed target modules.
             progress: show a progress bar.
             token: Hugging Face token for private Hub adapters.
-            weighting: ``"delta_w"`` (default) fits each basis to the adapters' updates
-                ΔW, each adapter normalised; ``"factors"`` is the plain PCA of the factors.
-            spec: all compression settings as one :class:`~lorashare.spec.CompressionSpec`
-                (instead of the keywords above, which must then keep their defaults).
+            weighting: ``"delta_w"`` (default) fits each basis to the adapters' updates ΔW, each adapter normalised;
+                ``"factors"`` is the plain PCA of the factors.
+            spec: all compression settings as one :class:`~lorashare.CompressionSpec` (instead of the keywords above,
+                which must then keep their defaults).  The settings are kept whole (:attr:`spec`, saved in
+                ``share_config.json``): a later recompute compresses the same way.
             hub_timeout: seconds each Hub download may take in all, retries included (default
                 ``LORASHARE_HUB_TIMEOUT``, else 60).
-            base_model: the Hub id of the base model, when the adapters' configs name a local
-                folder they were trained from (the model card links it; a local path is not pushed).
-
-        The settings are kept whole (:attr:`spec`, saved in ``share_config.json``): a later
-        recompute compresses the same way.
+            base_model: the Hub id of the base model, when the adapters' configs name a local folder they were trained
+                from (the model card links it; a local path is not pushed).
 
         Example:
             >>> share = SHAREModel.from_adapters({"a": "runs/a", "b": "acme/b-lora@v2"}, num_components="auto")  # doctest: +SKIP
         """
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error={on_error!r}: expected 'raise' or 'skip'.")
-        given = CompressionSpec(num_components=num_components, variance_threshold=variance_threshold,
-                                budget_bytes=budget_bytes, target_ratio=target_ratio, dtype=dtype,
-                                weighting=weighting, strict=strict)
-        if spec is None:
-            spec = given
-        elif not isinstance(spec, CompressionSpec):
-            raise ConfigError(f"spec={spec!r}: expected a lorashare.spec.CompressionSpec.")
-        elif given != CompressionSpec():
-            raise ConfigError(f"spec= and compression keywords ({', '.join(CompressionSpec().diff(given))}) were both "
-                              "given: put every setting in the spec (spec.replace(...)).")
+        spec = resolve_spec(spec, CompressionSpec(
+            num_components=num_components, variance_threshold=variance_threshold, budget_bytes=budget_bytes,
+            target_ratio=target_ratio, dtype=dtype, weighting=weighting, strict=strict))
         device = resolve_device(device)
         if layer_by_layer or chunk_size:
             logger.debug("layer_by_layer/chunk_size are accepted for compatibility; streaming is always on")
-        opened = open_adapters(adapters, on_error=on_error, **_hub_kwargs(token, hub_timeout))
-        try:
-            n_given = len(adapters) if hasattr(adapters, "__len__") else len(opened)
-            state = build(opened, spec, device=device, progress=progress, skipped=n_given - len(opened),
-                          base_model=base_model)
-        finally:
-            for a in opened:
-                a.close()
+        state = build_from_sources(adapters, spec, on_error=on_error, device=device, progress=progress,
+                                   base_model=base_model, **_hub_kwargs(token, hub_timeout))
         return cls._of(state, progress=progress)
 
-    # ------------------------------------------------------------------ disk and Hub
     @classmethod
     def from_pretrained(
-        cls,
-        path: Union[str, os.PathLike],
-        *,
-        revision: Optional[str] = None,
-        token: Optional[str] = None,
-        adapters: Optional[Iterable[str]] = None,
-        verify: bool = True,
-        hub_timeout: Optional[float] = None,
+        cls, path: Union[str, os.PathLike], *, revision: Optional[str] = None, token: Optional[str] = None,
+        adapters: Optional[Iterable[str]] = None, verify: bool = True, hub_timeout: Optional[float] = None,
     ) -> "SHAREModel":
         """Load a SHARE checkpoint from a folder or a Hub repo id.
 
@@ -274,100 +215,63 @@ class SHAREModel:
             token: Hub token for private repos.
             adapters: load only these adapters (from the Hub, only their files are downloaded).
             verify: check every file read against its sha256 in ``share_config.json``.
-            hub_timeout: seconds the whole download may take, retries included (default
-                ``LORASHARE_HUB_TIMEOUT``, else 60).
+            hub_timeout: seconds the whole download may take, retries included (default ``LORASHARE_HUB_TIMEOUT``,
+                else 60).
 
         Example:
             >>> share = SHAREModel.from_pretrained("acme/support-share", adapters=["billing"])  # doctest: +SKIP
         """
-        path = os.path.expanduser(os.fspath(path))  # as open_adapter does: "~/ckpt" is never a Hub id
-        jail = None
-        if not os.path.isdir(path):
-            from . import hub
-
-            path, jail = hub.fetch_checkpoint(path, revision=revision, token=token, adapters=adapters, timeout=hub_timeout)
-        data = load_checkpoint(path, adapters=adapters, verify=verify, jail=jail)
-        return cls._of(from_checkpoint(data, path))
-
-    def _inputs(self, output_dir: Optional[str] = None) -> List[str]:
-        """The folders a save must never replace; saving over the loaded checkpoint itself is allowed."""
-        state = self._state
-        here = os.path.realpath(output_dir) if output_dir is not None else None
-        origin = state.origin.folder if state.origin else ""
-        return [f for f in state.inputs if not (f == origin and here is not None and os.path.realpath(f) == here)]
+        return cls._of(load_state(path, revision=revision, token=token, adapters=adapters, verify=verify,
+                                  timeout=hub_timeout))
 
     def save_pretrained(self, output_dir: Union[str, os.PathLike], *, card: bool = True, overwrite: bool = False) -> None:
         """Write the checkpoint (and its model card, README.md) atomically.
 
-        ``output_dir`` may be new, empty, or a SHARE checkpoint (this one, to save edits in
-        place).  Any other folder is refused unless ``overwrite=True``; a file, a symlink, ``.``,
-        an ancestor of ``.`` or of the home folder, and an input (or its ancestor) never are.
+        ``output_dir`` may be new, empty, or a SHARE checkpoint (this one, to save edits in place).  Any other folder
+        is refused unless ``overwrite=True``; a file, a symlink, ``.``, an ancestor of ``.`` or of the home folder,
+        and an input (or its ancestor) never are.
 
         Example:
             >>> share.save_pretrained("share_ckpt")  # doctest: +SKIP
         """
         output_dir = os.fspath(output_dir)
         state = self._state  # one revision from the first file to the last
-        inputs = self._inputs(output_dir)
+        inputs = save_inputs(state, output_dir)
         check_checkpoint_target(output_dir, inputs=inputs, overwrite=overwrite)
         config = dataclasses.replace(config_of(state))  # the save fills in files and format; the view stays
         text = render_card(config) if card else None
         save_checkpoint(output_dir, to_checkpoint(state, config), card=text, inputs=inputs, overwrite=overwrite)
 
     def push_to_hub(
-        self,
-        repo_id: str,
-        private: bool = False,
-        token: Optional[str] = None,
-        commit_message: Optional[str] = None,
-        create_pr: bool = False,
-        revision: Optional[str] = None,
-        *,
-        license: Optional[str] = None,
-        parent_commit: Optional[str] = None,
-        hub_timeout: Optional[float] = None,
+        self, repo_id: str, private: bool = False, token: Optional[str] = None, commit_message: Optional[str] = None,
+        create_pr: bool = False, revision: Optional[str] = None, *, license: Optional[str] = None,
+        parent_commit: Optional[str] = None, hub_timeout: Optional[float] = None,
     ):
         """Upload the checkpoint with its model card to a Hub repo, in one commit.
 
         With ``parent_commit``, push only if the branch is still at that commit (else a
-        :class:`~lorashare.errors.HubError`, nothing pushed): for read-modify-write updates.
-
-        Returns the ``CommitInfo`` (``.commit_url``, ``.oid``); ``str(info)`` is not the url,
-        use ``info.repo_url`` for the repo.
+        :class:`~lorashare.errors.HubError`, nothing pushed): for read-modify-write updates.  Returns the
+        ``CommitInfo`` (``.commit_url``, ``.oid``; ``info.repo_url`` for the repo).
 
         Example:
             >>> info = share.push_to_hub("acme/support-share", private=True)  # doctest: +SKIP
         """
-        from . import hub
-
         hub.check_repo_id(repo_id)
-        base = self._state.base_model
-        if base and not is_model_id(base):
-            problem = (f"the base model is {base!r}, a local folder: the model card on the Hub would publish that "
-                       "path as the base model.")
-            raise LocalBaseModelError(f"{problem} Name its Hub id first: share.set_base_model('OWNER/NAME') (or "
-                                      "from_adapters(..., base_model='OWNER/NAME')).", base_model=base, problem=problem)
+        check_publishable_base(self._state.base_model)
         license = check_license(license) if license else self._state.card.license  # before anything changes
         self.set_card(repo_id=repo_id, license=license)
-        with tempfile.TemporaryDirectory(prefix="lorashare-push-") as tmp:
-            folder = os.path.join(tmp, "ckpt")
-            self.save_pretrained(folder)
-            return hub.push_folder(
-                folder, repo_id, private=private, token=token, commit_message=commit_message or
-                f"Upload SHARE checkpoint ({len(self._state.records)} adapters)", create_pr=create_pr,
-                revision=revision, parent_commit=parent_commit, timeout=hub_timeout,
-            )
+        return hub.push_saved(self.save_pretrained, repo_id, private=private, token=token, create_pr=create_pr,
+                              commit_message=commit_message or f"Upload SHARE checkpoint ({len(self._state.records)} "
+                              "adapters)", revision=revision, parent_commit=parent_commit, timeout=hub_timeout)
 
-    # ------------------------------------------------------------------ use adapters
     def reconstruct(
         self, adapter_name: str, output_dir: Optional[Union[str, os.PathLike]] = None, *, overwrite: bool = False
     ) -> Dict[str, torch.Tensor]:
         """Rebuild one adapter as a PEFT state dict (LoRA factors + its heads).
 
-        With ``output_dir``, also write a standard PEFT adapter folder that
-        ``PeftModel.from_pretrained`` loads.  It may be new, empty, or an adapter lorashare
-        rebuilt before; any other folder is refused unless ``overwrite=True``, and a file,
-        ``.``, the checkpoint or an ancestor of it never is.
+        With ``output_dir``, also write a standard PEFT adapter folder that ``PeftModel.from_pretrained`` loads.  It
+        may be new, empty, or an adapter lorashare rebuilt before; any other folder is refused unless
+        ``overwrite=True``, and a file, ``.``, the checkpoint or an ancestor of it never is.
 
         Example:
             >>> sd = share.reconstruct("billing", output_dir="billing_adapter")  # doctest: +SKIP
@@ -389,10 +293,8 @@ class SHAREModel:
         return self.load_into(base_model, [adapter_name])
 
     def load_into(self, model: Any, names: Optional[Iterable[str]] = None) -> Any:
-        """Register several reconstructed adapters on one model; switch with ``set_adapter(name)``.
-
-        ``model`` is a base model (a ``PeftModel`` is created, first adapter active)
-        or an existing ``PeftModel`` (adapters are added to it).
+        """Register several reconstructed adapters on ``model``, a base model (a ``PeftModel`` is created, the first
+        adapter active) or a ``PeftModel`` (they are added to it); switch with ``set_adapter(name)``.
 
         Example:
             >>> pm = share.load_into(base_model, ["billing", "refunds"])  # doctest: +SKIP
@@ -407,48 +309,34 @@ class SHAREModel:
     def serve(self, base_model: Any, *, adapters: Optional[Iterable[str]] = None, dtype: Any = None) -> "ServedModel":
         """Serve the adapters (all, or ``adapters``) on ``base_model``, each row of a batch with its own.
 
-        Returns a :class:`lorashare.serve.ServedModel`: the base model's API plus
-        ``adapter_names=[...]`` (one per row, ``"__base__"`` for none) in ``forward`` and
-        ``generate``, and ``set_adapter``.  Without either, every row uses the first served
-        adapter.  It adds only the shared bases, the loadings and the heads to the base model,
-        which is changed in place (``unload()`` restores it).  Each call serves one revision of
-        this model from its first layer to its last; edits made later (an adapter added,
-        removed or replaced) are served from the next call on.  The served model does not keep
-        this one alive.
+        Returns a :class:`lorashare.serving.serve.ServedModel`: the base model's API plus ``adapter_names=[...]`` (one
+        per row, ``"__base__"`` for none) in ``forward`` and ``generate``.  ``base_model`` is changed in place
+        (``unload()`` restores it); each call serves one revision of this model, from its first layer to its last.
 
         Example:
             >>> model = share.serve(base_model)  # doctest: +SKIP
             >>> model(**batch, adapter_names=["billing", "refunds", "__base__"]).logits  # doctest: +SKIP
         """
-        from .serve import serve
+        from .serving.serve import serve
 
         return serve(self, base_model, adapters=None if adapters is None else list(adapters), dtype=dtype)
 
-    # ------------------------------------------------------------------ learning in the subspace
     def subspace_model(self, base_model: Any, name: str, **options: Any) -> Any:
-        """A ``PeftModel`` of ``base_model`` with a new adapter ``name`` that trains only its loadings.
-
-        The factors are ``lora_A = (U_A·L_A)ᵀ`` and ``lora_B = U_B·L_B`` over this checkpoint's
-        frozen bases; the loadings (and ``modules_to_save``, e.g. a new head) are the only
-        parameters that require grad.  Train it with ``transformers.Trainer``, accelerate or a
-        plain loop, then :meth:`add_trained`.  Options (``r``, ``lora_alpha``, ``target_modules``,
-        ``modules_to_save``, ``lora_dropout``, ``init_zero``, ``rank_updates``, ``use_rslora``,
-        ``task_type``, ``seed``) are those of :func:`lorashare.training.subspace_model`.
+        """A ``PeftModel`` of ``base_model`` with a new adapter ``name`` that trains only its loadings over the frozen
+        bases; train it as any LoRA (``transformers.Trainer``), then :meth:`add_trained`.  Options: those of
+        :func:`lorashare.training.subspace_model`.
 
         Example:
             >>> model = share.subspace_model(base_model, "refunds_v2", modules_to_save=["classifier"])  # doctest: +SKIP
-            >>> model.print_trainable_parameters()  # doctest: +SKIP
         """
         from .training import subspace_model
 
         return subspace_model(self._state, base_model, name, **options)
 
     def add_trained(self, model: Any, *, replace: bool = False, device: Optional[str] = None) -> Dict[str, Any]:
-        """Add the adapter trained in ``model`` (from :meth:`subspace_model`) as it was trained.
-
-        No other adapter changes.  An adapter trained with ``rank_updates`` reaches outside the
-        bases: it is added as a recompute does (every adapter recompressed, the bases refitted),
-        and the report says so.  Returns ``{"method": "trained" | "recompute", "adapter_name", ...}``.
+        """Add the adapter trained in ``model`` (from :meth:`subspace_model`) as it was trained; no other adapter
+        changes, unless it was trained with ``rank_updates`` (then the bases are refitted, as a recompute does).
+        Returns ``{"method": "trained" | "recompute", "adapter_name", ...}`` (:func:`lorashare.training.add_trained`).
 
         Example:
             >>> share.add_trained(model)["method"]  # doctest: +SKIP
@@ -464,100 +352,55 @@ class SHAREModel:
 
     def refit(self, adapter_name: str, batches: Iterable[Mapping[str, Any]], *, base_model: Any, **options: Any
               ) -> Dict[str, Any]:
-        """Train one adapter's loadings to reproduce its original adapter's outputs (distillation).
-
-        ``batches`` are a few hundred unlabelled inputs (tokenizer outputs); the bases and every
-        other adapter stay as they are.  The original adapter comes from ``original=`` or the
-        adapter's recorded source, and must have the recorded fingerprint.  Options: ``original``,
-        ``epochs``, ``lr``, ``loss``, ``temperature``, ``eval_batches``, ``token``, ``progress``
-        (see :func:`lorashare.training.refit`).  Returns a report with the ΔW error and the
-        agreement with the original before and after.
+        """Train one adapter's loadings to reproduce its original adapter's outputs on ``batches`` (a few hundred
+        unlabelled inputs); the bases and the other adapters stay.  Options and the report:
+        :func:`lorashare.training.refit`.
 
         Example:
             >>> share.refit("billing", batches, base_model=base)["agreement_after"]  # doctest: +SKIP
             0.994
         """
         from .training import refit
+        from .training.refit import merge_refit
 
         options.setdefault("progress", self._progress)
         state = self._state
         nxt, report = refit(state, adapter_name, batches, base_model=base_model, **options)
         with self._lock:
-            now = self._state
-            if now.records.get(adapter_name) is not state.records[adapter_name] or any(
-                    now.bases.get(k) is not state.bases[k] for k in state.records[adapter_name].weights):
-                raise ConfigError(f"adapter {adapter_name!r} or the bases changed while it was refitted; refit it again.")
-            if nxt is not state:
-                self._publish(now.next(records={**now.records, adapter_name: nxt.records[adapter_name]}))
+            self._publish(merge_refit(self._state, state, nxt, adapter_name))
         return report
 
-    # ------------------------------------------------------------------ statistics
     def summary(self) -> Dict[str, Any]:
-        """Print and return the compression statistics.
-
-        ``compression_ratio`` counts the shared bases (what you store and ship);
-        ``compression_ratio_excluding_basis`` is the marginal cost of one more
-        adapter and is *not* the compression ratio.
-        """
+        """Print and return the compression statistics.  ``compression_ratio`` counts the shared bases (what you
+        store and ship); ``compression_ratio_excluding_basis`` is the marginal cost of one more adapter, *not* the
+        compression ratio."""
         cfg = self.config
         print(summary_text(cfg))
         return dict(cfg.compression_stats)
 
-    def reconstruction_error(
-        self,
-        adapter_name: str,
-        original_weights: Optional[Dict[str, torch.Tensor]] = None,
-        original_path: Optional[str] = None,
-    ) -> Dict[str, Any]:
-        """Relative error of ΔW = s·B·A per module, against the original adapter.
-
-        Returns ``{"per_layer": {module: error}, "mean": …, "max": …}``.  With
-        neither ``original_weights`` nor ``original_path``, returns the errors
-        measured at compression time.
+    def reconstruction_error(self, adapter_name: str, original_weights: Optional[Dict[str, torch.Tensor]] = None,
+                             original_path: Optional[str] = None) -> Dict[str, Any]:
+        """Relative error of ΔW = s·B·A per module against the original adapter, ``{"per_layer": {module: error},
+        "mean": …, "max": …}``; with neither ``original_weights`` nor ``original_path``, as measured at compression.
 
         Example:
             >>> share.reconstruction_error("billing", original_path="runs/billing")["max"]  # doctest: +SKIP
             0.031
         """
-        state = self._state
-        edit.check_known(state, adapter_name)
-        if original_weights is None and original_path is None:
-            per = dict(state.records[adapter_name].errors)
-        else:
-            if original_weights is None:
-                a = open_adapter(original_path, name=adapter_name)
-                try:
-                    original_weights = {lora_key(m, side): a.read_factor(m, side) for m in a.modules for side in "AB"}
-                finally:
-                    a.close()
-            per = delta_w_errors(original_weights, rebuild(state, adapter_name))
-        vals = list(per.values())
-        return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else 0.0, "max": max(vals) if vals else 0.0}
+        edit.check_known(self._state, adapter_name)
+        return reconstruction_error(self._state, adapter_name, original_weights, original_path)
 
-    # ------------------------------------------------------------------ editing
     def add_adapter(
-        self,
-        adapter: str,
-        name: Optional[str] = None,
-        variance_threshold: Optional[float] = None,
-        device: Optional[str] = None,
-        force_recompute: bool = False,
-        *,
-        token: Optional[str] = None,
-        originals: Optional[Mapping[str, str]] = None,
-        replace: bool = False,
+        self, adapter: str, name: Optional[str] = None, variance_threshold: Optional[float] = None,
+        device: Optional[str] = None, force_recompute: bool = False, *, token: Optional[str] = None,
+        originals: Optional[Mapping[str, str]] = None, replace: bool = False,
     ) -> Dict[str, Any]:
         """Add an adapter: project it onto the bases if they explain it well enough, else recompute.
 
-        With ``replace=True``, an adapter of the same name is replaced in one step: served
-        calls see the old adapter or the new one, never neither.
-
-        The new adapter is projected when, in every module, the bases keep at least
-        ``variance_threshold`` (default: the spec's) of its ΔW energy.  Otherwise every adapter
-        is recompressed with the model's spec: from its original (``originals[name]``, a folder
-        or Hub id, else its recorded source) when that still has the recorded fingerprint, else
-        from its reconstruction.
-
+        Projected when, in every module, the bases keep at least ``variance_threshold`` (default: the spec's) of its
+        ΔW energy; otherwise every adapter is recompressed with the spec, from its original (``originals[name]``, else
+        its recorded source) when that still has the recorded fingerprint, else from its reconstruction.  With
+        ``replace=True`` an adapter of the same name is replaced in one step (served calls see the old or the new).
         Returns ``{"method": "projection" | "recompute", "adapter_name", "min_explained_variance",
         "mean_explained_variance", "reason"}``.
 
@@ -592,8 +435,8 @@ class SHAREModel:
     def set_source(self, adapter_name: str, source: str) -> None:
         """Record where an adapter came from, as the card and ``share_config.json`` show it.
 
-        Useful when it was read from a path that means nothing elsewhere (a runner's checkout),
-        e.g. to keep the path relative to the repository that holds it.
+        Useful when it was read from a path that means nothing elsewhere (a runner's checkout), e.g. to keep the path
+        relative to the repository that holds it.
 
         Example:
             >>> share.set_source("billing", "adapters/billing")  # doctest: +SKIP
@@ -616,11 +459,7 @@ class SHAREModel:
         Example:
             >>> share.set_card(license="apache-2.0", description="Support adapters")  # doctest: +SKIP
         """
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(self._state.card)})
-        if unknown:
-            raise ConfigError(f"set_card: unknown options {unknown}; expected repo_id, license or description.")
-        if options.get("license"):
-            options["license"] = check_license(options["license"])
+        options = check_card_options(options)
         with self._lock:
             self._publish(edit.set_card(self._state, **options))
 

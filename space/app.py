@@ -4,7 +4,7 @@ Run locally with ``python space/app.py`` (binds 127.0.0.1:7860; ``GRADIO_SERVER_
 ``GRADIO_SERVER_PORT`` change that).  On a Space, the platform sets them.
 
 Everything the Space does goes through lorashare's public API (``SHAREModel``, ``lorashare.hub``,
-``lorashare.card``, ``lorashare.checkpoint``), including the size and access check before any
+``lorashare.hub.card``, ``lorashare.format.checkpoint``), including the size and access check before any
 download (``lorashare.hub.remote_sizes``).  Deployed by ``space/deploy.py``, which puts the
 lorashare package next to this file: the Space needs nothing of lorashare from the index.
 
@@ -56,21 +56,21 @@ from lorashare import (  # noqa: E402
     errors,
     hub,  # noqa: E402
 )
-from lorashare.adapters import name_sources  # noqa: E402
-from lorashare.card import (  # noqa: E402
+from lorashare.errors import HubError  # noqa: E402
+from lorashare.format.checkpoint import CONFIG_FILE, checkpoint_files  # noqa: E402
+from lorashare.format.jsonfile import loads as json_loads  # noqa: E402
+from lorashare.format.schema import FIX  # noqa: E402
+from lorashare.format.storage import NF4_BLOCK, SCHEMES  # noqa: E402
+from lorashare.hub.card import (  # noqa: E402
     HUB_LICENSES,
     INSTALL,
     card_metadata,
     check_license,
     model_class,
 )
-from lorashare.checkpoint import CONFIG_FILE, checkpoint_files  # noqa: E402
-from lorashare.errors import HubError  # noqa: E402
-from lorashare.fmt import k_range, size  # noqa: E402
-from lorashare.jsonfile import loads as json_loads  # noqa: E402
-from lorashare.names import check_name, split_group_key  # noqa: E402
-from lorashare.schema import FIX  # noqa: E402
-from lorashare.storage import NF4_BLOCK, SCHEMES  # noqa: E402
+from lorashare.peft.adapters import name_sources  # noqa: E402
+from lorashare.utils.fmt import k_range, size  # noqa: E402
+from lorashare.utils.names import check_name, split_group_key  # noqa: E402
 
 logger = logging.getLogger("lorashare.space")
 
@@ -804,7 +804,7 @@ def weights_params(path: str, who: str) -> Tuple[int, int]:
     """``(values, bytes)`` of every tensor in a safetensors file, from its header alone (no data is read)."""
     import math
 
-    from lorashare.tensorfile import read_header
+    from lorashare.format.tensorfile import read_header
 
     infos, _ = read_header(path, error=HubError, who=who)
     return sum(math.prod(i.shape) for i in infos.values()), sum(i.nbytes for i in infos.values())

@@ -83,7 +83,7 @@ def stage(dst: Path) -> Path:
                               path=str(HERE / "README.md"))
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "lorashare", dst / "lorashare", ignore=skip)
-    # Where lorashare.card finds it in an install: the wheel maps hub_templates/ to lorashare/hub_templates/.
+    # Where lorashare.hub.card finds it in an install: the wheel maps hub_templates/ to lorashare/hub_templates/.
     shutil.copytree(ROOT / "hub_templates", dst / "lorashare" / "hub_templates", ignore=skip)
     shutil.copy2(ROOT / "LICENSE", dst / "LICENSE")
     return dst

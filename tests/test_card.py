@@ -12,7 +12,8 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 
 from lorashare import SHAREModel, __version__
-from lorashare.card import (
+from lorashare.errors import ConfigError
+from lorashare.hub.card import (
     HUB_LICENSES,
     INSTALL,
     TASK_MODEL_CLASSES,
@@ -23,7 +24,6 @@ from lorashare.card import (
     pipeline_tag,
     render_card,
 )
-from lorashare.errors import ConfigError
 from tests.hub_fixtures import HUB_TOKEN
 from tests.hubserver import HubServer
 

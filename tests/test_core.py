@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorashare import SHAREModel
-from lorashare.adapters import lora_key, parse_lora_key
+from lorashare.peft.adapters import lora_key, parse_lora_key
 from tests.conftest import load_state, make_adapter, tiny_bert
 
 

@@ -126,8 +126,10 @@ def test_action_page_has_every_input_and_output_of_action_yml():
 
 def test_modules_page_lists_every_module():
     page = gen.modules_markdown()
-    modules = sorted(p.stem for p in (ROOT / "lorashare").glob("*.py") if p.stem not in ("__init__", "__main__"))
-    assert re.findall(r"^::: lorashare\.(\w+)$", page, flags=re.M) == modules
+    package = ROOT / "lorashare"
+    modules = sorted("lorashare." + p.relative_to(package).with_suffix("").as_posix().replace("/", ".")
+                     for p in package.rglob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert sorted(re.findall(r"^::: (lorashare[\w.]*)$", page, flags=re.M)) == modules
     assert gen.MARKERS["modules"] in (DOCS / "modules.md").read_text(encoding="utf-8")
 
 

@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorashare import SHAREModel, atomic
+from lorashare import SHAREModel
+from lorashare.format import atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -92,7 +92,7 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> List[float]:
     ``("delay", s)`` fault must still sleep.
     """
     delays: List[float] = []
-    monkeypatch.setattr(lorashare.hub, "time", _NoSleep(delays))
+    monkeypatch.setattr(lorashare.hub.client, "time", _NoSleep(delays))
     monkeypatch.setattr(hf_http, "time", _NoSleep([]))
     return delays
 

@@ -25,11 +25,11 @@ from typing import List
 import pytest
 
 from lorashare import SHAREModel, hub
-from lorashare.adapters import is_local_source
 from lorashare.cli import main
 from lorashare.errors import AdapterNotFoundError, ConfigError
-from lorashare.manifest import parse_manifest
-from lorashare.storage import NF4_BLOCK
+from lorashare.format.storage import NF4_BLOCK
+from lorashare.peft.adapters import is_local_source
+from lorashare.sync.manifest import parse_manifest
 from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent

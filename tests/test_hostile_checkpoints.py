@@ -35,9 +35,9 @@ from safetensors.torch import load_file, save_file
 from lorashare import SHAREModel
 from lorashare.cli import main
 from lorashare.errors import AdapterError, CheckpointError, IntegrityError, LoraShareError
-from lorashare.loraconfig import pattern_value
-from lorashare.schema import AdapterInfo, AdapterMeta, CompressionStats, SHAREConfig, validate
-from lorashare.storage import NF4_BLOCK
+from lorashare.format.loraconfig import pattern_value
+from lorashare.format.schema import AdapterInfo, AdapterMeta, CompressionStats, SHAREConfig, validate
+from lorashare.format.storage import NF4_BLOCK
 from tests.conftest import tiny_bert
 
 DTYPES = ("float32", "int8", "nf4")
@@ -338,7 +338,7 @@ ROWS: List[Row] = [
         r"adapter 'task1': loading '.*query:A' is \(2, 4\) but its basis is \(32, 3\)", dtypes=("float32",)),
     Row("loadings-empty", tensors(f"adapters/{NAME}/loadings.safetensors", lambda t: {}), CheckpointError,
         _load_rel() + r" in .* holds no loadings", dtypes=("float32",)),
-    # ---- the schema (lorashare.schema) of the new fields
+    # ---- the schema (lorashare.format.schema) of the new fields
     Row("compression-bad-threshold", cfg_edit(lambda c: c.update(compression={"variance_threshold": 2})), CheckpointError,
         r"share_config\.json: field 'compression' is .*, expected null or a compression spec .*variance_threshold=2"),
     Row("compression-unknown-setting", cfg_edit(lambda c: c.update(compression={"magic": 1})), CheckpointError,
@@ -562,7 +562,7 @@ def test_special_file_in_an_adapter_fails_at_once(fname, kind, adapter_dirs, tmp
 
 def test_tensorfile_refuses_a_fifo_without_blocking(tmp_path):
     """The low-level reader itself (adapters.py reads weights through it) refuses at once."""
-    from lorashare.tensorfile import TensorFile, read_header
+    from lorashare.format.tensorfile import TensorFile, read_header
 
     fifo = tmp_path / "adapter_model.safetensors"
     os.mkfifo(fifo)
@@ -575,8 +575,8 @@ def test_tensorfile_refuses_a_fifo_without_blocking(tmp_path):
 @pytest.mark.parametrize("when", ["first-tensor", "last-meta"])
 def test_a_save_during_a_load_says_the_checkpoint_changed(when, saved, adapter_dirs, tmp_path, monkeypatch):
     """A concurrent save is reported as such, not as a corrupted or tampered file."""
-    import lorashare.checkpoint as checkpoint
-    import lorashare.tensorfile as tensorfile
+    import lorashare.format.checkpoint as checkpoint
+    import lorashare.format.tensorfile as tensorfile
 
     ck = tmp_path / "ck"
     shutil.copytree(saved["float32"], ck)
@@ -615,7 +615,7 @@ def test_a_save_during_a_load_says_the_checkpoint_changed(when, saved, adapter_d
 
 def test_a_resave_of_the_same_bytes_is_no_change(saved, tmp_path, monkeypatch):
     """The stamp is the config's bytes: a save that writes the same checkpoint again does not fail a reader."""
-    import lorashare.tensorfile as tensorfile
+    import lorashare.format.tensorfile as tensorfile
 
     ck = tmp_path / "ck"
     shutil.copytree(saved["float32"], ck)

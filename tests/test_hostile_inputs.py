@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save, save_file
 
-import lorashare.subspace
+import lorashare.codec.subspace
 from lorashare import SHAREModel
 from lorashare.cli import main
 from lorashare.errors import (
@@ -35,8 +35,8 @@ from lorashare.errors import (
     IntegrityError,
     LoraShareError,
 )
-from lorashare.jsonfile import MAX_DEPTH, loads
-from lorashare.tensorfile import read_header, save_bytes
+from lorashare.format.jsonfile import MAX_DEPTH, loads
+from lorashare.format.tensorfile import read_header, save_bytes
 from tests.reliability_report import report
 from tests.test_legacy import _legacy_checkpoint
 
@@ -241,7 +241,7 @@ def test_linalg_failure_names_the_module(adapter_dirs, tmp_path, monkeypatch, ca
     def boom(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
-    monkeypatch.setattr(lorashare.subspace, "top_eigh", boom)
+    monkeypatch.setattr(lorashare.codec.subspace, "top_eigh", boom)
     with pytest.raises(AdapterError, match=r"module bert\.encoder\.layer\.\d\.attention\.self\.\w+.*linear algebra "
                                            r"failed on the factors of adapters \['task0', 'task1'\]") as ei:
         SHAREModel.from_adapters(adapter_dirs[:2], num_components=3, progress=False)
@@ -259,7 +259,7 @@ def test_rank_pattern_matches_like_peft(adapter_dirs, tmp_path, caplog):
     edit_config(rank_pattern={"query|value": 4}, alpha_pattern={"layer\\.0\\..*query": 16})(good)
     share = SHAREModel.from_adapters([adapter_dirs[0], str(good)], num_components=3, progress=False)
     assert "config says r=" not in caplog.text
-    from lorashare.adapters import module_scale
+    from lorashare.peft.adapters import module_scale
 
     cfg = share.adapter_configs["good"]
     assert module_scale(cfg, "bert.encoder.layer.0.attention.self.query", 4) == 16 / 4

@@ -53,7 +53,7 @@ def env(hub: HubServer, hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> HubS
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> List[float]:
     """Record retry back-off delays instead of sleeping (keeps retry tests fast)."""
     delays: List[float] = []
-    monkeypatch.setattr(lorashare.hub.time, "sleep", delays.append)
+    monkeypatch.setattr(lorashare.hub.client.time, "sleep", delays.append)
     return delays
 
 

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorashare import SHAREModel
-from lorashare.adapters import open_local
-from lorashare.checkpoint import load_checkpoint
 from lorashare.errors import CheckpointError, IntegrityError, LoraShareError
-from lorashare.tensorfile import read_header
+from lorashare.format.checkpoint import load_checkpoint
+from lorashare.format.tensorfile import read_header
+from lorashare.peft.adapters import open_local
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

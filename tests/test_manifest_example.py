@@ -3,7 +3,7 @@
 * The example passes ``lorashare sync --check`` (offline: no request reaches the test Hub), plans a
   first publish with ``--dry-run`` against the local test Hub, and publishes for real there.
 * Its commented-out lines are valid too, once uncommented.
-* Every key the parser knows (and every storage dtype) is in the ``lorashare.manifest``
+* Every key the parser knows (and every storage dtype) is in the ``lorashare.sync.manifest``
   docstring, whose schema block is itself a valid manifest; the example, ``sync --help`` and
   ``docs/action.md`` all point to that docstring.
 * The pre-commit hook of ``docs/action.md`` runs a command the CLI accepts, on the right files.
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorashare import manifest as M
-from lorashare.adapters import file_sha256
 from lorashare.cli import build_parser, main
-from lorashare.storage import SCHEMES
+from lorashare.format.storage import SCHEMES
+from lorashare.peft.adapters import file_sha256
+from lorashare.sync import manifest as M
 from tests.hub_fixtures import HUB_TOKEN
 from tests.hubserver import HubServer
 
@@ -120,7 +120,7 @@ def test_every_key_and_dtype_is_in_the_manifest_docstring(tmp_path: Path):
     schema = _docstring_schema()
     keys = set(re.findall(r"^\s*([a-z_]+):", schema, flags=re.M))
     known = set(M.TOP_KEYS) | set(M.COMPRESSION_KEYS) | set(M.CARD_KEYS)
-    assert known <= keys, f"keys missing from the lorashare.manifest docstring: {sorted(known - keys)}"
+    assert known <= keys, f"keys missing from the lorashare.sync.manifest docstring: {sorted(known - keys)}"
     dtype_line = next(line for line in schema.splitlines() if line.strip().startswith("dtype:"))
     assert all(re.search(rf"\b{d}\b", dtype_line) for d in SCHEMES), dtype_line
     version_line = next(line for line in schema.splitlines() if line.startswith("version:"))
@@ -137,13 +137,13 @@ def test_every_key_and_dtype_is_in_the_manifest_docstring(tmp_path: Path):
 
 def test_the_example_the_cli_and_the_docs_point_to_that_docstring():
     text = EXAMPLE.read_text(encoding="utf-8")
-    assert "lorashare.manifest" in text and "lorashare.sync module" not in text and "README" not in text
+    assert "lorashare.sync.manifest" in text and "lorashare.sync module" not in text and "README" not in text
     dtype_line = next(line for line in text.splitlines() if line.strip().startswith("dtype:"))
     assert all(re.search(rf"\b{d}\b", dtype_line) for d in SCHEMES), dtype_line
     version_line = next(line for line in text.splitlines() if line.startswith("version:"))
     assert "#" in version_line and "version" in version_line.split("#", 1)[1]
     sync = build_parser()._subparsers._group_actions[0].choices["sync"]
-    assert "lorashare.manifest" in sync.description and "examples/lorashare.yaml" in sync.description
+    assert "lorashare.sync.manifest" in sync.description and "examples/lorashare.yaml" in sync.description
     page = (ROOT / "docs" / "action.md").read_text(encoding="utf-8")
     assert "(modules.md#lorasharemanifest)" in page
     assert '--8<-- "examples/lorashare.yaml"' in page  # the page shows the tested example, not a copy

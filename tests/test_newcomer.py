@@ -106,7 +106,7 @@ def test_the_cli_push_message_names_the_cli_fix(env, tmp_path, capsys):
 def test_serve_without_adapter_names_uses_the_first_adapter_and_says_so_once(share, caplog):
     served = share.serve(tiny_bert())
     ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
-    with caplog.at_level(logging.INFO, logger="lorashare.serve"), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger="lorashare.serving.serve"), torch.no_grad():
         default = served(input_ids=ids).logits
         served(input_ids=ids)
     said = [r.getMessage() for r in caplog.records if "every row uses the first served adapter" in r.getMessage()]

@@ -144,12 +144,12 @@ def test_overwrite_replaces_a_foreign_folder(ws, case, capsys):
 
 def test_refusal_happens_before_the_work(ws, monkeypatch, capsys):
     """A bad -o fails at once: the adapters are not even opened."""
-    import lorashare.model as model
+    import lorashare.codec.build as build
 
     def boom(*a, **k):
         raise AssertionError("compressed although the output is refused")
 
-    monkeypatch.setattr(model, "open_adapters", boom)
+    monkeypatch.setattr(build, "open_adapters", boom)
     assert main(["compress", str(ws / "runs/a"), str(ws / "runs/b"), "-o", str(ws / "notes.txt")]) == 1
     assert "notes.txt" in capsys.readouterr().err
 
@@ -340,7 +340,7 @@ def test_unwritable_system_parent_is_one_line(ws, capsys):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EIO])
 def test_os_errors_at_the_swap_keep_the_old_checkpoint(ws, monkeypatch, code):
     """A failure while flushing (disk full at the last moment) leaves the old checkpoint and no temp."""
-    import lorashare.atomic as atomic
+    import lorashare.format.atomic as atomic
 
     ck = _ckpt(ws)
     before = tree(ck)

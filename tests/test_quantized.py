@@ -14,7 +14,7 @@ import torch
 from lorashare import SHAREModel
 from lorashare.cli import main
 from lorashare.errors import CheckpointError
-from lorashare.storage import (
+from lorashare.format.storage import (
     NF4_BLOCK,
     NF4_LEVELS,
     error_bound,
@@ -24,7 +24,7 @@ from lorashare.storage import (
     stored_entries,
     stored_nbytes,
 )
-from lorashare.tensorfile import read_header, save_bytes
+from lorashare.format.tensorfile import read_header, save_bytes
 
 QUANTIZED = ("int8", "nf4")
 
@@ -192,7 +192,7 @@ def _refingerprint(folder: Path) -> None:
 
 def _edit_tensors(rel: str, fn: Callable[[Dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
     def run(folder: Path) -> None:
-        from lorashare.tensorfile import TensorFile
+        from lorashare.format.tensorfile import TensorFile
 
         with TensorFile(str(folder / rel)) as tf:
             tensors = tf.load_all()
@@ -353,7 +353,7 @@ def test_cli_dtype(adapter_dirs, scheme, tmp_path, capsys):
 
 
 def test_manifest_dtype_nf4(tmp_path):
-    from lorashare.manifest import load_manifest
+    from lorashare.sync.manifest import load_manifest
 
     (tmp_path / "lorashare.yaml").write_text(
         "repo_id: acme/share\nadapters:\n  a: acme/a-lora\n  b: acme/b-lora\ncompression:\n  dtype: nf4\n")

@@ -20,12 +20,12 @@ import torch
 from huggingface_hub import constants
 
 from lorashare import SHAREModel
-from lorashare.cache import AdapterCache, CheckpointRef, parse_checkpoints
-from lorashare.checkpoint import load_checkpoint
 from lorashare.cli import main
 from lorashare.errors import CheckpointError, ConfigError, IntegrityError, LoraShareError
-from lorashare.export import export_adapters
-from lorashare.vllm_plugin import SHAREResolver, cache_from_env
+from lorashare.format.checkpoint import load_checkpoint
+from lorashare.serving.cache import AdapterCache, CheckpointRef, parse_checkpoints
+from lorashare.serving.export import export_adapters
+from lorashare.serving.vllm_plugin import SHAREResolver, cache_from_env
 from tests.conftest import load_state
 from tests.hub_fixtures import HUB_TOKEN, fresh_cache
 from tests.hubserver import HubServer
@@ -317,7 +317,7 @@ def test_local_checkpoint_reads_bases_once_and_follows_a_resave(share, adapter_d
         reads.append((tuple(kw.get("adapters") or ()), kw.get("bases") is not None))
         return real(folder, **kw)
 
-    monkeypatch.setattr("lorashare.cache.load_checkpoint", counting)
+    monkeypatch.setattr("lorashare.serving.cache.load_checkpoint", counting)
     cache = AdapterCache(parse_checkpoints(f"local={ckpt}"), str(tmp_path / "cache"))
     for name in share.adapter_names:
         assert_equal_tensors(rebuilt(cache.folder_for(f"local/{name}")), share.reconstruct(name))
@@ -382,7 +382,7 @@ def test_a_silent_hub_keeps_the_revision_known_before(env, share, tmp_path, monk
     import lorashare.hub
 
     monkeypatch.setenv("LORASHARE_HUB_TIMEOUT", "5")
-    monkeypatch.setattr(lorashare.hub.time, "sleep", lambda seconds: None)  # retries without their back-off
+    monkeypatch.setattr(lorashare.hub.client.time, "sleep", lambda seconds: None)  # retries without their back-off
     share.push_to_hub(CKPT, token=HUB_TOKEN)
     cache = AdapterCache(parse_checkpoints(f"support={CKPT}"), str(tmp_path / "cache"), refresh=0)
     first = cache.folder_for("support/task1")  # the bases and task1 are here now

@@ -19,7 +19,7 @@ import torch
 
 from lorashare import SHAREModel
 from lorashare.errors import AdapterError, ConfigError, UnknownAdapterError
-from lorashare.serve import ServedModel
+from lorashare.serving.serve import ServedModel
 from tests.conftest import tiny_bert
 
 TOL = 1e-4
@@ -150,7 +150,7 @@ def test_lossy_k_matches_reconstruction_for_both_table_kinds(adapter_dirs, bert_
 
 def test_short_and_long_rows_take_both_paths_exactly(bert_share, adapter_dirs):
     """One token per row goes through the shared products, long rows through per-row factors; both exact."""
-    from lorashare.serve import _per_row_cheaper
+    from lorashare.serving.serve import _per_row_cheaper
 
     names = bert_share.adapter_names
     rows = names + ["__base__", names[2]]

@@ -81,7 +81,7 @@ def test_requirements_name_index_packages_only():
 def test_staged_space_is_self_contained(tmp_path):
     folder = load_deploy().stage(tmp_path / "space")
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert {"app.py", "README.md", "requirements.txt", "LICENSE", "lorashare/__init__.py", "lorashare/hub.py",
+    assert {"app.py", "README.md", "requirements.txt", "LICENSE", "lorashare/__init__.py", "lorashare/hub/client.py",
             "lorashare/hub_templates/model_card.md"} <= files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     template = (folder / "lorashare" / "hub_templates" / "model_card.md").read_bytes()
@@ -113,7 +113,7 @@ def test_deploy_is_one_commit_and_replaces_the_files(hub, hf_cache, tmp_path, mo
     r = run_deploy(hub, SPACE)
     assert r.returncode == 0, r.stderr
     files = hub.snapshot(SPACE, repo_type="space")
-    assert "old.py" not in files and "lorashare/card.py" in files
+    assert "old.py" not in files and "lorashare/hub/card.py" in files
     assert len(hub.history(SPACE, repo_type="space")) == 4 and repo.private  # an existing Space keeps its visibility
 
 

@@ -26,9 +26,9 @@ if importlib.util.find_spec("gradio") is None:
 
 from lorashare import SHAREModel, errors  # noqa: E402
 from lorashare import hub as lorashare_hub  # noqa: E402
-from lorashare.compress import check_storable  # noqa: E402
-from lorashare.names import check_name  # noqa: E402
-from lorashare.tensorfile import read_header  # noqa: E402
+from lorashare.codec.compress import check_storable  # noqa: E402
+from lorashare.format.tensorfile import read_header  # noqa: E402
+from lorashare.utils.names import check_name  # noqa: E402
 from tests.conftest import make_adapter  # noqa: E402
 from tests.test_space import APP, NOT_FOR_VISITORS, folder_files, put  # noqa: E402
 
@@ -215,7 +215,7 @@ def test_the_server_s_own_folders(app, tmp_path):
 
 
 def test_a_full_disk(app):
-    # The message of lorashare.atomic's SaveError for ENOSPC (a full disk cannot be made here).
+    # The message of lorashare.format.atomic's SaveError for ENOSPC (a full disk cannot be made here).
     exc = errors.SaveError("could not save the SHARE checkpoint to /tmp/x: No space left on device (/tmp/x/a). "
                            "Nothing was changed there. Free some disk space, or save elsewhere.", path="/tmp/x")
 

@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-import lorashare.compress as C
+import lorashare.codec.compress as C
 from lorashare import SHAREModel
-from lorashare import subspace as S
+from lorashare.codec import subspace as S
 from lorashare.errors import CheckpointError
 
 THRESHOLDS = (0.5, 0.9)
@@ -165,7 +165,7 @@ def test_budget_deepens_a_spectrum_the_budget_reaches(diff_seed, monkeypatch, pa
 
 
 def test_auto_is_capped_at_the_break_even_and_says_so(diff_seed, tmp_path, caplog, capsys):
-    with caplog.at_level(logging.WARNING, logger="lorashare.compress"):
+    with caplog.at_level(logging.WARNING, logger="lorashare.codec.compress"):
         share = SHAREModel.from_adapters(diff_seed, num_components="auto", variance_threshold=0.999, progress=False)
     st = share.config.compression_stats
     assert st["capped_groups"], "0.999 of a flat A spectrum needs nearly all n directions"

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from lorashare import sync as S
-from lorashare.checkpoint import CardData, SHAREConfig
 from lorashare.cli import main
 from lorashare.errors import ConfigError, LoraShareError
+from lorashare.format.checkpoint import CardData, SHAREConfig
 from tests.action_runner import parse_output_file
 from tests.hub_fixtures import HUB_TOKEN
 from tests.hubserver import HubApiError, HubServer
@@ -504,7 +504,7 @@ def test_concurrent_change_is_detected(env, ws, capsys, monkeypatch):
         env.commit(REPO, {"notes.txt": "someone else"}, message="other run")
         return result
 
-    monkeypatch.setattr(S, "apply_plan", racing)
+    monkeypatch.setattr(S.run, "apply_plan", racing)
     assert main(["sync"]) == 1
     assert "changed while syncing" in capsys.readouterr().err
     assert head_title(env) == "other run"
@@ -631,7 +631,7 @@ def test_errors_never_leak_the_token(env, ws, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", secret)
     write(ws, manifest_text(ABC))
     err = LoraShareError(f"boom with {secret} inside")
-    monkeypatch.setattr(S, "fingerprint_sources", lambda *a, **k: (_ for _ in ()).throw(err))
+    monkeypatch.setattr(S.run, "fingerprint_sources", lambda *a, **k: (_ for _ in ()).throw(err))
     assert main(["sync", "--json"]) == 1
     cap = capsys.readouterr()
     assert secret not in cap.out + cap.err and "***" in cap.err

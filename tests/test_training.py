@@ -151,7 +151,7 @@ def test_saved_loaded_rebuilt_adapter_computes_the_trained_model(adapter_dirs, t
 
 def test_stored_as_is_what_the_checkpoint_decodes():
     L = torch.randn(7, 3)
-    from lorashare.storage import quantize
+    from lorashare.format.storage import quantize
 
     for scheme in ("int8", "nf4"):
         assert torch.equal(stored_as(L, scheme), quantize(L, scheme).value())
@@ -209,7 +209,7 @@ def test_rank_updates_train_extra_directions_and_refit_the_bases(adapter_dirs):
     report = share.add_trained(model)
     assert report["method"] == "recompute" and "rank updates" in report["reason"]
     rebuilt = share.reconstruct("new")
-    from lorashare.adapters import lora_key
+    from lorashare.peft.adapters import lora_key
 
     # k=6 < N·r: the refit bases are lossy, but they now hold the new adapter's own directions.
     err = [float(((rebuilt[lora_key(m, "B")] @ rebuilt[lora_key(m, "A")]) - B @ A).norm() / (B @ A).norm())

@@ -22,9 +22,8 @@ import pytest
 import torch
 
 from lorashare import SHAREModel
-from lorashare import subspace as S
-from lorashare.atomic import _sibling_base
 from lorashare.cli import main
+from lorashare.codec import subspace as S
 from lorashare.errors import (
     ForeignFolderError,
     InvalidNameError,
@@ -32,7 +31,8 @@ from lorashare.errors import (
     OutputPathError,
     StorageRangeError,
 )
-from lorashare.names import open_regular
+from lorashare.format.atomic import _sibling_base
+from lorashare.utils.names import open_regular
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = "store/deep/ck"
@@ -348,8 +348,8 @@ def test_storage_range_fix_per_subcommand(ws, monkeypatch, capsys, verb, fragmen
     assert problem in err and fragment in err and "dtype='float32'" not in err, err
 
 
-@pytest.mark.parametrize("path", ["lorashare/atomic.py", "lorashare/adapters.py", "lorashare/names.py",
-                                  "lorashare/cli.py", "lorashare/manifest.py"])
+@pytest.mark.parametrize("path", ["lorashare/format/atomic.py", "lorashare/peft/adapters.py", "lorashare/utils/names.py",
+                                  "lorashare/cli.py", "lorashare/sync/manifest.py"])
 def test_no_mixed_python_and_cli_fix_in_these_modules(path):
     text = Path(ROOT, path).read_text(encoding="utf-8")
     assert "(CLI:" not in text and "or --name name=path" not in text
@@ -394,7 +394,7 @@ def test_special_files_in_an_adapter_are_refused_without_blocking(ws, file, make
 
 def test_fingerprint_of_a_fifo_is_refused_without_blocking(ws):
     os.mkfifo(ws / "pipe")
-    code = ("import sys\nfrom lorashare.adapters import file_sha256\ntry:\n    file_sha256(sys.argv[1])\n"
+    code = ("import sys\nfrom lorashare.peft.adapters import file_sha256\ntry:\n    file_sha256(sys.argv[1])\n"
             "except OSError as exc:\n    print(exc.strerror)\n")
     p = subprocess.run([sys.executable, "-c", code, str(ws / "pipe")], capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": ROOT})

@@ -118,7 +118,7 @@ def test_sdist_carries_the_license_and_leaves_the_tests_out(sdist):
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
         top = next(iter(tf.getnames())).split("/")[0]
         assert tf.extractfile(f"{top}/LICENSE").read() == (ROOT / "LICENSE").read_bytes()
-    assert {"pyproject.toml", "README.md", "LICENSE", "lorashare/card.py", "hub_templates/model_card.md"} <= names
+    assert {"pyproject.toml", "README.md", "LICENSE", "lorashare/hub/card.py", "hub_templates/model_card.md"} <= names
     assert not [n for n in names if n.startswith("tests/")], sorted(n for n in names if n.startswith("tests"))
 
 
@@ -138,7 +138,7 @@ def test_wheel_contains_the_templates(wheel):
         names = set(zf.namelist())
         assert TEMPLATE in names
         assert zf.read(TEMPLATE) == (ROOT / "hub_templates" / "model_card.md").read_bytes()
-        assert {"lorashare/__init__.py", "lorashare/card.py", "lorashare/hub.py", "lorashare/py.typed"} <= names
+        assert {"lorashare/__init__.py", "lorashare/hub/card.py", "lorashare/hub/client.py", "lorashare/py.typed"} <= names
         assert not any(n.startswith(("tests/", "benchmarks/", "hub_templates/")) for n in names)
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "lorashare = lorashare.cli:main" in zf.read(entry_points).decode()
@@ -149,7 +149,7 @@ import json, os, sys
 from importlib import resources
 import lorashare
 from lorashare import SHAREModel
-from lorashare.card import load_template
+from lorashare.hub.card import load_template
 
 target = os.path.realpath(sys.argv[1])
 share = SHAREModel.from_adapters(sys.argv[2:4], num_components=4, progress=False)
