@@ -1,7 +1,8 @@
 """The Hugging Face Hub: every call to it, under one deadline (:mod:`.client`), and the model card
 (:mod:`.card`).
 
-``lorashare.hub`` re-exports the client's functions, which the fronts and the Space use.
+``lorashare.hub`` re-exports the client's functions, which the fronts and the Space use.  Each Hub
+operation runs under one deadline, retries included: ``LORASHARE_HUB_TIMEOUT`` seconds, 60 by default.
 
 Example:
     >>> from lorashare import hub
