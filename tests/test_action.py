@@ -416,7 +416,7 @@ def test_default_inputs_install_this_checkout_and_sync(hub, tmp_path, adapter_di
     assert site[1] == str(venv) and installed.is_relative_to(venv / "lib")
     assert f"lorashare {__version__} from {installed / '__init__.py'}" in res.step("install").stdout
     # What runs is the action's checkout, byte for byte (not an index release, not this source tree).
-    for rel, src in (("sync.py", "lorashare/sync/run.py"), ("hub.py", "lorashare/hub/client.py"),
+    for rel, src in (("sync/run.py", "lorashare/sync/run.py"), ("hub/client.py", "lorashare/hub/client.py"),
                      ("hub_templates/model_card.md", "hub_templates/model_card.md")):
         digest = hashlib.sha256((installed / rel).read_bytes()).digest()
         assert digest == hashlib.sha256((action_dir / src).read_bytes()).digest(), rel

@@ -145,7 +145,7 @@ def test_the_example_the_cli_and_the_docs_point_to_that_docstring():
     sync = build_parser()._subparsers._group_actions[0].choices["sync"]
     assert "lorashare.sync.manifest" in sync.description and "examples/lorashare.yaml" in sync.description
     page = (ROOT / "docs" / "action.md").read_text(encoding="utf-8")
-    assert "(modules.md#lorasharemanifest)" in page
+    assert "(modules.md#lorasharesyncmanifest)" in page
     assert '--8<-- "examples/lorashare.yaml"' in page  # the page shows the tested example, not a copy
 
 

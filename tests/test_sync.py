@@ -497,7 +497,7 @@ def test_concurrent_change_is_detected(env, ws, capsys, monkeypatch):
     write(ws, manifest_text(ABC))
     sync_json(capsys)
     write(ws, manifest_text({"billing": "adapters/billing", "refunds": "adapters/refunds"}))
-    real = S.apply_plan
+    real = S.run.apply_plan
 
     def racing(*args, **kwargs):
         result = real(*args, **kwargs)

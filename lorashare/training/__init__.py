@@ -14,7 +14,8 @@ from .subspace import (
            stored_as,
            subspace_model,
            trainable_parameters,
+           trained_factors,
 )
 
 __all__ = ["SubspaceFactor", "SubspaceRun", "subspace_model", "add_trained", "refit", "trainable_parameters",
-           "stored_as", "lora_init"]
+           "stored_as", "lora_init", "trained_factors"]
