@@ -258,23 +258,100 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_add(args: argparse.Namespace) -> int:
-    _OWN_NOTES.add("larger")
+def _edit(args: argparse.Namespace, change: Callable[[Any], Dict[str, Any]], message: Callable[[Dict[str, Any]], str]
+          ) -> Tuple[Any, Dict[str, Any]]:
+    """Load the checkpoint, ``change`` it, write it back: a folder under its edit lock (a second edit at the same
+    time waits, then applies to this one's result), a Hub repo in one commit (refused if it moved meanwhile)."""
+    from . import hub
+    from .format.lock import folder_lock
+
+    if os.path.isdir(args.checkpoint):
+        with folder_lock(args.checkpoint):
+            share = _load(args)
+            report = change(share)
+            share.save_pretrained(args.checkpoint)
+        return share, report
+    if os.path.lexists(args.checkpoint) or hub.is_local_path(args.checkpoint) or not hub.is_hub_id(args.checkpoint):
+        _load(args)  # says what is wrong with the path
+    ref = hub.parse_adapter_id(args.checkpoint)
+    if ref.revision or ref.subfolder:
+        raise UsageError(f"{args.command} edits the head of a Hub repo's main branch: give the repo id alone "
+                         f"({ref.repo_id}), not {args.checkpoint!r}")
     share = _load(args)
-    report = share.add_adapter(args.path, name=args.adapter_name, variance_threshold=args.variance,
-                               force_recompute=args.force_recompute, token=os.environ.get("HF_TOKEN"),
-                               replace=args.replace)
-    share.save_pretrained(args.checkpoint)
+    report = change(share)
+    info = share.push_to_hub(ref.repo_id, token=os.environ.get("HF_TOKEN"), commit_message=message(report))
+    report["commit_url"] = getattr(info, "commit_url", str(info))
+    return share, report
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from .errors import WorsenedError
+
+    _OWN_NOTES.update(("larger", "worsened", "reconstructed"))  # said below, with this command's flags
+    originals = _originals(args)
+
+    def change(share: Any) -> Dict[str, Any]:
+        try:
+            return share.add_adapter(args.path, name=args.adapter_name, variance_threshold=args.variance,
+                                     force_recompute=args.force_recompute, token=os.environ.get("HF_TOKEN"),
+                                     replace=args.replace, strict=args.strict, originals=originals or None)
+        except WorsenedError as exc:
+            if exc.lossless_k is None:
+                raise
+            raise WorsenedError(f"{exc.problem} --strict refuses that; nothing was written. Drop --strict to accept "
+                                f"it, or compress the adapters together again with -k {exc.lossless_k} (the sum of "
+                                "their ranks: lossless).", worsened=exc.worsened, lossless_k=exc.lossless_k,
+                                adapter=exc.adapter, problem=exc.problem) from None
+
+    share, report = _edit(args, change, lambda r: f"lorashare add: {r['adapter_name']} by {r['method']}")
     _note_if_larger(args, share.config.compression_stats)
-    _emit(args, report, f"added {report['adapter_name']} by {report['method']} ({report['reason']})")
+    pushed = f"; pushed {report['commit_url']}" if "commit_url" in report else ""
+    worse = report.get("worsened") or {}
+    raised = f"; raised the ΔW error of {', '.join(worse)} (see the warning)" if worse else ""
+    _emit(args, report, f"added {report['adapter_name']} by {report['method']} ({report['reason']}){raised}{pushed}")
+    _note_edit_quality(args, report, sum(r.rank for r in share.records.values()))
     return 0
 
 
+def _originals(args: argparse.Namespace) -> Dict[str, str]:
+    """``--original NAME=PATH`` flags as ``{name: path}``."""
+    out: Dict[str, str] = {}
+    for item in getattr(args, "original", None) or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--original {item!r}: expected NAME=PATH (an adapter of the checkpoint, and its "
+                             "original folder or Hub id)")
+        if name in out:
+            raise UsageError(f"--original {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _note_edit_quality(args: argparse.Namespace, report: Dict[str, Any], lossless_k: int) -> None:
+    """Warnings on stderr when an edit made the adapters already there worse, or rebuilt them from reconstructions."""
+    rebuilt = report.get("reconstructed") or []
+    if rebuilt:
+        print(f"lorashare {args.command}: warning: no original for {', '.join(rebuilt)} (the source folder is gone "
+              "or changed since compression): recompressed from the reconstruction, so the losses add up, and the "
+              "recorded ΔW error is now an upper bound (shown as ≤). To start from the originals, keep the source "
+              "folders unchanged, or pass --original NAME=PATH.", file=sys.stderr)
+    worse = report.get("worsened") or {}
+    if worse:
+        changes = ", ".join(f"{n} {w['before']:.4f} → {'≤ ' if w.get('bound') else ''}{w['after']:.4f}"
+                            for n, w in worse.items())
+        print(f"lorashare {args.command}: warning: the recompute raised the ΔW error (max over modules) of the "
+              f"adapters already there: {changes}. Compress them together again with -k {lossless_k} (the sum of their "
+              "ranks: lossless), or pass --strict to refuse such an add.", file=sys.stderr)
+
+
 def cmd_remove(args: argparse.Namespace) -> int:
-    share = _load(args)
-    share.remove_adapter(args.adapter_name)
-    share.save_pretrained(args.checkpoint)
-    _emit(args, {"removed": args.adapter_name, "adapters": share.adapter_names}, f"removed {args.adapter_name}")
+    def change(share: Any) -> Dict[str, Any]:
+        share.remove_adapter(args.adapter_name)
+        return {"removed": args.adapter_name, "adapters": share.adapter_names}
+
+    _, report = _edit(args, change, lambda r: f"lorashare remove: {r['removed']}")
+    pushed = f"; pushed {report['commit_url']}" if "commit_url" in report else ""
+    _emit(args, report, f"removed {args.adapter_name}{pushed}")
     return 0
 
 
@@ -410,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     add = sub.add_parser("add", parents=[common], help="add an adapter to a checkpoint (projection or recompute)",
-                         description="Add an adapter to a local checkpoint, by projection onto the bases when they explain it well enough, else by recomputing.")
-    add.add_argument("checkpoint", help="checkpoint folder (rewritten atomically; it must hold only lorashare's files)")
+                         description="Add an adapter to a checkpoint, by projection onto the bases when they explain it well enough, else by recomputing. A folder is rewritten atomically (edits at the same time wait for each other); a Hub repo gets one commit (token from HF_TOKEN), refused if the repo changed meanwhile.")
+    add.add_argument("checkpoint", help="checkpoint folder (it must hold only lorashare's files) or Hub repo id owner/name")
     add.add_argument("path", help="adapter folder or Hub id")
     add.add_argument("--name", dest="adapter_name", help="name for the new adapter")
     add.add_argument("--variance", type=float,
@@ -419,11 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "explain, else the bases are recomputed (default: the checkpoint's)")
     add.add_argument("--force-recompute", action="store_true", help="always recompute the bases")
     add.add_argument("--replace", action="store_true", help="replace the adapter of the same name, in one step")
+    add.add_argument("--strict", action="store_true",
+                     help="refuse (exit 1, nothing written) an add whose recompute raises the ΔW error of the "
+                          "adapters already there")
+    add.add_argument("--original", action="append", metavar="NAME=PATH",
+                     help="where adapter NAME's original is (folder or Hub id), for a recompute to start from it "
+                          "rather than from its reconstruction (repeat; default: its recorded source)")
     add.set_defaults(func=cmd_add)
 
     remove = sub.add_parser("remove", parents=[common], help="remove an adapter from a checkpoint",
-                            description="Remove an adapter from a local checkpoint; the others are untouched.")
-    remove.add_argument("checkpoint", help="checkpoint folder (rewritten atomically; it must hold only lorashare's files)")
+                            description="Remove an adapter from a checkpoint (a folder, rewritten atomically, or a Hub repo, in one commit); the others are untouched.")
+    remove.add_argument("checkpoint", help="checkpoint folder (it must hold only lorashare's files) or Hub repo id owner/name")
     remove.add_argument("adapter_name", metavar="NAME", help="adapter to remove")
     remove.set_defaults(func=cmd_remove)
 

@@ -106,6 +106,26 @@ class ConfigError(LoraShareError, ValueError):
     """A parameter or manifest value is out of range or of the wrong type."""
 
 
+class WorsenedError(LoraShareError, ValueError):
+    """An edit would make adapters already in the model worse (a higher ΔW error, or recompressed
+    from their reconstructions), and the caller asked to refuse that (``strict=True``,
+    ``require_originals=True``).  Nothing was changed.
+
+    Attributes:
+        worsened: ``{adapter: {"before": …, "after": …}}``: the ΔW errors (max over modules) the edit
+            would have recorded; empty when the refusal is about missing originals.
+        missing: the adapters whose originals were not available.
+        lossless_k: the number of components (the sum of the adapters' ranks) that keeps every adapter exact.
+    """
+
+    def __init__(self, message: str, *, worsened: Optional[dict] = None, missing: Optional[list] = None,
+                 lossless_k: Optional[int] = None, adapter: Optional[str] = None, problem: Optional[str] = None) -> None:
+        super().__init__(message, adapter=adapter, problem=problem)
+        self.worsened = dict(worsened or {})
+        self.missing = list(missing or [])
+        self.lossless_k = lossless_k
+
+
 class TrainingError(LoraShareError, ValueError):
     """A model given to learning in the subspace is not the one it needs (not built by
     ``subspace_model``, trained on other bases, or without the original adapter to match)."""
@@ -156,6 +176,17 @@ class ForeignFolderError(OutputPathError):
     def __init__(self, message: str, *, found: str, path: Optional[str] = None, problem: Optional[str] = None) -> None:
         super().__init__(message, path=path, problem=problem)
         self.found = found
+
+
+class ConflictError(LoraShareError):
+    """A read-modify-write lost the race: what was read changed before the write (another save, ``add`` or push).
+
+    Nothing was written.  Load again and redo the edit; the CLI's edits wait for each other instead.
+    """
+
+
+class HubConflictError(HubError, ConflictError):
+    """A push with ``parent_commit`` found the branch moved on: someone pushed since it was read; nothing pushed."""
 
 
 class SaveError(LoraShareError, OSError):

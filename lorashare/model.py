@@ -9,7 +9,6 @@ Building is :mod:`lorashare.codec.build`, statistics :mod:`lorashare.codec.stats
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -22,6 +21,7 @@ from . import hub
 from .codec import edit
 from .codec.build import build_from_sources
 from .codec.compress import resolve_device
+from .codec.persist import push_state, save_state
 from .codec.state import (
     AdapterRecord,
     SHAREState,
@@ -29,15 +29,14 @@ from .codec.state import (
     load_state,
     peft_config,
     rebuild,
-    save_inputs,
-    to_checkpoint,
 )
 from .codec.stats import config_of, reconstruction_error, summary_text
 from .errors import ConfigError
-from .format.checkpoint import SHAREConfig, check_checkpoint_target, save_checkpoint
+from .format.checkpoint import SHAREConfig
 from .format.spec import CompressionSpec, check_number, resolve_spec
-from .hub.card import check_card_options, check_license, check_publishable_base, render_card
+from .hub.card import check_card_options, check_license, check_publishable_base
 from .peft.adapters import open_adapter, write_peft_adapter
+from .serving.export import check_rebuild_target
 from .serving.peftload import load_into
 
 if TYPE_CHECKING:
@@ -227,20 +226,16 @@ class SHAREModel:
     def save_pretrained(self, output_dir: Union[str, os.PathLike], *, card: bool = True, overwrite: bool = False) -> None:
         """Write the checkpoint (and its model card, README.md) atomically.
 
-        ``output_dir`` may be new, empty, or a SHARE checkpoint (this one, to save edits in place).  Any other folder
-        is refused unless ``overwrite=True``; a file, a symlink, ``.``, an ancestor of ``.`` or of the home folder,
-        and an input (or its ancestor) never are.
+        ``output_dir`` may be new, empty, or a SHARE checkpoint (this one, to save edits in place: the adapters a
+        partial load left out are kept, and a :class:`~lorashare.errors.ConflictError` writes nothing if it changed
+        since it was read).  Any other folder is refused unless ``overwrite=True``; a file, a symlink, ``.``, an
+        ancestor of ``.`` or of the home folder, and an input (or its ancestor) never are.
 
         Example:
             >>> share.save_pretrained("share_ckpt")  # doctest: +SKIP
         """
-        output_dir = os.fspath(output_dir)
-        state = self._state  # one revision from the first file to the last
-        inputs = save_inputs(state, output_dir)
-        check_checkpoint_target(output_dir, inputs=inputs, overwrite=overwrite)
-        config = dataclasses.replace(config_of(state))  # the save fills in files and format; the view stays
-        text = render_card(config) if card else None
-        save_checkpoint(output_dir, to_checkpoint(state, config), card=text, inputs=inputs, overwrite=overwrite)
+        with self._lock:  # one revision from the first file to the last
+            self._publish(save_state(self._state, os.fspath(output_dir), card=card, overwrite=overwrite))
 
     def push_to_hub(
         self, repo_id: str, private: bool = False, token: Optional[str] = None, commit_message: Optional[str] = None,
@@ -249,9 +244,9 @@ class SHAREModel:
     ):
         """Upload the checkpoint with its model card to a Hub repo, in one commit.
 
-        With ``parent_commit``, push only if the branch is still at that commit (else a
-        :class:`~lorashare.errors.HubError`, nothing pushed): for read-modify-write updates.  Returns the
-        ``CommitInfo`` (``.commit_url``, ``.oid``; ``info.repo_url`` for the repo).
+        With ``parent_commit``, push only if the branch is still at that commit (else a ``HubConflictError``, nothing
+        pushed).  Back to the repo it was loaded from, it keeps what a partial load left out, and if loaded from
+        ``main``'s head, sets ``parent_commit`` to it.  Returns the ``CommitInfo`` (``.commit_url``, ``.oid``).
 
         Example:
             >>> info = share.push_to_hub("acme/support-share", private=True)  # doctest: +SKIP
@@ -260,9 +255,12 @@ class SHAREModel:
         check_publishable_base(self._state.base_model)
         license = check_license(license) if license else self._state.card.license  # before anything changes
         self.set_card(repo_id=repo_id, license=license)
-        return hub.push_saved(self.save_pretrained, repo_id, private=private, token=token, create_pr=create_pr,
-                              commit_message=commit_message or f"Upload SHARE checkpoint ({len(self._state.records)} "
-                              "adapters)", revision=revision, parent_commit=parent_commit, timeout=hub_timeout)
+        with self._lock:
+            state, info = push_state(self._state, repo_id, private=private, token=token, create_pr=create_pr,
+                                     commit_message=commit_message, revision=revision, parent_commit=parent_commit,
+                                     timeout=hub_timeout)
+            self._publish(state)
+        return info
 
     def reconstruct(
         self, adapter_name: str, output_dir: Optional[Union[str, os.PathLike]] = None, *, overwrite: bool = False
@@ -280,6 +278,7 @@ class SHAREModel:
         edit.check_known(state, adapter_name)
         out = rebuild(state, adapter_name)
         if output_dir is not None:
+            check_rebuild_target(state, os.fspath(output_dir), overwrite=overwrite)
             write_peft_adapter(os.fspath(output_dir), out, peft_config(state.records[adapter_name], adapter_name),
                                inputs=list(state.inputs), overwrite=overwrite)
         return out
@@ -294,7 +293,8 @@ class SHAREModel:
 
     def load_into(self, model: Any, names: Optional[Iterable[str]] = None) -> Any:
         """Register several reconstructed adapters on ``model``, a base model (a ``PeftModel`` is created, the first
-        adapter active) or a ``PeftModel`` (they are added to it); switch with ``set_adapter(name)``.
+        adapter active) or a ``PeftModel`` (they are added to it); switch with ``set_adapter(name)``.  A name with
+        a dot is registered with underscores instead (``billing-v1.2`` as ``billing-v1_2``): PEFT's names cannot hold one.
 
         Example:
             >>> pm = share.load_into(base_model, ["billing", "refunds"])  # doctest: +SKIP
@@ -393,16 +393,16 @@ class SHAREModel:
     def add_adapter(
         self, adapter: str, name: Optional[str] = None, variance_threshold: Optional[float] = None,
         device: Optional[str] = None, force_recompute: bool = False, *, token: Optional[str] = None,
-        originals: Optional[Mapping[str, str]] = None, replace: bool = False,
+        originals: Optional[Mapping[str, str]] = None, replace: bool = False, strict: bool = False,
     ) -> Dict[str, Any]:
         """Add an adapter: project it onto the bases if they explain it well enough, else recompute.
 
         Projected when, in every module, the bases keep at least ``variance_threshold`` (default: the spec's) of its
         ΔW energy; otherwise every adapter is recompressed with the spec, from its original (``originals[name]``, else
-        its recorded source) when that still has the recorded fingerprint, else from its reconstruction.  With
-        ``replace=True`` an adapter of the same name is replaced in one step (served calls see the old or the new).
-        Returns ``{"method": "projection" | "recompute", "adapter_name", "min_explained_variance",
-        "mean_explained_variance", "reason"}``.
+        its recorded source) when that still has the recorded fingerprint, else from its reconstruction (its error
+        then a bound).  ``replace=True`` replaces an adapter of the same name in one step; ``strict=True`` refuses
+        (WorsenedError) to raise the others' ΔW error.  Returns ``{"method": "projection" | "recompute", "adapter_name",
+        "min_explained_variance", "mean_explained_variance", "reason", "worsened", "reconstructed"}`` (edit.add).
 
         Example:
             >>> share.add_adapter("runs/legal")["method"]  # doctest: +SKIP
@@ -418,7 +418,7 @@ class SHAREModel:
                 nxt, report = edit.add(
                     state, new, threshold=state.spec.variance_threshold if threshold is None else threshold,
                     force=force_recompute, device=device, originals=originals, token=token, progress=self._progress,
-                    replace=replace)
+                    replace=replace, strict=strict)
                 self._publish(nxt)
         finally:
             new.close()

@@ -506,8 +506,48 @@ def test_concurrent_change_is_detected(env, ws, capsys, monkeypatch):
 
     monkeypatch.setattr(S.run, "apply_plan", racing)
     assert main(["sync"]) == 1
-    assert "changed while syncing" in capsys.readouterr().err
+    assert "changed since it was read" in capsys.readouterr().err
     assert head_title(env) == "other run"
+
+
+def test_trained_adapters_are_kept_until_removed_by_name(env, ws, capsys):
+    """An adapter trained in the subspace has no source a manifest could list: sync keeps it, recomputes included."""
+    from examples.make_adapters import tiny_bert
+    from lorashare import SHAREModel
+
+    write(ws, manifest_text(ABC))
+    sync_json(capsys)
+    share = SHAREModel.from_pretrained(REPO)
+    model = share.subspace_model(tiny_bert(), "coached", seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # as a training run leaves them: loadings moved off their start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    share.add_trained(model)
+    share.push_to_hub(REPO, token=HUB_TOKEN)
+    coached = share.reconstruct("coached")
+
+    out = sync_json(capsys)
+    assert out["action"] == "none" and out["plan"]["coached"]["status"] == "kept"
+    assert "lorashare remove" in out["plan"]["coached"]["reason"]
+    shutil.rmtree(ws / "adapters" / "refunds")
+    shutil.copytree(ws / "adapters" / "spare", ws / "adapters" / "refunds")
+    out = sync_json(capsys)
+    assert out["action"] == "recompute" and out["plan"]["coached"]["status"] == "kept"
+    after = SHAREModel.from_pretrained(REPO)
+    assert after.adapter_names == [*ABC, "coached"] and after.adapter_sources["coached"] == ""
+    assert json.loads(env.snapshot(REPO)["share_config.json"])["adapters"]["coached"]["sha256"] is None
+    rebuilt = after.reconstruct("coached")
+    assert set(rebuilt) == set(coached)
+    for key, value in coached.items():
+        assert torch.allclose(rebuilt[key], value, atol=1e-5), key
+
+    assert main(["remove", REPO, "coached"]) == 0  # removed by name, on the Hub
+    capsys.readouterr()
+    out = sync_json(capsys)
+    assert out["action"] == "none" and "coached" not in out["plan"]
+    assert json.loads(env.snapshot(REPO)["share_config.json"])["adapter_names"] == list(ABC)
 
 
 # ------------------------------------------------------------------------- GitHub Actions

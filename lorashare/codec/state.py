@@ -29,7 +29,7 @@ import torch
 
 from .. import hub
 from ..errors import AdapterError, CheckpointError
-from ..format.checkpoint import CheckpointData, load_checkpoint
+from ..format.checkpoint import CheckpointData, check_values, load_checkpoint
 from ..format.schema import AdapterInfo, AdapterMeta, CardData, SHAREConfig
 from ..format.spec import CompressionSpec
 from ..format.storage import Stored, is_quantized, quantize
@@ -38,7 +38,7 @@ from ..utils.names import split_group_key
 from . import subspace as S
 
 __all__ = ["Weight", "as_float", "encoded", "AdapterRecord", "Fit", "Origin", "SHAREState", "rebuild", "peft_config", "from_parts", "save_inputs", "load_state",
-           "from_checkpoint", "to_checkpoint"]
+           "from_checkpoint", "to_checkpoint", "check_adapter", "SAVE_FIX"]
 
 #: A basis (d × k) or a loading (k × r): a float tensor, or its quantized stored form.
 Weight = Union[torch.Tensor, Stored]
@@ -75,6 +75,8 @@ class AdapterRecord:
         lora_bytes: the bytes of its LoRA factors before compression.
         errors: ΔW relative error per module, measured at compression (or projection).
         lora_keys: its own factor keys where they are not PEFT's default ``lora_key(module, side)``.
+        errors_bound: ``errors`` are upper bounds against the original, not measurements (it was
+            recompressed from its reconstruction: see :func:`lorashare.codec.edit.recompute`).
     """
 
     weights: Mapping[str, Weight]
@@ -86,6 +88,7 @@ class AdapterRecord:
     lora_bytes: Optional[int] = None
     errors: Mapping[str, float] = field(default_factory=dict)
     lora_keys: Mapping[str, str] = field(default_factory=dict)
+    errors_bound: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weights", "heads", "errors", "lora_keys"):
@@ -107,7 +110,7 @@ class AdapterRecord:
     def meta(self, name: str) -> Dict[str, Any]:
         """Its ``adapters/<name>/adapter_meta.json``."""
         return AdapterMeta(name, self.config, self.source, self.revision, self.sha256, dict(self.errors),
-                           dict(self.lora_keys)).to_dict()
+                           dict(self.lora_keys), delta_w_error_bound=bool(self.errors and self.errors_bound)).to_dict()
 
     def info(self) -> Dict[str, Any]:
         """Its entry in ``share_config.json``'s ``adapters`` (readable without any tensor)."""
@@ -116,7 +119,7 @@ class AdapterRecord:
             source=self.source, revision=self.revision, sha256=self.sha256, rank=self.rank,
             lora_alpha=self.config.get("lora_alpha"), lora_bytes=self.lora_bytes, task_type=self.config.get("task_type"),
             num_labels=num_labels(self.heads), delta_w_error_mean=sum(errs) / len(errs) if errs else None,
-            delta_w_error_max=max(errs) if errs else None,
+            delta_w_error_max=max(errs) if errs else None, delta_w_error_bound=bool(errs and self.errors_bound) or None,
         ).to_dict()
 
 
@@ -141,12 +144,32 @@ class Origin:
 
     ``legacy`` is the config of a lorashare 0.1.x checkpoint as read: its statistics cannot be
     derived (0.1.x recorded no LoRA bytes), so they are shown as the file has them until an edit.
+
+    ``stamp`` is the sha256 of the ``share_config.json`` read: a save back over the folder (or a
+    push back to ``repo_id``, from ``commit``) first checks that nobody changed it since.  ``names``
+    are all the checkpoint's adapters; ``unseen`` those a partial load (``adapters=[...]``) left
+    out, which a save or push back keeps; ``bases`` are the bases as read, to tell that they
+    still fit the unseen adapters' loadings.  ``head``: loaded from the default branch's head.
     """
 
     folder: str
     format_version: int = 0
     files: Mapping[str, str] = field(default_factory=dict)
     legacy: Optional[SHAREConfig] = None
+    stamp: Optional[str] = None
+    names: Tuple[str, ...] = ()
+    unseen: Tuple[str, ...] = ()
+    repo_id: Optional[str] = None
+    commit: Optional[str] = None
+    head: bool = False
+    bases: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def where(self) -> str:
+        """The checkpoint as a user named it: the Hub repo (at its commit) or the folder."""
+        if self.repo_id:
+            return f"{self.repo_id}@{self.commit[:8]}" if self.commit else self.repo_id
+        return self.folder
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,6 +206,11 @@ class SHAREState:
     def names(self) -> Tuple[str, ...]:
         return tuple(self.records)
 
+    @property
+    def unseen(self) -> Tuple[str, ...]:
+        """Adapters of the loaded checkpoint that a partial load left out (a save back keeps them)."""
+        return self.origin.unseen if self.origin else ()
+
     @cached_property
     def components(self) -> Mapping[str, torch.Tensor]:
         """``{"<module>:<A|B>": basis (d × k)}`` as float tensors."""
@@ -192,7 +220,7 @@ class SHAREState:
         """The next revision, with ``changes``; bases no adapter uses any more are dropped."""
         new = dataclasses.replace(self, revision=self.revision + 1, **changes)
         used = {k for r in new.records.values() for k in r.weights}
-        if set(new.bases) - used:
+        if set(new.bases) - used and not new.unseen:  # a partial view keeps the bases its unseen adapters use
             new = dataclasses.replace(new, bases={k: w for k, w in new.bases.items() if k in used})
         return new
 
@@ -258,10 +286,14 @@ def load_state(path: Union[str, "os.PathLike[str]"], *, revision: Optional[str] 
                timeout: Optional[float] = None) -> SHAREState:
     """The state of the checkpoint in folder ``path``, or in Hub repo ``path`` (only ``adapters``' files fetched)."""
     path = os.path.expanduser(os.fspath(path))  # as open_adapter does: "~/ckpt" is never a Hub id
-    jail = None
-    if not os.path.isdir(path):
-        path, jail = hub.fetch_checkpoint(path, revision=revision, token=token, adapters=adapters, timeout=timeout)
-    return from_checkpoint(load_checkpoint(path, adapters=adapters, verify=verify, jail=jail), path)
+    if os.path.isdir(path):
+        return from_checkpoint(load_checkpoint(path, adapters=adapters, verify=verify), path)
+    folder, jail = hub.fetch_checkpoint(path, revision=revision, token=token, adapters=adapters, timeout=timeout)
+    state = from_checkpoint(load_checkpoint(folder, adapters=adapters, verify=verify, jail=jail), folder)
+    ref = hub.parse_adapter_id(path)
+    origin = dataclasses.replace(state.origin, repo_id=ref.repo_id, commit=hub.snapshot_commit(folder),
+                                 head=not (revision or ref.revision))
+    return dataclasses.replace(state, origin=origin)
 
 
 def save_inputs(state: SHAREState, output_dir: Optional[str] = None) -> List[str]:
@@ -277,6 +309,7 @@ def from_checkpoint(data: CheckpointData, folder: Optional[str]) -> SHAREState:
     cfg = data.config
     infos = cfg.adapters if isinstance(cfg.adapters, dict) else {}
     records = {}
+    bases = {k: data.stored_components.get(k, U) for k, U in data.components.items()}
     for n in cfg.adapter_names:
         if n not in data.loadings:
             continue
@@ -288,16 +321,18 @@ def from_checkpoint(data: CheckpointData, folder: Optional[str]) -> SHAREState:
             source=meta.get("original_adapter_path") or info.get("source") or "", revision=info.get("revision"),
             sha256=info.get("sha256"), lora_bytes=info.get("lora_bytes"),
             errors=dict(meta.get("delta_w_error") or {}), lora_keys=_meta_lora_keys(n, meta, data.loadings[n]),
+            errors_bound=bool(meta.get("delta_w_error_bound")),
         )
     st = cfg.compression_stats or {}
     fit = Fit(explained=dict(st.get("per_layer_explained_variance") or {}), capped=tuple(st.get("capped_groups") or ()),
               budget_bytes=cfg.budget_bytes if cfg.component_selection == "budget" else None)
     return SHAREState(
         spec=CompressionSpec.from_config(cfg),
-        bases={k: data.stored_components.get(k, U) for k, U in data.components.items()},
-        records=records, base_model=cfg.base_model_name_or_path or "", card=cfg.card, fit=fit,
+        bases=bases, records=records, base_model=cfg.base_model_name_or_path or "", card=cfg.card, fit=fit,
         inputs=(folder,) if folder else (),
-        origin=Origin(folder or "", cfg.format_version, dict(cfg.files), legacy=cfg if cfg.format_version == 0 else None),
+        origin=Origin(folder or "", cfg.format_version, dict(cfg.files), legacy=cfg if cfg.format_version == 0 else None,
+                      stamp=data.stamp, names=tuple(cfg.adapter_names),
+                      unseen=tuple(n for n in cfg.adapter_names if n not in records), bases=bases),
     )
 
 
@@ -325,18 +360,34 @@ def _meta_lora_keys(name: str, meta: Mapping[str, Any], loadings: Mapping[str, t
     return out
 
 
+#: How a refused save ends: the values at fault never reach the disk.
+SAVE_FIX = ("Nothing was saved: no reader would load a checkpoint with it. Fix that adapter (train or compress it "
+            "again) or remove_adapter() it, then save.")
+
+
+def check_adapter(state: SHAREState, name: str, rec: AdapterRecord, *, fix: str) -> None:
+    """Refuse ``rec`` as adapter ``name`` of ``state`` (an :class:`~lorashare.errors.AdapterError` ending with
+    ``fix``) unless a checkpoint holding it would load: the reader's rules
+    (:func:`lorashare.format.checkpoint.check_values`), applied before it is published."""
+    data = CheckpointData(SHAREConfig(), dict(state.components), {name: dict(rec.loadings)},
+                          {name: dict(rec.heads)} if rec.heads else {}, {name: rec.meta(name)})
+    check_values(data, bases=False, error=AdapterError, fix=fix)
+
+
 def to_checkpoint(state: SHAREState, config: Any) -> CheckpointData:
-    """What a save writes for ``state`` (``config`` is its ``share_config.json`` view, a fresh copy)."""
-    quantized = is_quantized(config.dtype)
-    stored_components: Dict[str, Stored] = {}
-    stored_loadings: Dict[str, Dict[str, Stored]] = {}
-    if quantized:
-        stored_components = {k: encoded(w, config.dtype, transposed=True) for k, w in state.bases.items()}
-        stored_loadings = {n: {k: encoded(w, config.dtype, transposed=False) for k, w in r.weights.items()}
-                           for n, r in state.records.items()}
-    return CheckpointData(
+    """What a save writes for ``state`` (``config`` is its ``share_config.json`` view, a fresh copy).
+
+    Refused (a :class:`~lorashare.errors.CheckpointError` naming the adapter and the tensor) when a load
+    would refuse it: a NaN loading of a diverged run, a hand-built state's inconsistent shapes.
+    """
+    data = CheckpointData(
         config, dict(state.components), {n: dict(r.loadings) for n, r in state.records.items()},
         {n: dict(r.heads) for n, r in state.records.items() if r.heads},
         {n: r.meta(n) for n, r in state.records.items()},
-        stored_components=stored_components, stored_loadings=stored_loadings,
     )
+    check_values(data, fix=SAVE_FIX)  # what no reader accepts is never written (nor quantized)
+    if is_quantized(config.dtype):
+        data.stored_components = {k: encoded(w, config.dtype, transposed=True) for k, w in state.bases.items()}
+        data.stored_loadings = {n: {k: encoded(w, config.dtype, transposed=False) for k, w in r.weights.items()}
+                                for n, r in state.records.items()}
+    return data

@@ -198,6 +198,10 @@ def summary_text(cfg: SHAREConfig) -> str:
                      "than the factors it replaces)")
     if st.get("delta_w_rel_error_mean") is not None:
         lines.append(f"  ΔW relative error   mean {st['delta_w_rel_error_mean']:.4f}, max {st['delta_w_rel_error_max']:.4f}")
+        bounded = [n for n, info in (cfg.adapters or {}).items() if isinstance(info, dict) and info.get("delta_w_error_bound")]
+        if bounded:  # their errors are upper bounds, so the mean and max above are too
+            lines.append(f"  error bounds        {', '.join(bounded)}: upper bounds, not measurements (recompressed "
+                         "from their reconstructions)")
     if st.get("per_layer_explained_variance"):
         lines.append(f"  explained energy    mean {st['mean_explained_variance']:.4f}, min {st['min_explained_variance']:.4f}")
     lines.append(rule)
@@ -227,9 +231,11 @@ def delta_w_errors(original: Mapping[str, torch.Tensor], rebuilt: Mapping[str, t
 def reconstruction_error(state: SHAREState, name: str, original_weights: Optional[Mapping[str, torch.Tensor]] = None,
                          original_path: Optional[str] = None) -> Dict[str, Any]:
     """Relative ΔW error per module of adapter ``name`` against its original (weights or folder), or as
-    measured at compression when neither is given: ``{"per_layer": {...}, "mean": …, "max": …}``."""
+    recorded at compression when neither is given: ``{"per_layer": {...}, "mean": …, "max": …, "bound": …}``
+    (``bound``: the recorded values are upper bounds, the adapter having been recompressed from its reconstruction)."""
+    bound = False
     if original_weights is None and original_path is None:
-        per = dict(state.records[name].errors)
+        per, bound = dict(state.records[name].errors), bool(state.records[name].errors_bound)
     else:
         if original_weights is None:
             a = open_adapter(original_path, name=name)
@@ -239,7 +245,8 @@ def reconstruction_error(state: SHAREState, name: str, original_weights: Optiona
                 a.close()
         per = delta_w_errors(original_weights, rebuild(state, name))
     vals = list(per.values())
-    return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else 0.0, "max": max(vals) if vals else 0.0}
+    return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else 0.0, "max": max(vals) if vals else 0.0,
+            "bound": bound}
 
 
 def capped_of(results: List[Any]) -> List[str]:

@@ -33,22 +33,25 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type
 
 import torch
 
-from ..errors import CheckpointError, IntegrityError, UnknownAdapterError
+from ..errors import CheckpointError, ConfigError, IntegrityError, LoraShareError, UnknownAdapterError
+from ..utils.fmt import size
 from ..utils.names import check_name, split_group_key
+from . import tensorfile
 from .atomic import atomic_folder, check_target
 from .jsonfile import open_regular, read_bytes, read_json
-from .loraconfig import pattern_value
+from .loraconfig import check_lora_config, pattern_value
 from .schema import (
     CONFIG_FILE,
     FIX,
     FORMAT_VERSION,
     MAX_JSON,
     QUANTIZED_FORMAT_VERSION,
+    AdapterMeta,
     CardData,
     SHAREConfig,
     Stamp,
@@ -57,6 +60,7 @@ from .schema import (
     config_stamp,
     read_config,
     read_config_stamped,
+    validate,
 )
 from .storage import NF4_BLOCK, PACKED_KEYS, Stored, code_shape, is_quantized, quantize, scale_count
 from .tensorfile import TensorFile, save_bytes
@@ -64,7 +68,7 @@ from .tensorfile import TensorFile, save_bytes
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "CardData", "SHAREConfig", "CheckpointData", "read_config", "load_checkpoint", "save_checkpoint", "checkpoint_files",
-           "check_checkpoint_target", "foreign_content"]
+           "check_checkpoint_target", "foreign_content", "check_values", "describe_nonfinite", "max_rebuild_bytes"]
 
 COMPONENTS_FILE = "shared_components.safetensors"
 LOADINGS_FILE = "loadings.safetensors"
@@ -98,6 +102,8 @@ class CheckpointData:
     stored_loadings: Dict[str, Dict[str, Stored]] = field(default_factory=dict)
     peaks: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """Per-column peaks of the bases, from their checks: what a later load with ``bases=`` reuses."""
+    stamp: Optional[str] = None
+    """The sha256 of the ``share_config.json`` bytes read: a save back over the folder checks it is still there."""
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -192,6 +198,7 @@ def load_checkpoint(
         _check_unchanged(folder, jail, stamp, exc)
         raise
     _check_unchanged(folder, jail, stamp, None)
+    data.stamp = stamp
     return data
 
 
@@ -352,55 +359,77 @@ def _nonfinite(t: torch.Tensor) -> bool:
     return t.dtype.is_floating_point and not bool(torch.isfinite(t).all())
 
 
-def _check_bases(folder: str, cfg: SHAREConfig, components: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def describe_nonfinite(t: torch.Tensor) -> Optional[str]:
+    """``None`` if ``t`` is finite, else how many of its values are not (``"3 NaN"``, ``"1 NaN and 2 infinite"``).
+
+    Example:
+        >>> describe_nonfinite(torch.tensor([1.0, float("nan"), float("inf")]))
+        '1 NaN and 1 infinite'
+    """
+    if not _nonfinite(t):
+        return None
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return " and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if p)
+
+
+def _at(rel: str, folder: str) -> str:
+    """Where a checked file is, for messages: in its folder, or (``folder=""``) still in memory."""
+    return f"{rel} in {folder}" if folder else f"{rel} (in memory)"
+
+
+def _check_bases(folder: str, cfg: SHAREConfig, components: Dict[str, torch.Tensor], *,
+                 error: Type[LoraShareError] = CheckpointError, fix: str = _FIX) -> Dict[str, torch.Tensor]:
     """Every basis is a finite 2-D float named ``<module>:<A|B>``, with both sides per module, the k of
-    ``k_per_group`` and the modules of ``layer_keys``.  Returns each basis's column peaks (float64)."""
-    where = f"{COMPONENTS_FILE} in {folder}"
+    ``k_per_group`` and the modules of ``layer_keys``.  Returns each basis's column peaks (float64).
+
+    ``error`` and ``fix``: the class and the fix of a refusal (a checkpoint read, or values to be written)."""
+    where = _at(COMPONENTS_FILE, folder)
     path = os.path.join(folder, COMPONENTS_FILE)
     for key, U in components.items():
         if not _GROUP_KEY.match(key):
-            raise CheckpointError(f"{where}: tensor {key!r} is not named '<module>:A' or '<module>:B'. {_FIX}",
-                                  layer=key, path=path)
-        if U.dim() != 2 or not U.dtype.is_floating_point:
-            raise CheckpointError(f"{where}: {key!r} is {tuple(U.shape)} {U.dtype}; expected a 2-D float basis. {_FIX}",
-                                  layer=key, path=path)
+            raise error(f"{where}: tensor {key!r} is not named '<module>:A' or '<module>:B'. {fix}",
+                        layer=key, path=path)
+        if U.dim() != 2 or not U.dtype.is_floating_point or U.shape[0] == 0:
+            # a basis of no rows (0 × k) is the factor of a module of width 0: nothing PEFT builds
+            raise error(f"{where}: {key!r} is {tuple(U.shape)} {U.dtype}; expected a 2-D float basis (d × k, d ≥ 1). "
+                        f"{fix}", layer=key, path=path)
         if not _MODULE_PATH.match(split_group_key(key)[0]):
-            raise CheckpointError(f"{where}: tensor {key!r} does not name a module path (dot-separated names). {_FIX}",
-                                  layer=key, path=path)
+            raise error(f"{where}: tensor {key!r} does not name a module path (dot-separated names). {fix}",
+                        layer=key, path=path)
         module, side = split_group_key(key)
         if f"{module}:{'B' if side == 'A' else 'A'}" not in components:
-            raise CheckpointError(f"{where}: basis {key!r} has no other side; a module needs an A and a B basis. {_FIX}",
-                                  layer=module, path=path)
+            raise error(f"{where}: basis {key!r} has no other side; a module needs an A and a B basis. {fix}",
+                        layer=module, path=path)
     if cfg.format_version == 0 and not cfg.k_per_group:  # 0.1.x wrote no k per group: take the files'
         cfg.k_per_group = {key: int(U.shape[1]) for key, U in components.items()}
     claimed, held = set(cfg.k_per_group), set(components)
     if claimed != held:
         extra, lost = sorted(claimed - held), sorted(held - claimed)
-        raise CheckpointError(
-            f"{CONFIG_FILE} in {folder}: k_per_group " + (f"names {extra[0]!r}, which has no basis in {COMPONENTS_FILE}"
+        raise error(
+            f"{_at(CONFIG_FILE, folder)}: k_per_group " + (f"names {extra[0]!r}, which has no basis in {COMPONENTS_FILE}"
                                                        if extra else f"has no k for the basis {lost[0]!r}") +
             f" ({len(claimed)} keys claimed, {len(held)} bases held); the config must name exactly the bases, "
-            f"or a packed file's positions shift onto other modules. {_FIX}",
+            f"or a packed file's positions shift onto other modules. {fix}",
             layer=(extra or lost)[0], path=os.path.join(folder, CONFIG_FILE))
     for key, U in components.items():
         if int(U.shape[1]) != cfg.k_per_group[key]:
-            raise CheckpointError(
+            raise error(
                 f"{where}: basis {key!r} is {tuple(U.shape)}, k = {U.shape[1]}, but {CONFIG_FILE}'s "
-                f"k_per_group[{key!r}] is {cfg.k_per_group[key]}. {_FIX}", layer=key, path=path)
+                f"k_per_group[{key!r}] is {cfg.k_per_group[key]}. {fix}", layer=key, path=path)
     modules = {split_group_key(key)[0] for key in components}
     if cfg.format_version >= 1 and set(cfg.layer_keys) != modules:
         odd = sorted(set(cfg.layer_keys) ^ modules)[0]
-        raise CheckpointError(
-            f"{CONFIG_FILE} in {folder}: layer_keys " + (f"names {odd!r}, which has no basis in {COMPONENTS_FILE}"
+        raise error(
+            f"{_at(CONFIG_FILE, folder)}: layer_keys " + (f"names {odd!r}, which has no basis in {COMPONENTS_FILE}"
                                                       if odd in cfg.layer_keys else f"lacks {odd!r}, which has bases") +
-            f"; it must list exactly the modules of the bases. {_FIX}",
+            f"; it must list exactly the modules of the bases. {fix}",
             layer=odd, path=os.path.join(folder, CONFIG_FILE))
     peaks = _column_peaks(components)  # a NaN or Inf anywhere in a basis makes its peaks non-finite
     for key, p in peaks.items():
         if not bool(torch.isfinite(p).all()) and _nonfinite(components[key]):
-            raise CheckpointError(
-                f"{where}: basis {key!r} holds NaN or infinite values" + (" once decoded (codes × scales)"
-                                                                         if cfg.storage else "") + f". {_FIX}",
+            raise error(
+                f"{where}: basis {key!r} holds NaN or infinite values" +
+                (" once decoded (codes × scales)" if cfg.storage else "") + f" ({describe_nonfinite(components[key])}). {fix}",
                 layer=key, path=path)
     return peaks
 
@@ -417,17 +446,19 @@ def _column_peaks(components: Mapping[str, torch.Tensor]) -> Dict[str, torch.Ten
     return out
 
 
-def _check_heads(folder: str, rel: str, name: str, heads: Mapping[str, torch.Tensor]) -> None:
+def _check_heads(folder: str, rel: str, name: str, heads: Mapping[str, torch.Tensor], *,
+                 error: Type[LoraShareError] = CheckpointError, fix: str = _FIX) -> None:
     """Heads are copied bit-exact into the rebuilt adapter: finite, and never in place of a LoRA factor."""
     path = os.path.join(folder, *rel.split("/"))
     for key, t in heads.items():
         if ".lora_" in key:
-            raise CheckpointError(
-                f"adapter {name!r}: {rel} in {folder} holds {key!r}, a LoRA factor's name; heads are non-LoRA "
-                f"tensors, and this one would replace the rebuilt factor. {_FIX}", adapter=name, path=path)
-        if _nonfinite(t):
-            raise CheckpointError(f"adapter {name!r}: {rel} in {folder}: tensor {key!r} holds NaN or infinite values. "
-                                  f"{_FIX}", adapter=name, path=path, layer=key)
+            raise error(
+                f"adapter {name!r}: {_at(rel, folder)} holds {key!r}, a LoRA factor's name; heads are non-LoRA "
+                f"tensors, and this one would replace the rebuilt factor. {fix}", adapter=name, path=path)
+        bad = describe_nonfinite(t)
+        if bad:
+            raise error(f"adapter {name!r}: {_at(rel, folder)}: tensor {key!r} holds NaN or infinite values "
+                        f"({bad}). {fix}", adapter=name, path=path, layer=key)
 
 
 def _targets(config: Mapping[str, Any], module: str) -> Optional[bool]:
@@ -451,49 +482,47 @@ def _targets(config: Mapping[str, Any], module: str) -> Optional[bool]:
 
 def _check_loadings(folder: str, cfg: SHAREConfig, name: str, components: Mapping[str, torch.Tensor],
                     loadings: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
-                    amax: Mapping[str, torch.Tensor]) -> None:
+                    amax: Mapping[str, torch.Tensor], *, error: Type[LoraShareError] = CheckpointError,
+                    fix: str = _FIX) -> None:
     """An adapter's loadings fit its bases, its LoRA config (``r``, ``rank_pattern``, ``target_modules``)
-    and its entry in ``adapters``, and rebuild factors that are finite in float32."""
+    and its entry in ``adapters``, rebuild factors of a bounded size (:func:`max_rebuild_bytes`), and
+    those are finite in float32.  ``error`` and ``fix``: as :func:`_check_bases`."""
     rel = f"adapters/{name}/{LOADINGS_FILE}"
     path = os.path.join(folder, *rel.split("/"))
     meta_rel = f"adapters/{name}/{META_FILE}"
+    where, meta_where = _at(rel, folder), _at(meta_rel, folder)
 
-    def fail(msg: str, layer: Optional[str] = None) -> CheckpointError:
-        return CheckpointError(f"adapter {name!r}: {msg} {_FIX}", adapter=name, layer=layer, path=path)
+    def fail(msg: str, layer: Optional[str] = None) -> LoraShareError:
+        return error(f"adapter {name!r}: {msg} {fix}", adapter=name, layer=layer, path=path)
 
     if not loadings:
-        raise fail(f"{rel} in {folder} holds no loadings; an adapter has at least one module.")
+        raise fail(f"{where} holds no loadings; an adapter has at least one module.")
     for key, L in loadings.items():
         U = components.get(key)
         if U is None:
-            raise CheckpointError(
-                f"adapter {name!r} has a loading for {key!r} but {COMPONENTS_FILE} has no basis for it.",
-                adapter=name, layer=key, path=path)
+            raise error(f"adapter {name!r} has a loading for {key!r} but {COMPONENTS_FILE} has no basis for it. {fix}",
+                        adapter=name, layer=key, path=path)
         if L.dim() != 2 or L.shape[0] != U.shape[1] or not L.dtype.is_floating_point:
-            raise CheckpointError(
-                f"adapter {name!r}: loading {key!r} is {tuple(L.shape)} but its basis is {tuple(U.shape)}; "
-                "expected (k, r) with k = the basis's columns. The checkpoint is corrupt.",
-                adapter=name, layer=key, path=path)
+            raise fail(f"loading {key!r} is {tuple(L.shape)} but its basis is {tuple(U.shape)}; expected a float "
+                       f"(k, r) with k = the basis's columns ({where}).", layer=key)
     ranks: Dict[str, int] = {}
     for key, L in loadings.items():
         module, side = split_group_key(key)
         other = loadings.get(f"{module}:{'B' if side == 'A' else 'A'}")
         if other is None or L.shape[1] != other.shape[1]:  # both are 2-D: checked above
-            raise CheckpointError(
-                f"adapter {name!r}: {LOADINGS_FILE} has {key!r} " + (
-                    "without its other side" if other is None else
-                    f"of rank {L.shape[1]} but its other side has rank {other.shape[1]}") +
-                f"; a module needs an A and a B loading of one rank. {_FIX}",
-                adapter=name, layer=module, path=path)
+            raise fail(f"{LOADINGS_FILE} has {key!r} " + (
+                "without its other side" if other is None else
+                f"of rank {L.shape[1]} but its other side has rank {other.shape[1]}") +
+                "; a module needs an A and a B loading of one rank.", layer=module)
         ranks[module] = int(L.shape[1])
     config = meta["original_config"]
     for module, r in ranks.items():
         want = pattern_value(config.get("rank_pattern") or {}, module, config.get("r"))
         if r != want:
-            raise fail(f"{rel} in {folder} has {module} at rank {r}, but {meta_rel}'s original_config says r={want} "
+            raise fail(f"{where} has {module} at rank {r}, but {meta_rel}'s original_config says r={want} "
                        "for it (r, or its rank_pattern): PEFT could not load the rebuilt adapter.", layer=module)
         if _targets(config, module) is False:
-            raise fail(f"{rel} in {folder} has a loading for {module}, which {meta_rel}'s original_config.target_modules "
+            raise fail(f"{where} has a loading for {module}, which {meta_rel}'s original_config.target_modules "
                        f"{config.get('target_modules')!r} does not match: PEFT would not put a LoRA layer there.",
                        layer=module)
     info = cfg.adapters.get(name)
@@ -503,21 +532,75 @@ def _check_loadings(folder: str, cfg: SHAREConfig, name: str, components: Mappin
                    f"{max(ranks.values())}.")
     unknown = sorted(set(meta.get("delta_w_error") or {}) - set(ranks))
     if unknown:
-        raise fail(f"{meta_rel} in {folder} has a delta_w_error for {unknown[0]!r}, which has no loading in {rel}.",
+        raise fail(f"{meta_where} has a delta_w_error for {unknown[0]!r}, which has no loading in {rel}.",
                    layer=unknown[0])
     own = meta.get("adapter_name")
     if own not in (None, "", name):
-        raise fail(f"{meta_rel} in {folder} is adapter {own!r}'s (its adapter_name), not {name!r}'s.")
-    def nonfinite(key: str) -> CheckpointError:
-        return fail(f"{rel} in {folder}: loading {key!r} holds NaN or infinite values" +
-                    (" once decoded (codes × scales)." if cfg.storage else "."), layer=key)
+        raise fail(f"{meta_where} is adapter {own!r}'s (its adapter_name), not {name!r}'s.")
+    _check_sizes(where, components, loadings, fail)  # before any product is computed, here or by a rebuild
+
+    def nonfinite(key: str) -> LoraShareError:
+        return fail(f"{where}: loading {key!r} holds NaN or infinite values" +
+                    (" once decoded (codes × scales)" if cfg.storage else "") +
+                    f" ({describe_nonfinite(loadings[key])}).", layer=key)
 
     _check_rebuilds(components, loadings, amax, fail, nonfinite)
 
 
+#: What one adapter's rebuilt factors may take in all by default (float32), env ``LORASHARE_MAX_REBUILD_BYTES``.
+MAX_REBUILD_BYTES = 16 * 1024**3
+_REBUILD_ENV = "LORASHARE_MAX_REBUILD_BYTES"
+
+
+def max_rebuild_bytes() -> int:
+    """The most bytes one adapter's rebuilt factors may take (float32): ``LORASHARE_MAX_REBUILD_BYTES``, else 16 GiB.
+
+    Read at each check, so that a process can raise it without a restart.
+
+    Example:
+        >>> max_rebuild_bytes() >= 1  # doctest: +SKIP
+        True
+    """
+    raw = os.environ.get(_REBUILD_ENV)
+    if raw is None or not raw.strip():
+        return MAX_REBUILD_BYTES
+    try:
+        value = int(raw.strip().replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{_REBUILD_ENV}={raw!r}: expected a positive whole number of bytes (e.g. "
+                          f"{32 * 1024**3} for 32 GiB). Fix or unset it.")
+    return value
+
+
+def _check_sizes(where: str, components: Mapping[str, torch.Tensor], loadings: Mapping[str, torch.Tensor],
+                 fail: Callable[..., LoraShareError]) -> None:
+    """The factors a rebuild computes (d × r each, from a d × k basis and a k × r loading) stay within the
+    limit on one tensor (``LORASHARE_MAX_TENSOR_BYTES``, as for a tensor read from a file) and, all together,
+    within :func:`max_rebuild_bytes`: a tiny file must not make a reader allocate gigabytes."""
+    total, largest = 0, ("", 0)
+    for key, L in loadings.items():
+        nbytes = 4 * int(components[key].shape[0]) * int(L.shape[1])  # float32, as reconstruct computes it
+        total += nbytes
+        largest = max(largest, (key, nbytes), key=lambda kv: kv[1])
+    key, nbytes = largest
+    shape = f"{components[key].shape[0]} × {loadings[key].shape[1]}" if key else ""
+    one, limit = tensorfile.MAX_TENSOR_BYTES, max_rebuild_bytes()
+    if nbytes > one:
+        raise fail(f"{where}: rebuilding {key!r} would allocate a {shape} factor ({size(nbytes)} in float32), over the "
+                   f"{size(one)} that one tensor may take (LORASHARE_MAX_TENSOR_BYTES); nothing was allocated. If the "
+                   "adapter is really that large, raise LORASHARE_MAX_TENSOR_BYTES.", layer=split_group_key(key)[0])
+    if total > limit:
+        raise fail(f"{where}: rebuilding its {len(loadings)} factors would allocate {size(total)} in float32 (the "
+                   f"largest, {key!r}, {shape}: {size(nbytes)}), over the limit of {size(limit)} "
+                   f"({_REBUILD_ENV}); nothing was allocated. If the adapter is really that large, set "
+                   f"{_REBUILD_ENV} to at least {total}.", layer=split_group_key(key)[0])
+
+
 def _check_rebuilds(components: Mapping[str, torch.Tensor], loadings: Mapping[str, torch.Tensor],
-                    amax: Mapping[str, torch.Tensor], fail: Callable[..., CheckpointError],
-                    nonfinite: Callable[[str], CheckpointError]) -> None:
+                    amax: Mapping[str, torch.Tensor], fail: Callable[..., LoraShareError],
+                    nonfinite: Callable[[str], LoraShareError]) -> None:
     """Every loading is finite and every ``U @ L`` too: the bound Σ_k max|U_k|·max|L_k| for all loadings
     of one shape at once (a NaN or Inf in L makes it non-finite), the details only where it is not safe."""
     by_shape: Dict[Tuple[int, ...], List[str]] = {}
@@ -535,7 +618,7 @@ def _check_rebuilds(components: Mapping[str, torch.Tensor], loadings: Mapping[st
 
 
 def _check_rebuild(key: str, U: torch.Tensor, L: torch.Tensor, amax: torch.Tensor,
-                   fail: Callable[..., CheckpointError]) -> None:
+                   fail: Callable[..., LoraShareError]) -> None:
     """``U @ L`` (what reconstruct computes, in float32) must be finite: cheap bound first, the product if need be."""
     bound = float((amax * L.detach().abs().amax(1).double()).sum()) if L.numel() else 0.0
     if math.isfinite(bound) and bound < _SAFE_BOUND:
@@ -543,6 +626,48 @@ def _check_rebuild(key: str, U: torch.Tensor, L: torch.Tensor, amax: torch.Tenso
     if not bool(torch.isfinite(U.to(torch.float32) @ L.to(torch.float32)).all()):
         raise fail(f"rebuilding {key!r} from its basis and loading overflows float32 (values up to about {bound:.3g}): "
                    "the factors would hold infinite values.", layer=split_group_key(key)[0])
+
+
+def check_values(data: CheckpointData, *, names: Optional[Iterable[str]] = None, bases: bool = True,
+                 error: Type[LoraShareError] = CheckpointError, fix: str = _FIX) -> None:
+    """The reader's rules, applied to values in memory before they are written or published.
+
+    Whatever a load refuses must never be saved (no reader would accept the checkpoint) nor
+    added: so the checks of :func:`load_checkpoint` run here on ``data`` as it stands, for the
+    adapters ``names`` (default: all): every basis, head and loading finite, shapes and ranks
+    consistent with each adapter's LoRA config, rebuilt sizes within the limits, the
+    ``adapter_meta.json`` fields.  ``bases=False`` takes the bases as checked already (an adapter
+    added to unchanged bases).  ``k_per_group`` and ``layer_keys`` are taken from the bases, as a
+    save writes them.  A refusal is an ``error`` naming the adapter and the tensor, ending with ``fix``.
+
+    Example:
+        >>> check_values(data, fix="Nothing was saved.")  # doctest: +SKIP
+        Traceback (most recent call last):
+        CheckpointError: adapter 'a': adapters/a/loadings.safetensors (in memory): loading 'q:A' holds NaN ...
+    """
+    cfg = replace(data.config, storage=None, format_version=max(1, data.config.format_version))
+    _describe_bases(cfg, data.components)  # facts of the tensors, never claims (see save_checkpoint)
+    names = list(data.loadings) if names is None else list(names)
+    if bases:
+        amax = _check_bases("", cfg, dict(data.components), error=error, fix=fix)
+    else:  # the peaks of the bases the adapters use: _check_loadings names a missing one
+        used = {k for n in names for k in data.loadings[n] if k in data.components}
+        amax = _column_peaks({k: data.components[k] for k in used})
+    for n in names:
+        meta_rel = f"adapters/{n}/{META_FILE}"
+        meta = data.metas.get(n) or {}
+        if "original_config" not in meta or not meta["original_config"]:
+            raise error(f"adapter {n!r} has no LoRA config (its adapter_config.json), so no reader could rebuild it "
+                        f"as a PEFT adapter. {fix}", adapter=n)
+        try:
+            validate(meta, AdapterMeta, _at(meta_rel, ""))
+        except CheckpointError as exc:  # the reader's rule, with the fix of the caller's situation
+            raise error(f"adapter {n!r}: {exc.message.removesuffix(_FIX).rstrip()} {fix}", adapter=n) from None
+        check_lora_config(meta["original_config"], n, _at(meta_rel, ""), error=error, prefix="original_config.",
+                          require_r=True, fix=fix)
+        if data.heads.get(n):
+            _check_heads("", f"adapters/{n}/{HEAD_FILE}", n, data.heads[n], error=error, fix=fix)
+        _check_loadings("", cfg, n, data.components, data.loadings[n], meta, amax, error=error, fix=fix)
 
 
 _TOP_LEVEL = {CONFIG_FILE: False, COMPONENTS_FILE: False, CARD_FILE: False, "adapters": True}  # name → is a folder
@@ -608,12 +733,14 @@ def save_checkpoint(
     card: Optional[str] = None,
     inputs: Iterable[str] = (),
     overwrite: bool = False,
-) -> None:
+) -> str:
     """Write a v1 checkpoint atomically: all of it appears at once, or nothing changes.
 
     ``folder`` may be new, empty, or a SHARE checkpoint (see :func:`foreign_content`); with
     ``overwrite`` any folder, but never a file, a symlink, ``.``, an ancestor of ``.``, of the
     home folder or of ``inputs`` (the folders the data came from).
+
+    Returns the stamp of the ``share_config.json`` written (its sha256, as :attr:`CheckpointData.stamp`).
 
     Example:
         >>> save_checkpoint("out/ckpt", data, card="# My adapters")  # doctest: +SKIP
@@ -650,6 +777,7 @@ def save_checkpoint(
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(blob)
+    return hashlib.sha256(payload[CONFIG_FILE]).hexdigest()
 
 
 def _describe_bases(cfg: SHAREConfig, components: Mapping[str, torch.Tensor]) -> None:

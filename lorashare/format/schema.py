@@ -77,6 +77,10 @@ def _is_str(v: Any) -> bool:
     return isinstance(v, str)
 
 
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
 def _is_dict(v: Any) -> bool:
     return isinstance(v, dict)
 
@@ -299,13 +303,18 @@ class AdapterInfo:
         _opt(lambda v: _is_int(v, 1)), "an integer ≥ 1 or null"))
     delta_w_error_mean: Optional[float] = field(default=None, metadata=rule(_opt(_is_finite), "a number or null"))
     delta_w_error_max: Optional[float] = field(default=None, metadata=rule(_opt(_is_finite), "a number or null"))
+    #: True: the two errors are upper bounds against the original, not measurements (the adapter was
+    #: recompressed from its reconstruction, its original being unavailable).  Absent in older files.
+    delta_w_error_bound: Optional[bool] = field(default=None, metadata=rule(_opt(_is_bool), "true, false or null"))
 
     def to_dict(self) -> Dict[str, Any]:
-        """The entry a save writes; the two errors only when measured."""
+        """The entry a save writes; the two errors only when measured, the bound flag only when set."""
         out = dataclasses.asdict(self)
         for key in ("delta_w_error_mean", "delta_w_error_max"):
             if out[key] is None:
                 del out[key]
+        if not out["delta_w_error_bound"]:  # so that a checkpoint without bounds re-saves byte-identical
+            del out["delta_w_error_bound"]
         return out
 
     @classmethod
@@ -336,14 +345,19 @@ class AdapterMeta:
         _str_map(lambda v: _is_finite(v) and v >= 0), 'an object {"<module>": error ≥ 0}'))
     lora_keys: Dict[str, str] = field(default_factory=dict, metadata=rule(
         _opt(_str_map(_is_str)), 'an object {"<module>:<A|B>": key}'))
+    #: True: ``delta_w_error`` holds upper bounds against the original, not measurements (see AdapterInfo).
+    delta_w_error_bound: bool = field(default=False, metadata=rule(_opt(_is_bool), "true, false or null"))
 
     def to_dict(self) -> Dict[str, Any]:
-        """The file's content; ``lora_keys`` only when some key differs from PEFT's default, sorted."""
+        """The file's content; ``lora_keys`` only when some key differs from PEFT's default, sorted;
+        ``delta_w_error_bound`` only when set (older files re-save byte-identical)."""
         out: Dict[str, Any] = {
             "adapter_name": self.adapter_name, "original_config": self.original_config,
             "original_adapter_path": self.original_adapter_path, "revision": self.revision, "sha256": self.sha256,
             "delta_w_error": self.delta_w_error,
         }
+        if self.delta_w_error_bound:
+            out["delta_w_error_bound"] = True
         if self.lora_keys:
             out["lora_keys"] = dict(sorted(self.lora_keys.items()))
         return out

@@ -33,12 +33,13 @@ from .client import (
     redact,
     remote_sizes,
     resolve_revision,
+    snapshot_commit,
     trusted_publishing_token,
 )
 
 __all__ = [
     "DEFAULT_TIMEOUT", "TIMEOUT_ENV", "HubRef", "cache_roots", "check_repo_id", "disable_progress_bars", "endpoint",
     "fetch_adapter", "fetch_checkpoint", "fetch_config", "fetch_files", "fetch_verified", "hub_timeout", "is_hub_id",
-    "is_local_path", "parse_adapter_id", "push_folder", "push_saved", "push_space", "redact", "remote_sizes", "resolve_revision",
+    "is_local_path", "parse_adapter_id", "push_folder", "push_saved", "push_space", "redact", "remote_sizes", "resolve_revision", "snapshot_commit",
     "trusted_publishing_token",
 ]

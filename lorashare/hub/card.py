@@ -234,7 +234,8 @@ def render_card(config: SHAREConfig, *, repo_id: Optional[str] = None, license: 
         src = str(info.get("source") or "local")
         rev = info.get("revision")
         mean, worst = info.get("delta_w_error_mean"), info.get("delta_w_error_max")
-        err = f"{mean:.4f} / {worst:.4f}" if mean is not None and worst is not None else "–"
+        le = "≤ " if info.get("delta_w_error_bound") else ""  # an upper bound, not a measurement
+        err = f"{le}{mean:.4f} / {le}{worst:.4f}" if mean is not None and worst is not None else "–"
         rows.append(f"| {md_cell(name)} | {_source_cell(src, rev, endpoint)} | {str(rev)[:10] if rev else '–'} | "
                     f"{info.get('rank', cfg.lora_rank)} | {err} |")
     base = cfg.base_model_name_or_path or "unknown"
@@ -249,6 +250,9 @@ def render_card(config: SHAREConfig, *, repo_id: Optional[str] = None, license: 
         "base_model": base,
         "base_model_url": f"{endpoint}/{base}" if is_model_id(cfg.base_model_name_or_path) else "#",
         "adapter_rows": "\n".join(rows),
+        "bound_note": "A value after ≤ is an upper bound against the original adapter, not a measurement: the "
+                      "adapter was recompressed from its reconstruction, its original being unavailable then."
+                      if any(_info(cfg, n).get("delta_w_error_bound") for n in cfg.adapter_names) else "",
         "original": size(st.get("original_lora_bytes")),
         "compressed": size(st.get("compressed_bytes")),
         "ratio": f"{st['compression_ratio']:.2f}×" if st.get("compression_ratio") else "?",

@@ -47,6 +47,7 @@ from ..errors import (
     CheckpointNotFoundError,
     ConfigError,
     HubAuthError,
+    HubConflictError,
     HubError,
     HubNotFoundError,
     HubTimeoutError,
@@ -58,6 +59,7 @@ from ..utils.names import is_within
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "snapshot_commit",
     "disable_progress_bars",
     "cache_roots",
     "HubRef",
@@ -575,6 +577,16 @@ def _commit_of(folder: str) -> Optional[str]:
     return base if re.fullmatch(r"[0-9a-f]{40}", base) else None
 
 
+def snapshot_commit(folder: str) -> Optional[str]:
+    """The commit a folder from :func:`fetch_checkpoint` holds (``None`` for a local folder).
+
+    Example:
+        >>> snapshot_commit("/cache/models--acme--ckpt/snapshots/" + "0" * 40)
+        '0000000000000000000000000000000000000000'
+    """
+    return _commit_of(folder)
+
+
 def _repo_cache_root(snapshot: str) -> str:
     """``models--owner--name`` above a snapshot: cached files are symlinks into its ``blobs/``."""
     return os.path.dirname(os.path.dirname(os.path.normpath(snapshot)))
@@ -699,9 +711,10 @@ def push_folder(
         _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"), repo_id)
         head = _retry(lambda: _head(api, repo_id, revision, create=not create_pr), what)
         if parent_commit is not None and head.sha != parent_commit:
-            raise HubError(
-                f"{what} changed while syncing: it is now at {str(head.sha)[:8]}, not at {parent_commit[:8]} as when "
-                "it was read; nothing was pushed. Run again (in CI, use a concurrency group so runs do not overlap).",
+            raise HubConflictError(
+                f"{what} changed since it was read: it is now at {str(head.sha)[:8]}, not at {parent_commit[:8]} "
+                "(someone pushed meanwhile); nothing was pushed. Load it again and redo the change (in CI, "
+                "use a concurrency group so runs do not overlap).",
                 path=repo_id,
             )
         local = _folder_files(folder)

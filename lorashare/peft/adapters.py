@@ -31,6 +31,7 @@ import torch
 from .. import hub
 from ..errors import AdapterError, AdapterNotFoundError, IncompatibleAdaptersError
 from ..format.atomic import atomic_folder, check_target
+from ..format.checkpoint import describe_nonfinite
 from ..format.jsonfile import loads as json_loads
 from ..format.loraconfig import check_lora_config, module_scale, pattern_value
 from ..format.tensorfile import TensorFile, read_header, write_tensors
@@ -181,8 +182,16 @@ class Adapter:
         return t
 
     def read_heads(self) -> Dict[str, torch.Tensor]:
-        """The non-LoRA tensors, bit-exact, under their original keys."""
-        return {k: self._tf().get(k) for k in self.head_keys}
+        """The non-LoRA tensors, bit-exact, under their original keys; refuses NaN/Inf (as a checkpoint load would)."""
+        heads = {k: self._tf().get(k) for k in self.head_keys}
+        for key, t in heads.items():
+            bad = describe_nonfinite(t)
+            if bad:
+                raise AdapterError(
+                    f"adapter {self.name!r} ({self.source}): {key} holds NaN or infinite values ({bad}). The adapter "
+                    "is broken (diverged training?); retrain it or drop it (on_error='skip').",
+                    adapter=self.name, path=self.weights_path, layer=key)
+        return heads
 
     def sha256(self) -> str:
         """sha256 of ``adapter_model.safetensors``: the adapter's fingerprint (``sha256sum`` agrees).
@@ -340,7 +349,9 @@ def open_local(folder: str, name: str, source: Optional[str] = None, revision: O
         )
     cfg_path = os.path.join(folder, CONFIG_NAME)
     config = _load_config(cfg_path, name)
-    check_lora_config(config, name, cfg_path)
+    # r is required as a checkpoint's copy of the config requires it: without it PEFT would take its default
+    # rank, and a checkpoint made from the adapter would not load.
+    check_lora_config(config, name, cfg_path, require_r=True)
     weights = os.path.join(folder, WEIGHTS_NAME)
     _check_regular(weights, name)
     if not os.path.isfile(weights):

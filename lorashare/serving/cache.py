@@ -37,8 +37,8 @@ import zlib
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 from .. import hub
-from ..codec.state import from_checkpoint
-from ..errors import CheckpointNotFoundError, ConfigError, HubError, InvalidNameError
+from ..codec.state import SHAREState, from_checkpoint
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, HubError, InvalidNameError
 from ..format.checkpoint import CONFIG_FILE, CheckpointData, checkpoint_files, load_checkpoint
 from ..format.schema import SHAREConfig, checkpoint_path, read_config
 from ..peft.adapters import CONFIG_NAME, WEIGHTS_NAME, file_sha256
@@ -56,8 +56,9 @@ __all__ = ["CheckpointRef", "parse_checkpoints", "AdapterCache", "content_key"]
 
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-LAYOUT = 1
-"""Bump when the way a folder is written changes, so old folders are not taken for new ones."""
+LAYOUT = 2
+"""Bump when the way a folder is written changes, so old folders are not taken for new ones (2: adapters that
+an engine would compute otherwise than PEFT are refused, and ``lora_alpha`` is always written)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,20 +202,39 @@ class AdapterCache:
             self._checked.add(folder)
             self.reused += 1
             return folder
+        started = time.perf_counter()
         with _file_lock(os.path.join(self.root, ".locks", f"{key}.lock")):
             if _intact(folder):  # another request or server built it while this one waited
                 self._checked.add(folder)
                 self.reused += 1
                 return folder
-            started = time.perf_counter()
-            state = self._read_adapter(ref, view, adapter)
-            # No fsync: the sidecar, written after, says the folder is whole, and a folder whose files do
-            # not match it (a crash before the data reached the disk) is rebuilt, never served.
-            export_adapter(state, adapter, folder, dtype=self.dtype, overwrite=True, durable=False)
-            _write_sidecar(folder)
-            self._checked.add(folder)
-            self.built += 1
-            logger.info("%s: rebuilt from %s into %s in %.2f s", name, ref, folder, time.perf_counter() - started)
+            state, read = self._read_adapter(ref, view, adapter)
+            # The folder is named by the revision actually read: a local checkpoint re-saved since its
+            # config was read above is another revision, whose adapter must not go under this one's name.
+            # (A 0.1.x checkpoint has no fingerprints to tell revisions apart; its key stays the view's.)
+            legacy = view.config.format_version == 0
+            got = key if legacy else content_key(read, adapter, self.dtype, fallback=self._fallback(ref, view, adapter))
+            if got == key:
+                return self._write(name, ref, state, adapter, folder, started)
+        logger.info("%s: %s was re-saved while it was read; serving the revision read", name, ref)
+        folder = os.path.join(self.root, f"{adapter}-{got[:20]}")
+        with _file_lock(os.path.join(self.root, ".locks", f"{got}.lock")):  # never two locks held at once
+            if _intact(folder):
+                self._checked.add(folder)
+                self.reused += 1
+                return folder
+            return self._write(name, ref, state, adapter, folder, started)
+
+    def _write(self, name: str, ref: CheckpointRef, state: SHAREState, adapter: str, folder: str,
+               started: float) -> str:
+        """Write ``adapter`` of ``state`` into ``folder`` with its sidecar (under the folder's file lock)."""
+        # No fsync: the sidecar, written after, says the folder is whole, and a folder whose files do
+        # not match it (a crash before the data reached the disk) is rebuilt, never served.
+        export_adapter(state, adapter, folder, dtype=self.dtype, overwrite=True, durable=False)
+        _write_sidecar(folder)
+        self._checked.add(folder)
+        self.built += 1
+        logger.info("%s: rebuilt from %s into %s in %.2f s", name, ref, folder, time.perf_counter() - started)
         return folder
 
     # ------------------------------------------------------------------ one checkpoint
@@ -258,18 +278,29 @@ class AdapterCache:
         view = self._views[ref.alias] = _View(cfg, commit=commit, folder=farm, checked=time.monotonic())
         return view
 
-    def _read_adapter(self, ref: CheckpointRef, view: _View, adapter: str):
-        """The state of ``adapter`` alone, its files downloaded if needed; the bases are read once per view."""
+    def _read_adapter(self, ref: CheckpointRef, view: _View, adapter: str) -> Tuple[SHAREState, SHAREConfig]:
+        """The state of ``adapter`` alone, and the config of the revision it was read from (one revision,
+        whatever saves run meanwhile); its files downloaded if needed, the bases read once per view."""
         folder, jail = ref.location, None
         if ref.is_hub:
             folder, jail = self._fetch(ref, view, adapter)
         with self._locks[ref.alias]:
-            if view.bases is None:
+            bases = view.bases
+            if bases is None:
                 bases = load_checkpoint(folder, adapters=[], jail=jail)
                 # In float32 once: every rebuild would otherwise convert each stored basis again.
-                view.bases = dataclasses.replace(bases, components={k: U.float() for k, U in bases.components.items()})
-            bases = view.bases
-        return from_checkpoint(load_checkpoint(folder, adapters=[adapter], jail=jail, bases=bases), folder)
+                bases = dataclasses.replace(bases, components={k: U.float() for k, U in bases.components.items()})
+                if bases.config == view.config:  # a folder re-saved since the view's config was read: not its bases
+                    view.bases = bases
+        try:
+            data = load_checkpoint(folder, adapters=[adapter], jail=jail, bases=bases)
+        except CheckpointError:
+            if ref.is_hub:  # a commit's files never change: the error is the checkpoint's
+                raise
+            # A local folder re-saved since the bases were read (or while the adapter was): read the revision
+            # there now whole, once; load_checkpoint refuses a mix of two revisions.
+            data = load_checkpoint(folder, adapters=[adapter], jail=jail)
+        return from_checkpoint(data, folder), data.config
 
     def _fetch(self, ref: CheckpointRef, view: _View, adapter: str) -> Tuple[str, str]:
         """The checkpoint folder of ``view`` holding the bases and ``adapter``'s files: ``(folder, jail)``.

@@ -1,6 +1,12 @@
 """PEFT loading: rebuilt adapters of a state registered on a transformers model as a ``PeftModel``.
 
-peft is imported only here, and only when a model is loaded.
+peft is imported only here, and only when a model is loaded.  PEFT computes each adapter itself,
+so every config PEFT loads is loaded as PEFT would load the original adapter.
+
+An adapter whose name holds a dot (``billing-v1.2``, which lorashare accepts) cannot keep it in
+PEFT, whose adapter names are torch module names: it is registered as :func:`peft_name` of it,
+the dots turned into underscores (``billing-v1_2``), and that is the name to give the returned
+``PeftModel`` (``set_adapter``, ``save_pretrained``'s subfolder).
 
 Example:
     >>> pm = load_into(share.state, base_model, ["billing", "refunds"])  # doctest: +SKIP
@@ -9,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import logging
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,7 +24,40 @@ from ..codec.state import SHAREState, peft_config, rebuild
 from ..errors import AdapterError, ConfigError
 from ..utils.names import group_key, split_group_key
 
-__all__ = ["load_into", "check_fits", "check_module", "has_peft_layers", "load_hint"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_into", "check_fits", "check_module", "has_peft_layers", "load_hint", "peft_name"]
+
+
+def peft_name(name: str) -> str:
+    """The name adapter ``name`` has inside a ``PeftModel``: itself, its dots turned into underscores.
+
+    PEFT keeps adapters in torch ``ModuleDict``s, whose keys cannot hold a dot.
+
+    Example:
+        >>> peft_name("billing-v1.2"), peft_name("refunds")
+        ('billing-v1_2', 'refunds')
+    """
+    return name.replace(".", "_")
+
+
+def _check_peft_names(names: Sequence[str], held: Sequence[str] = ()) -> None:
+    """Refuse an adapter whose PEFT name is taken: by another of ``names`` (``a.b`` and ``a_b``), or in ``held``
+    (the adapters a ``PeftModel`` holds already)."""
+    seen: Dict[str, str] = {}
+    for n in names:
+        pn = peft_name(n)
+        why = " (PEFT's adapter names cannot hold a dot: lorashare turns dots into underscores)" if pn != n else ""
+        if pn in held:
+            raise ConfigError(
+                f"adapter {n!r} would be {pn!r} in PEFT, which this PeftModel already holds{why}. Load it into a "
+                f"freshly loaded base model, or remove that one first (delete_adapter({pn!r})).", adapter=n)
+        other = seen.setdefault(pn, n)
+        if other != n:
+            raise ConfigError(
+                f"adapters {other!r} and {n!r} would both be {pn!r} in PEFT, whose adapter names cannot hold a dot "
+                "(lorashare turns dots into underscores there). Load them into separate models, or rename one "
+                "(remove_adapter, then add it under another name).", adapter=n)
 
 
 def load_hint(state: SHAREState, name: str, model: Any) -> str:
@@ -46,7 +86,11 @@ def load_hint(state: SHAREState, name: str, model: Any) -> str:
 
 
 def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
-    """Register the adapters ``names`` of ``state`` on ``model`` (a base model or a ``PeftModel``); ``names[0]`` is active."""
+    """Register the adapters ``names`` of ``state`` on ``model`` (a base model or a ``PeftModel``); ``names[0]`` is active.
+
+    Each adapter is named :func:`peft_name` of its name in the returned ``PeftModel`` (the name itself
+    unless it holds a dot).
+    """
     from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
     if not isinstance(model, PeftModel) and has_peft_layers(model):
@@ -54,6 +98,7 @@ def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
             f"this {type(model).__name__} already holds PEFT LoRA layers: apply() and load_into() change the base "
             "model in place. Pass a freshly loaded base model, or the PeftModel they returned to add adapters to it.")
     check_fits(state, model, names)
+    _check_peft_names(names, list(model.peft_config) if isinstance(model, PeftModel) else ())
     if isinstance(model, PeftModel):
         with_head = [a for a, c in model.peft_config.items() if getattr(c, "modules_to_save", None)]
         headless = [n for n in names if not state.records[n].heads]
@@ -67,18 +112,21 @@ def load_into(state: SHAREState, model: Any, names: Sequence[str]) -> Any:
     for n in sorted(names, key=lambda n: bool(state.records[n].heads)):
         cfg = PeftConfig.from_peft_type(**peft_config(state.records[n], n))
         cfg.inference_mode = True
+        pn = peft_name(n)
+        if pn != n:
+            logger.info("adapter %r is %r in the PeftModel (PEFT's adapter names cannot hold a dot)", n, pn)
         if isinstance(model, PeftModel):
-            model.add_adapter(n, cfg)
+            model.add_adapter(pn, cfg)
         else:
-            model = get_peft_model(model, cfg, adapter_name=n)
+            model = get_peft_model(model, cfg, adapter_name=pn)
         # PEFT's saved key form, whatever keys the adapter had: set_peft_model_state_dict
         # needs the base_model.model. prefix and no adapter-name infix.
-        result = set_peft_model_state_dict(model, rebuild(state, n, peft_keys=True), adapter_name=n)
-        missing = [k for k in result.missing_keys if "lora_" in k and f".{n}." in k]
+        result = set_peft_model_state_dict(model, rebuild(state, n, peft_keys=True), adapter_name=pn)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{pn}." in k]
         if missing:
             raise AdapterError(f"adapter {n!r}: the model has no weights for {missing[0]}", adapter=n)
     if names:
-        model.set_adapter(names[0])
+        model.set_adapter(peft_name(names[0]))
     model.eval()
     return model
 

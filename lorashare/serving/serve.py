@@ -23,6 +23,11 @@ convention with ``"__base__"``); without it, the adapter chosen with ``set_adapt
 applies to every row.  Classifier heads and other ``modules_to_save`` are routed per
 row too: each group of rows runs the module with its own adapter's tensors.
 
+Each row gets what ``PeftModel.from_pretrained`` computes for its adapter.  An adapter whose
+config makes PEFT compute more than ``W x + s·B·A x`` (a PiSSA or OLoRA init, aLoRA, trained
+biases...: :func:`lorashare.format.loraconfig.peft_features`) is refused by name; ``apply()``
+loads it through PEFT.
+
 Example:
     >>> share = SHAREModel.from_pretrained("acme/support-share")  # doctest: +SKIP
     >>> model = share.serve(AutoModelForSequenceClassification.from_pretrained(base_id))  # doctest: +SKIP
@@ -44,7 +49,7 @@ import torch
 
 from ..codec.state import SHAREState
 from ..errors import AdapterError, ConfigError, UnknownAdapterError
-from ..format.loraconfig import module_scale
+from ..format.loraconfig import check_forward, module_scale
 from ..format.storage import DTYPES
 from ..utils.names import group_key, split_group_key
 from .peftload import load_hint
@@ -57,6 +62,8 @@ __all__ = ["serve", "ServedModel", "BASE"]
 BASE = "__base__"
 
 _MTS_INFIX = re.compile(r"\.modules_to_save\.[^.]+(?=\.)")
+#: PEFT's LoRA layer keeps the original layer as ``base_layer``: a saved ``X.base_layer.weight`` is ``X.weight``.
+_BASE_LAYER_INFIX = re.compile(r"\.base_layer(?=\.)")
 _SAVED_PREFIX = "base_model.model."
 
 
@@ -254,6 +261,8 @@ def _plan(state: SHAREState, model: torch.nn.Module, names: Sequence[str], dtype
                 "unknown. Compress the adapter again from its folder, or give its config in adapter_configs.",
                 adapter=n,
             )
+        # Served as W x + s·B·A x: an adapter with which PEFT computes anything else is refused by name.
+        check_forward(config, n)
         for key in loadings:
             module, side = split_group_key(key)
             if side != "A":
@@ -378,6 +387,11 @@ def _head_plans(
         for key, t in tensors.items():
             path = key[len(_SAVED_PREFIX):] if key.startswith(_SAVED_PREFIX) else key
             path = _MTS_INFIX.sub("", path)
+            if _BASE_LAYER_INFIX.search(path):
+                # A LoRA layer's own base weight (PEFT saves it for a LoRA on lm_head or an embedding):
+                # PEFT loads it into that layer, which serve() keeps once for every adapter.
+                _check_base_weight(n, key, _BASE_LAYER_INFIX.sub("", path), t, modules, hint)
+                continue
             owner, _, pname = path.rpartition(".")
             target = modules.get(owner) if owner else None
             have = None
@@ -427,6 +441,26 @@ def _head_plans(
             plan.tensors.append(tensors)
             plan.slots[index[n]] = len(plan.tensors)
     return plans
+
+
+def _check_base_weight(name: str, key: str, path: str, t: torch.Tensor, modules: Mapping[str, torch.nn.Module],
+                       hint: str) -> None:
+    """Accept a saved base weight of a LoRA layer only when it is the base model's own (then loading it changes nothing)."""
+    owner, _, pname = path.rpartition(".")
+    target = modules.get(owner)
+    have = dict(target.named_parameters(recurse=False)).get(pname) if target is not None else None
+    if have is None:
+        raise AdapterError(
+            f"adapter {name!r}: its tensor {key!r} is the base weight of LoRA layer {owner!r} (PEFT saves it with a "
+            f"LoRA on lm_head or an embedding), but the base model has no {path!r}. {hint}", adapter=name, layer=owner)
+    same = tuple(have.shape) == tuple(t.shape) and torch.equal(t.to(device=have.device, dtype=have.dtype), have.detach())
+    if not same:
+        raise AdapterError(
+            f"adapter {name!r}: its tensor {key!r} replaces {path} of the base model (PEFT saves a LoRA-targeted "
+            f"{owner}'s own weight with the adapter, and loads it), and it differs from this base model's "
+            f"{tuple(have.shape)} {path}. serve() keeps one {path} for every adapter, so it cannot serve this one: "
+            f"load the base model the adapter was trained on (a resized vocabulary?), or use share.apply(base_model, "
+            f"{name!r}).", adapter=name, layer=owner)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -714,17 +748,33 @@ class ServedModel(torch.nn.Module):
 
     @property
     def active_adapter(self) -> str:
-        """The adapter applied to every row when ``adapter_names`` is not given."""
-        return self._active_in(self._snapshot())
+        """The adapter applied to every row when ``adapter_names`` is not given.
 
-    def _active_in(self, plan: _Plan) -> str:
-        if self._active is not None and (self._active == BASE or self._active in plan.index):
+        Raises :class:`~lorashare.errors.UnknownAdapterError` when the adapter chosen with
+        ``set_adapter`` is no longer served (removed from the SHARE model), as such a call would.
+        """
+        return self._active_in(self._snapshot(), strict=True) or BASE
+
+    def _active_in(self, plan: _Plan, *, strict: bool = False) -> Optional[str]:
+        """The active adapter in ``plan``: ``None`` (``strict``: an error) when the one chosen is not served.
+
+        Never another adapter in its place: rows meant for a removed adapter must not get a neighbour's output.
+        """
+        if self._active is None:
+            return plan.names[0] if plan.names else BASE
+        if self._active == BASE or self._active in plan.index:
             return self._active
-        if self._active is not None:
-            logger.warning("active adapter %r is no longer served; now %r", self._active,
-                           plan.names[0] if plan.names else BASE)
-            self._active = None
-        return plan.names[0] if plan.names else BASE
+        if strict:
+            raise self._active_gone(plan)
+        return None
+
+    def _active_gone(self, plan: _Plan) -> UnknownAdapterError:
+        share = self._share_ref()
+        removed = share is None or self._active not in share.state.names
+        why = "was removed" if removed else "is no longer served (refresh(adapters=...) left it out)"
+        return UnknownAdapterError(
+            f"the active adapter {self._active!r} {why}; call set_adapter(...) with one of "
+            f"{_few([*plan.names, BASE])}, or pass adapter_names=[...] (one per row).", adapter=str(self._active))
 
     def set_adapter(self, name: str) -> None:
         """Apply ``name`` (or ``"__base__"``) to every row of calls without ``adapter_names``."""
@@ -853,7 +903,7 @@ class ServedModel(torch.nn.Module):
                 self._told_default = True
                 logger.info("no adapter_names and no set_adapter(): every row uses the first served adapter, %r",
                             plan.names[0])
-            return _Route(plan, None, plan.index.get(self._active_in(plan), 0))
+            return _Route(plan, None, plan.index.get(self._active_in(plan, strict=True), 0))
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise ConfigError(
                 f"adapter_names={adapter_names!r}: expected a list with one adapter name per row of the batch "
@@ -911,7 +961,8 @@ class ServedModel(torch.nn.Module):
 
     def __repr__(self) -> str:
         plan = self._plan
-        return f"ServedModel(adapters={_few(plan.names)}, active={self._active_in(plan)!r},\n  model={self.model!r})"
+        active = self._active_in(plan) or f"{self._active} (no longer served)"
+        return f"ServedModel(adapters={_few(plan.names)}, active={active!r},\n  model={self.model!r})"
 
 
 def _check_names(what: str, names: Sequence[Any]) -> None:

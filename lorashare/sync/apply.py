@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .. import hub
@@ -132,12 +133,21 @@ def _restamp(share: Any, manifest: Manifest) -> None:
             share.set_source(name, src.text)
 
 
-def _compress_all(manifest: Manifest, fingerprints: Mapping[str, str], *, token: Optional[str], progress: bool) -> Any:
-    share = SHAREModel.from_adapters(
-        {n: _build_source(s, fingerprints.get(n)) for n, s in manifest.adapters.items()},
-        spec=manifest.compression, progress=progress, token=token,
-    )
+def _compress_all(manifest: Manifest, plan: Plan, fingerprints: Mapping[str, str], *, token: Optional[str],
+                  progress: bool) -> Any:
+    """Compress the manifest's adapters, and the published ones it keeps (trained: rebuilt from their loadings)."""
+    sources = {n: _build_source(s, fingerprints.get(n)) for n, s in manifest.adapters.items()}
+    kept = plan.by_status("kept")
+    with tempfile.TemporaryDirectory(prefix="lorashare-sync-") as tmp:
+        if kept:
+            published = SHAREModel.from_pretrained(manifest.repo_id, revision=plan.base_sha, token=token, adapters=kept)
+            for name in kept:  # the trained adapter exactly as published is its only original
+                sources[name] = os.path.join(tmp, name)
+                published.reconstruct(name, sources[name])
+        share = SHAREModel.from_adapters(sources, spec=manifest.compression, progress=progress, token=token)
     _restamp(share, manifest)
+    for name in kept:
+        share.set_source(name, "")  # still trained: no source, no fingerprint
     return share
 
 
@@ -164,7 +174,7 @@ def apply_plan(manifest: Manifest, plan: Plan, fingerprints: Mapping[str, str], 
             plan.reasons = [f"{n} added by projection ({r['min_explained_variance']:.1%} of its ΔW energy explained)"
                             for n, r in reports.items()] or plan.reasons
         return share, reports
-    return _compress_all(manifest, fingerprints, token=token, progress=progress), reports
+    return _compress_all(manifest, plan, fingerprints, token=token, progress=progress), reports
 
 
 def set_card(share: Any, manifest: Manifest) -> None:

@@ -8,14 +8,17 @@ from typing import Any, Dict, List, Mapping, Optional
 from ..format.spec import CompressionSpec
 from .manifest import CARD_KEYS, Manifest
 
-__all__ = ["ACTIONS", "AdapterPlan", "Plan", "plan_sync", "commit_message", "plan_json"]
+__all__ = ["ACTIONS", "KEPT_REASON", "AdapterPlan", "Plan", "plan_sync", "commit_message", "plan_json"]
 
 ACTIONS = ("none", "create", "add", "recompute", "card")
+KEPT_REASON = ("trained in the subspace, it has no source for the manifest to list; kept (to delete it: "
+               "lorashare remove REPO NAME)")
 
 
 @dataclass
 class AdapterPlan:
-    """One adapter's state: ``added``, ``changed``, ``unchanged`` or ``removed``."""
+    """One adapter's state: ``added``, ``changed``, ``unchanged``, ``removed``, or ``kept`` (an adapter trained in
+    the subspace, which has no source to list: it stays until removed by name, ``lorashare remove REPO NAME``)."""
 
     name: str
     status: str
@@ -93,6 +96,10 @@ def plan_sync(manifest: Manifest, fingerprints: Mapping[str, str], published: An
     for name in old_names:
         if name not in manifest.adapters:
             info = old.get(name) if isinstance(old.get(name), dict) else {}
+            if not info.get("source"):
+                # Trained in the subspace (add_trained): no source a manifest could list, no copy anywhere else.
+                entries.append(AdapterPlan(name, "kept", "", "trained", None, reason=KEPT_REASON))
+                continue
             prev = info.get("revision") or info.get("sha256")
             entries.append(AdapterPlan(name, "removed", str(info.get("source") or ""),
                                        "hub" if info.get("revision") else "folder", None, prev, reason="not in the manifest"))

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ..codec.state import AdapterRecord, SHAREState, peft_config
-from ..errors import AdapterError, ConfigError, TrainingError
+from ..errors import AdapterError, ConfigError, LoraShareError, TrainingError
 from ..peft.adapters import open_adapter
+from ..serving.peftload import peft_name
 from ..utils.names import group_key
 from .subspace import TEACHER, build_peft_model, check_base_model, factor_of, stored_errors, stored_weight
 
@@ -36,6 +37,19 @@ def _outputs(out: Any) -> torch.Tensor:
         raise TrainingError(f"the model returned {type(out).__name__} without logits or a hidden state to match: "
                             "pass select=lambda out: ... to say which tensor of its output to match.")
     return t
+
+
+def _check_batches(batches: Sequence[Any], what: str) -> None:
+    """Each batch is a mapping that holds the model's inputs as tensors (as a tokenizer returns them)."""
+    fix = "e.g. tokenizer(texts, padding=True, return_tensors='pt'); labels are not needed"
+    for i, b in enumerate(batches):
+        if not isinstance(b, Mapping):
+            raise ConfigError(f"refit: {what}[{i}] is a {type(b).__name__}; expected a dict of the model's inputs as "
+                              f"tensors (input_ids, attention_mask, ...), {fix}.")
+        if not any(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in b.values()):
+            found = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(b.items())[:6]) or "nothing"
+            raise ConfigError(f"refit: {what}[{i}] holds no tensor ({found}); expected the model's inputs as "
+                              f"tensors (input_ids, attention_mask, ...), {fix}.")
 
 
 def _n_rows(batch: Mapping[str, Any]) -> int:
@@ -84,16 +98,17 @@ def _hidden_loss(s: Sequence[torch.Tensor], t: Sequence[torch.Tensor], b: Mappin
 
 
 def _measure(model: Any, name: str, batches: Sequence[Mapping[str, Any]], kind: str, temperature: float,
-             device: torch.device, select: Callable[[Any], torch.Tensor], hidden: bool = False) -> Dict[str, float]:
+             device: torch.device, select: Callable[[Any], torch.Tensor], hidden: bool = False,
+             teacher: str = TEACHER) -> Dict[str, float]:
     """Loss, hidden-state loss and top-1 agreement of adapter ``name`` with the teacher on ``batches``."""
     total, total_h, agree, count, n = 0.0, 0.0, 0, 0, 0
     model.eval()
     with torch.no_grad():
         for b in batches:
             b = _on(b, device)
-            model.set_adapter(TEACHER)
+            model.set_adapter(teacher)
             t, th = _run(model, b, select, hidden)
-            model.set_adapter(name)
+            model.set_adapter(peft_name(name))
             s, sh = _run(model, b, select, hidden)
             m = _mask(b, t)
             rows = _n_rows(b)
@@ -171,6 +186,11 @@ def refit(
     if not batches:
         raise ConfigError("refit: batches is empty; give a few hundred of the task's inputs (labels are not needed).")
     evals = list(eval_batches) if eval_batches is not None else batches
+    _check_batches(batches, "batches")
+    if evals is not batches:
+        _check_batches(evals, "eval_batches")
+    # The teacher's adapter name must differ from the student's (an adapter may be named like the default).
+    teacher = TEACHER if peft_name(name) != TEACHER else f"{TEACHER}_original"
     select = select or _outputs
     rec = state.records[name]
     teacher_folder, adapter = _original(state, name, original, token)
@@ -189,14 +209,23 @@ def refit(
     model = build_peft_model(state, base_model, name, cfg, modules, refit_of=name)
     _load_heads(model, name, rec)
     try:
-        _load_teacher(model, teacher_folder)
+        _load_teacher(model, teacher_folder, teacher)
         device = next(model.parameters()).device
         params = [factor_of(model, name, key)[0].parametrizations.weight.original for key in rec.weights]
         targets = {m: (A.to(device), B.to(device)) for m, (A, B) in originals.items()}
         with torch.no_grad():
             dist0 = float(_delta_w_distance(model, name, targets))
-        first = _measure(model, name, batches, loss, temperature, device, select, hidden=bool(hidden))
-        before = first if evals is batches else _measure(model, name, evals, loss, temperature, device, select)
+        try:
+            first = _measure(model, name, batches, loss, temperature, device, select, hidden=bool(hidden),
+                             teacher=teacher)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, LoraShareError):
+                raise
+            raise ConfigError(f"refit: the model refused the inputs of batches[0] (keys {sorted(batches[0])}): {exc}. "
+                              "Give the model's inputs as tensors, e.g. tokenizer(texts, padding=True, "
+                              "return_tensors='pt'), without labels.") from exc
+        before = first if evals is batches else _measure(model, name, evals, loss, temperature, device, select,
+                                                         teacher=teacher)
         out0, hidden0 = max(first["loss"], 1e-12), first["hidden"]
         start = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -207,9 +236,9 @@ def refit(
                 b = _on(b, device)
                 model.eval()  # no dropout: the outputs to match are the original's, deterministic
                 with torch.no_grad():
-                    model.set_adapter(TEACHER)
+                    model.set_adapter(teacher)
                     t, th = _run(model, b, select, hidden0 > 0)
-                model.set_adapter(name)
+                model.set_adapter(peft_name(name))
                 _freeze_all_but(model, params)
                 s, sh = _run(model, b, select, hidden0 > 0)
                 value = _loss(s, t, _mask(b, t), loss, temperature) / out0
@@ -223,7 +252,7 @@ def refit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(value.detach()):.4f}")
         bar.close()
-        after = _measure(model, name, evals, loss, temperature, device, select)
+        after = _measure(model, name, evals, loss, temperature, device, select, teacher=teacher)
         weights = dict(rec.weights)
         kept = after["loss"] < before["loss"]
         if kept:
@@ -248,7 +277,8 @@ def refit(
         logger.warning("refit of %r did not lower the loss (%.4g → %.4g): the adapter is left as it was", name,
                        before["loss"], after["loss"])
         return state, report
-    return state.next(records={**state.records, name: new_rec.replace(errors=after_err)}), report
+    # Measured against the original: no longer a bound, whatever a recompute had left.
+    return state.next(records={**state.records, name: new_rec.replace(errors=after_err, errors_bound=False)}), report
 
 
 def _sq_norm_product(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -315,15 +345,15 @@ def _load_heads(model: Any, name: str, rec: AdapterRecord) -> None:
 
     if not rec.heads:
         return
-    result = set_peft_model_state_dict(model, dict(rec.heads), adapter_name=name)
+    result = set_peft_model_state_dict(model, dict(rec.heads), adapter_name=peft_name(name))
     if getattr(result, "unexpected_keys", None):
         raise AdapterError(f"adapter {name!r}: the model has no module for its head tensor {result.unexpected_keys[0]}",
                            adapter=name)
 
 
-def _load_teacher(model: Any, folder: str) -> None:
-    result = model.load_adapter(folder, adapter_name=TEACHER)
-    missing = [k for k in getattr(result, "missing_keys", []) if TEACHER in k]
+def _load_teacher(model: Any, folder: str, teacher: str = TEACHER) -> None:
+    result = model.load_adapter(folder, adapter_name=teacher)
+    missing = [k for k in getattr(result, "missing_keys", []) if f".{teacher}." in k or k.endswith(f".{teacher}")]
     if missing:
         raise AdapterError(f"the original adapter at {folder} has no weights for {missing[0]}", path=folder)
 

@@ -32,12 +32,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..codec.state import AdapterRecord, SHAREState, Weight, as_float, rebuild
+from ..codec.state import AdapterRecord, SHAREState, Weight, as_float, check_adapter, rebuild
 from ..codec.stats import delta_w_errors
-from ..errors import ConfigError, DuplicateAdapterError, TrainingError
+from ..errors import AdapterError, ConfigError, DuplicateAdapterError, TrainingError
+from ..format.checkpoint import describe_nonfinite
 from ..format.storage import DTYPES, is_quantized, quantize
 from ..peft.adapters import lora_key, open_adapter, write_peft_adapter
-from ..serving.peftload import check_module, has_peft_layers, load_hint
+from ..serving.peftload import check_module, has_peft_layers, load_hint, peft_name
 from ..utils.names import check_name, group_key
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ __all__ = ["SubspaceFactor", "SubspaceRun", "subspace_model", "add_trained", "tr
 MARK = "lorashare_subspace"
 #: The adapter name refit gives the original (teacher) adapter while it runs.
 TEACHER = "lorashare_teacher"
+#: How a refused trained adapter ends: nothing was added, and what to do about a diverged run.
+DIVERGED_FIX = ("It was not added and the checkpoint is unchanged. NaN or infinite values mean the training run "
+                "diverged: train it again with a lower learning rate (or gradient clipping, max_grad_norm).")
 
 
 # --------------------------------------------------------------------------- the math
@@ -184,7 +188,7 @@ def _lora_layer(model: Any, module: str) -> Any:
 def factor_of(model: Any, name: str, key: str) -> Tuple[nn.Module, SubspaceFactor]:
     """The LoRA factor module of ``key`` and its parametrization."""
     module, side = key.rsplit(":", 1)
-    lin = getattr(_lora_layer(model, module), f"lora_{side}")[name]
+    lin = getattr(_lora_layer(model, module), f"lora_{side}")[peft_name(name)]
     return lin, lin.parametrizations.weight[0]
 
 
@@ -294,8 +298,9 @@ def build_peft_model(state: SHAREState, base_model: Any, name: str, cfg: Any, mo
 
     base = base_model
     cfg.base_model_name_or_path = None  # PEFT fills in the model's own path; the checkpoint's base model is set below
-    model = get_peft_model(base_model, cfg, adapter_name=name)
-    model.peft_config[name].base_model_name_or_path = state.base_model or getattr(base, "name_or_path", None)
+    # A dotted name is no torch module name: PEFT gets peft_name(name) (dots → underscores).
+    model = get_peft_model(base_model, cfg, adapter_name=peft_name(name))
+    model.peft_config[peft_name(name)].base_model_name_or_path = state.base_model or getattr(base, "name_or_path", None)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     scheme, comps = state.spec.dtype, state.components
     clock = _Clock()
@@ -303,7 +308,7 @@ def build_peft_model(state: SHAREState, base_model: Any, name: str, cfg: Any, mo
     for m in modules:
         for side in "AB":
             key = group_key(m, side)
-            lin = getattr(_lora_layer(model, m), f"lora_{side}")[name]
+            lin = getattr(_lora_layer(model, m), f"lora_{side}")[peft_name(name)]
             factor = SubspaceFactor(comps[key], side, scheme, rank_updates, generator=gen).to(lin.weight.device)
             factor.clock = clock
             r = int(lin.weight.shape[0 if side == "A" else 1])
@@ -351,10 +356,13 @@ def _run_of(model: Any) -> SubspaceRun:
     if run is None and inner is not None:
         run = getattr(inner, MARK, None)
     if not isinstance(run, SubspaceRun):
+        # What merge_and_unload() returns: a plain model with the update merged in, which has no loadings to read.
+        merged = (" If it is what merge_and_unload() returned, pass the PeftModel itself, before merging."
+                  if isinstance(model, nn.Module) and not has_peft_layers(model) else "")
         raise TrainingError(
             f"this {type(model).__name__} was not built by subspace_model(): add_trained() takes the model that "
             "share.subspace_model(base_model, name) returned (after training it). To add a PEFT LoRA adapter "
-            "trained elsewhere, save it and use share.add_adapter(folder).")
+            f"trained elsewhere, save it and use share.add_adapter(folder).{merged}")
     return run
 
 
@@ -376,26 +384,58 @@ def trained_factors(model: Any) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _check_bases(state: SHAREState, model: Any, run: SubspaceRun) -> None:
+def _check_layers(model: Any, run: SubspaceRun) -> None:
+    """The adapter's LoRA layers are still in ``model`` (merge_and_unload, unload or delete_adapter remove them)."""
+    for key in run.keys:
+        module, side = key.rsplit(":", 1)
+        try:
+            layer = _lora_layer(model, module)
+        except AttributeError:
+            layer = None
+        factors = getattr(layer, f"lora_{side}", None)
+        if factors is None:
+            raise TrainingError(
+                f"adapter {run.name!r}: {module} has no LoRA layer any more: the model was merged or unloaded "
+                "(merge_and_unload() or unload()), which removes the trained loadings. Pass the PeftModel returned by "
+                "subspace_model() before merging (merge a copy for inference: copy.deepcopy(model).merge_and_unload()).",
+                adapter=run.name, layer=module)
+        if peft_name(run.name) not in factors:
+            raise TrainingError(
+                f"adapter {run.name!r}: {module} no longer holds it (delete_adapter()?). Pass the PeftModel returned "
+                "by subspace_model() as it was trained.", adapter=run.name, layer=module)
+
+
+def _check_bases(state: SHAREState, model: Any, run: SubspaceRun) -> Optional[torch.dtype]:
+    """Refuse a model trained on other bases; returns the dtype the model's bases were cast to, if any."""
+    cast = None
     for key in run.keys:
         _, factor = factor_of(model, run.name, key)
-        if key not in state.bases or not torch.equal(state.components[key].to(torch.float32), factor.basis.detach().cpu()):
+        basis = factor.basis.detach().cpu()
+        ours = state.components[key].to(torch.float32) if key in state.bases else None
+        if ours is not None and basis.dtype != torch.float32 and tuple(ours.shape) == tuple(basis.shape) \
+                and torch.equal(ours.to(basis.dtype), basis):
+            cast = basis.dtype  # model.to(torch.bfloat16) after subspace_model(): the same basis, rounded
+            continue
+        if ours is None or not torch.equal(ours, basis):
+            also = (f" (The model's weights were also cast to {str(basis.dtype).replace('torch.', '')}, which alone "
+                    "would not matter.)" if basis.dtype != torch.float32 else "")
             raise TrainingError(
                 f"adapter {run.name!r}: the shared basis of {key} is not the one the model was trained on (the "
-                "checkpoint was recomputed, or reloaded from another one, since subspace_model()). Its loadings are "
-                "coordinates in the old bases; train again on this checkpoint, or add it to the one it was built from.",
-                adapter=run.name, layer=key[:-2])
+                f"checkpoint was recomputed, or reloaded from another one, since subspace_model()).{also} Its "
+                "loadings are coordinates in the old bases; train again on this checkpoint, or add it to the one it "
+                "was built from.", adapter=run.name, layer=key[:-2])
     if run.scheme != state.spec.dtype:
         raise TrainingError(
             f"adapter {run.name!r} was trained for {run.scheme} storage and the checkpoint now stores {state.spec.dtype}. "
             "Train it again on this checkpoint.", adapter=run.name)
+    return cast
 
 
 def _heads(model: Any, name: str) -> Dict[str, torch.Tensor]:
     """The modules saved whole (heads), under the keys PEFT saves them with."""
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(model, adapter_name=name)
+    sd = get_peft_model_state_dict(model, adapter_name=peft_name(name))
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items() if "lora_" not in k}
 
 
@@ -437,21 +477,26 @@ def add_trained(state: SHAREState, model: Any, *, replace: bool = False, device:
         raise DuplicateAdapterError(
             f"adapter {name!r} already exists in the checkpoint (added since subspace_model()?). Pass replace=True "
             "to replace it, or remove_adapter() it first.", adapter=name)
-    _check_bases(state, model, run)
+    _check_layers(model, run)
+    cast = _check_bases(state, model, run)
     factors = trained_factors(model)
-    config = _json_config(model.peft_config[name])
+    config = _json_config(model.peft_config[peft_name(name)])
     config["inference_mode"] = True
     heads = _heads(model, name)
-    extras = [f.extra for key in run.keys for f in [factor_of(model, name, key)[1]] if f.extra is not None]
-    if any(bool(e.detach().abs().sum() > 0) for e in extras):
-        return _add_with_rank_updates(state, name, factors, heads, config, replace=replace, device=device,
-                                      progress=progress, rank_updates=run.rank_updates)
     weights: Dict[str, Weight] = {}
     for key in run.keys:
         L = factor_of(model, name, key)[0].parametrizations.weight.original.detach().float().cpu()
         weights[key] = stored_weight(L[: state.components[key].shape[1]].contiguous(), state.spec.dtype)
     # No source or fingerprint: a recompute must rebuild it from its loadings, never from an older original.
     rec = AdapterRecord(weights=weights, config=config, heads=heads, lora_bytes=_lora_bytes(factors))
+    # The reader's rules at the door: a diverged run (NaN loadings or head) is refused here by name, not
+    # published to fail every later load of the checkpoint.
+    check_adapter(state, name, rec, fix=DIVERGED_FIX)
+    extras = [f.extra for key in run.keys for f in [factor_of(model, name, key)[1]] if f.extra is not None]
+    _check_extras(name, run, model, extras)
+    if any(bool(e.detach().abs().sum() > 0) for e in extras):
+        return _add_with_rank_updates(state, name, factors, heads, config, replace=replace, device=device,
+                                      progress=progress, rank_updates=run.rank_updates)
     errors = stored_errors(state, name, rec, factors)
     rec = rec.replace(errors=errors)
     records = dict(state.records)
@@ -459,7 +504,27 @@ def add_trained(state: SHAREState, model: Any, *, replace: bool = False, device:
     report = {"method": "trained", "adapter_name": name, "rank": rec.rank, "modules": len(factors),
               "delta_w_error_max": max(errors.values(), default=0.0),
               "reason": f"loadings stored as trained ({state.spec.dtype}) on the shared bases; no other adapter changed"}
+    if cast is not None:
+        what = str(cast).replace("torch.", "")
+        report["reason"] += (f"; the model was cast to {what}, so it trained over the bases rounded to {what}, and "
+                             "its loadings are stored over the float32 bases")
+        logger.warning(
+            "adapter %r: the model's weights were cast to %s after subspace_model(), so it trained over the shared "
+            "bases rounded to %s; its loadings are stored over the checkpoint's float32 bases (ΔW error up to %.2g "
+            "against what the cast model computes). For an exact match keep the weights in float32 and train in "
+            "mixed precision (torch.autocast, or Trainer's bf16=True), which rounds activations, not the bases.",
+            name, what, what, report["delta_w_error_max"])
     return state.next(records=records), report
+
+
+def _check_extras(name: str, run: SubspaceRun, model: Any, extras: Sequence[torch.Tensor]) -> None:
+    """Rank-update directions are finite (a NaN one would pass for "no update" and be dropped without a word)."""
+    keys = [key for key in run.keys if factor_of(model, name, key)[1].extra is not None]
+    for key, extra in zip(keys, extras):
+        bad = describe_nonfinite(extra.detach())
+        if bad:
+            raise AdapterError(f"adapter {name!r}: the rank-update directions of {key!r} hold NaN or infinite values "
+                               f"({bad}). {DIVERGED_FIX}", adapter=name, layer=key[:-2])
 
 
 def _add_with_rank_updates(state: SHAREState, name: str, factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
