@@ -8,7 +8,7 @@ reconstructed adapter is loaded with ``PeftModel.from_pretrained`` and scored
 on the task's held-out test split.
 
     python benchmarks/fidelity.py            # full: 9 tasks, ~2k train / ~1k test each
-    python benchmarks/fidelity.py --quick    # 3 tasks, 500/250 examples, 4 operating points
+    python benchmarks/fidelity.py --quick    # 3 tasks, 500/250 examples, 11 operating points
     python benchmarks/fidelity.py --tasks polarity winowhy
 
 Everything is cached under ``benchmarks/.cache`` and the run is resumable:
@@ -83,6 +83,15 @@ imported only in a subprocess (it has this package's name): it compresses with
 reconstructs each adapter to a PEFT folder with ``.reconstruct(name, dir)``;
 the folders are evaluated here exactly like ours.
 
+**Baselines at equal bytes** (``benchmarks/baselines.py``).  *Each adapter alone*: at every int8/nf4
+byte-budget point of ours, each adapter gets ours' bytes on disk (bases + loadings files, headers
+included) divided by N, and each module's ΔW is truncated by SVD and stored in the same scheme
+(lorashare's own quantization), the ranks shared by the adapter's modules; the file it would be is
+written to the point's ``ckpt`` and counted like ours'.  *Mean adapter*: every adapter's ΔW replaced
+by the mean ΔW of the others (leave-one-out), no bytes per adapter.  Either way the rebuilt adapter
+is a PEFT folder with the adapter's own head, scored like the others; the table "Each adapter
+compressed alone" puts each beside the ours point whose bytes it was given.
+
 **Serving memory.** N adapters in one ``PeftModel`` via
 ``SHAREModel.load_into`` vs N separate ``PeftModel``s (each with its own base
 model; once as loaded, with the weights mmapped from the one safetensors file,
@@ -132,6 +141,7 @@ HEAD_LABELS = 8
 ELIGIBLE_MARGIN = 0.05  # retention counts tasks whose adapter beats the majority class by ≥ 5 points
 TARGET_FRACTION = 1 / 6
 TRAIN_VERSION = 1  # bump to retrain every adapter
+BASELINES_VERSION = 1  # bump to recompute the baseline points (cached by their kwargs)
 
 ALL_TASKS = ["polarity", "fine_foods", "multiemo-hotels", "multiemo-reviews", "fact_checker",
              "strategyqa", "winowhy", "sports_understanding", "intent_recognition"]
@@ -157,10 +167,10 @@ class Point:
     """One compression operating point."""
 
     label: str
-    impl: str  # "ours" or "reference"
+    impl: str  # "ours", "reference" or "baseline" (benchmarks/baselines.py: kwargs method "svd" or "mean")
     family: str  # plot series
     kwargs: Dict[str, Any]
-    equal_to: Optional[str] = None  # ours at the byte budget of this reference point
+    equal_to: Optional[str] = None  # ours at the byte budget of this reference point; a baseline at this ours point's
 
     @property
     def slug(self) -> str:
@@ -180,6 +190,7 @@ def operating_points(quick: bool) -> List[Point]:
             ours("ours 1/16 nf4", "ours nf4, byte budget", target_ratio=16, dtype="nf4"),
             ours("ours 1/32 nf4", "ours nf4, byte budget", target_ratio=32, dtype="nf4"),
             Point("0.1.3 k=8", "reference", "0.1.3, k", {"num_components": 8}),
+            *baseline_points(["ours 1/16 int8", "ours 1/16 nf4", "ours 1/32 nf4"]),
         ]
     ks = [2, 4, 8, 16, 32]
     pts = [ours(f"ours k={k}", "ours fp32, k", num_components=k) for k in ks]
@@ -195,6 +206,20 @@ def operating_points(quick: bool) -> List[Point]:
     pts += refs
     pts += [Point(f"ours fp16 = bytes of 0.1.3 k={p.kwargs['num_components']}", "ours",
                   "ours fp16, budget = 0.1.3 bytes", {"dtype": "float16"}, equal_to=p.label) for p in refs]
+    pts += baseline_points([f"ours 1/{r} int8" for r in (32, 16, 8)] + [f"ours 1/{r} nf4" for r in (64, 32, 16)])
+    return pts
+
+
+def baseline_points(ours_labels: Sequence[str]) -> List[Point]:
+    """Each adapter compressed alone (per-adapter SVD, in the scheme of the ours point, at its bytes on disk),
+    and the mean adapter (leave-one-out, no bytes per adapter)."""
+    pts = []
+    for label in ours_labels:
+        scheme = label.rsplit(" ", 1)[1]
+        pts.append(Point(f"SVD + {scheme} = bytes of {label}", "baseline", f"per-adapter SVD + {scheme}",
+                         {"method": "svd", "dtype": scheme, "version": BASELINES_VERSION}, equal_to=label))
+    pts.append(Point("mean adapter (leave-one-out)", "baseline", "mean adapter",
+                     {"method": "mean", "version": BASELINES_VERSION}))
     return pts
 
 
@@ -421,6 +446,8 @@ def compress_point(point: Point, adapters: Dict[str, Path], work: Path, kwargs: 
     shutil.rmtree(work, ignore_errors=True)
     ckpt, rec = work / "ckpt", work / "rec"
     rec.mkdir(parents=True)
+    if point.impl == "baseline":
+        return compress_baseline(adapters, ckpt, rec, kwargs)
     if point.impl == "reference":
         ensure_reference(ref_dir)
         args = {"ref_dir": str(ref_dir.resolve()), "adapters": {n: str(p) for n, p in adapters.items()},
@@ -445,11 +472,83 @@ def compress_point(point: Point, adapters: Dict[str, Path], work: Path, kwargs: 
             "library_delta_w_error_mean": share.config.compression_stats.get("delta_w_rel_error_mean")}
 
 
+def compress_baseline(adapters: Dict[str, Path], ckpt: Path, rec: Path, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """benchmarks/baselines.py on the trained adapters: each one's file in ``ckpt`` (per-adapter SVD; the mean
+    adapter stores nothing) and each rebuilt adapter as a PEFT folder in ``rec`` (its own head kept)."""
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks import baselines as bl
+    from benchmarks.oracle import _LORA_KEY, module_scale, split_lora
+    from lorashare.format.tensorfile import write_tensors
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    names = list(adapters)
+    states = {n: load_file(str(adapters[n] / "adapter_model.safetensors")) for n in names}
+    configs = {n: json.loads((adapters[n] / "adapter_config.json").read_text()) for n in names}
+    modules = {n: {m: (f["B"].float(), f["A"].float(), module_scale(configs[n], m, f["A"].shape[0]))
+                   for m, f in split_lora(states[n]).items()} for n in names}
+
+    def write(name: str, config: Dict[str, Any], lora: Dict[str, tuple]) -> None:
+        """The adapter's folder with its LoRA factors replaced by ``lora[module] = (B, A)``."""
+        out = rec / name
+        shutil.copytree(adapters[name], out, dirs_exist_ok=True)
+        state, replaced = {}, 0
+        for key, t in states[name].items():
+            m = _LORA_KEY.match(key)
+            if m and m.group(1) in lora:
+                t = lora[m.group(1)][0 if m.group(2) == "B" else 1].to(t.dtype).contiguous()
+                replaced += 1
+            state[key] = t
+        if replaced != 2 * len(lora):
+            raise RuntimeError(f"{name}: replaced {replaced} LoRA tensors, expected {2 * len(lora)}")
+        save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    t0 = time.time()
+    if kwargs["method"] == "svd":
+        budget = kwargs["budget_bytes"] // len(names)  # each adapter gets its share of ours' bytes on disk
+        ranks = []
+        for n in names:
+            res = bl.truncate_adapter(modules[n], budget, kwargs["dtype"])
+            if res.tensors:  # nothing kept at all: no file
+                with open(ckpt / f"{n}.safetensors", "wb") as f:
+                    write_tensors(f, res.tensors, bl.META)
+            ranks += res.ranks.values()
+            lora = {}
+            for m, (Bh, Ah) in res.factors.items():
+                B, A, s = modules[n][m]
+                k = Bh.shape[1]  # kept at the adapter's rank r: zero columns/rows past r′
+                Bp, Ap = B.new_zeros(B.shape), A.new_zeros(A.shape)
+                Bp[:, :k], Ap[:k] = Bh / s, Ah
+                lora[m] = (Bp, Ap)
+            write(n, configs[n], lora)
+        return {"compress_seconds": time.time() - t0, "impl_version": "benchmarks/baselines.py",
+                "k_mean": sum(ranks) / len(ranks), "k_min": min(ranks), "k_max": max(ranks),
+                "budget_per_adapter": budget}
+    if len(names) < 2:
+        raise ValueError("the mean adapter needs at least 2 adapters")
+    for i, n in enumerate(names):  # every adapter's ΔW replaced by the mean ΔW of the others
+        lora, ranks = {}, set()
+        for m in modules[n]:
+            Bs, As, scales = zip(*(modules[o][m] for o in names))
+            Bm, Am = bl.mean_adapter(Bs, As, scales, exclude=i)
+            lora[m] = (Bm.float(), Am.float())
+            ranks.add(Am.shape[0])
+        if len(ranks) != 1:
+            raise ValueError(f"mean adapter: modules of different ranks {sorted(ranks)}")
+        r = ranks.pop()
+        config = {**configs[n], "r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}}
+        write(n, config, lora)  # scale alpha / r = 1: the stacked factors are ΔW itself
+    return {"compress_seconds": time.time() - t0, "impl_version": "benchmarks/baselines.py", "k": None}
+
+
 def run_point(point: Point, adapters: Dict[str, Path], splits: Dict[str, Dict[str, Any]],
               originals: Dict[str, Dict[str, Any]], setup: Setup, set_key: str, orig_bytes: int,
               done: Dict[str, Dict[str, Any]], ref_dir: Path) -> Dict[str, Any]:
     kwargs = dict(point.kwargs)
-    if point.equal_to:
+    if point.equal_to and point.impl == "baseline":  # the bytes on disk of ours' files, headers included
+        kwargs["budget_bytes"] = int(done[point.equal_to]["bytes"]["files_bytes"])
+    elif point.equal_to:
         kwargs["budget_bytes"] = int(done[point.equal_to]["bytes"]["tensor_bytes"])
     path = CACHE / "points" / set_key / f"{point.slug}.json"
     cached = _read_json(path)
@@ -665,6 +764,24 @@ def targets(points: List[Dict[str, Any]]) -> Dict[str, Any]:
                                          and so["delta_w_error_mean"] <= sr["delta_w_error_mean"]),
             })
     out["vs_reference"] = cmp
+    alone = []
+    for b in (p for p in points if p["impl"] == "baseline"):
+        sb = b["summary"]
+        c = {"baseline": b["label"], "retained_baseline": sb["retained_mean"], "agreement_baseline": sb["agreement_mean"],
+             "delta_w_error_baseline": sb["delta_w_error_mean"], "delta_w_error_worst_baseline": sb["delta_w_error_worst"],
+             "on_disk_baseline": b.get("fraction_on_disk"), "k_mean_baseline": b.get("k_mean")}
+        o = by_label.get(b.get("equal_to") or "")
+        if o:
+            so = o["summary"]
+            c.update({"ours": o["label"], "on_disk_ours": o.get("fraction_on_disk"),
+                      "bytes_on_disk_ours": o["bytes"]["files_bytes"], "bytes_on_disk_baseline": b["bytes"]["files_bytes"],
+                      "retained_ours": so["retained_mean"], "agreement_ours": so["agreement_mean"],
+                      "delta_w_error_ours": so["delta_w_error_mean"], "delta_w_error_worst_ours": so["delta_w_error_worst"],
+                      "ours_better_or_equal": (so["agreement_mean"] >= sb["agreement_mean"]
+                                               and (so["retained_mean"] or 0) >= (sb["retained_mean"] or 0) - 1e-9
+                                               and so["delta_w_error_mean"] <= sb["delta_w_error_mean"])})
+        alone.append(c)
+    out["vs_baselines"] = alone
     return out
 
 
@@ -694,12 +811,14 @@ def markdown(report: Dict[str, Any]) -> str:
     lines += ["| operating point | bytes (% of LoRA) | on disk, headers incl. (% of LoRA) | k (mean) "
               "| acc. retained: mean / min | agreement: mean / min "
               "| ΔW err: mean / worst adapter | compress s |", "|---|---|---|---|---|---|---|---|"]
-    for p in sorted(points, key=lambda p: (p["impl"] != "ours", p["fraction_of_lora_bytes"])):
+    impl_order = {"ours": 0, "baseline": 1, "reference": 2}
+    for p in sorted(points, key=lambda p: (impl_order.get(p["impl"], 3), p["fraction_of_lora_bytes"])):
         s = p["summary"]
         k = p.get("k_mean", p.get("k"))
+        k = "–" if k is None else f"{k:.1f}"
         lines.append(
             f"| {p['label']} | {p['bytes']['tensor_bytes'] / 1e3:.0f} kB ({_pct(p['fraction_of_lora_bytes'])}%) | "
-            f"{p['bytes'].get('files_bytes', 0) / 1e3:.0f} kB ({_pct(p.get('fraction_on_disk'))}%) | {k:.1f} | {_pct(s['retained_mean'])} / {_pct(s['retained_min'])} | "
+            f"{p['bytes'].get('files_bytes', 0) / 1e3:.0f} kB ({_pct(p.get('fraction_on_disk'))}%) | {k} | {_pct(s['retained_mean'])} / {_pct(s['retained_min'])} | "
             f"{_pct(s['agreement_mean'])} / {_pct(s['agreement_min'])} | {s['delta_w_error_mean']:.3f} / "
             f"{s['delta_w_error_worst']:.3f} | "
             f"{p['compress_seconds']:.2f} |")
@@ -738,6 +857,22 @@ def markdown(report: Dict[str, Any]) -> str:
             any_c = d.get("same_k") or d.get("budget")
             lines.append(f"| {ref} | {cell(any_c, 'reference')} | {cell(d.get('same_k'), 'ours')} | "
                          f"{cell(d.get('budget'), 'ours')} |")
+    if tg.get("vs_baselines"):
+        lines += ["", "Each adapter compressed alone (per-adapter SVD, same scheme, same bytes on disk) and the mean "
+                  "adapter (retained % / agreement % / ΔW err mean / worst; r′ = components kept per module):", "",
+                  "| ours point | on disk (% of LoRA): ours / alone | ours | each adapter alone | r′ mean "
+                  "| agreement ours − alone (points) |", "|---|---|---|---|---|---|"]
+
+        def cell3(c, side):
+            return (f"{_pct(c['retained_' + side])} / {_pct(c['agreement_' + side])} / "
+                    f"{c['delta_w_error_' + side]:.3f} / {c['delta_w_error_worst_' + side]:.3f}")
+        for c in tg["vs_baselines"]:
+            if c.get("ours"):
+                lines.append(f"| {c['ours']} | {_pct(c['on_disk_ours'])} / {_pct(c['on_disk_baseline'])} | "
+                             f"{cell3(c, 'ours')} | {cell3(c, 'baseline')} | {c['k_mean_baseline']:.2f} | "
+                             f"{100 * (c['agreement_ours'] - c['agreement_baseline']):+.1f} |")
+            else:
+                lines.append(f"| {c['baseline']} | 0 (nothing per adapter) | – | {cell3(c, 'baseline')} | – | – |")
     mem = report.get("serving")
     if mem:
         mb = lambda m, k="rss_added": mem[m][k] / 2**20  # noqa: E731
@@ -765,7 +900,7 @@ def plot(report: Dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    points = report["points"]
+    points = [p for p in report["points"] if _on_disk(p) > 0]  # log scale: the mean adapter is a line instead
     xs_all = [_on_disk(p) for p in points]
     fams: Dict[str, List[Dict[str, Any]]] = {}
     for p in points:
@@ -780,6 +915,8 @@ def plot(report: Dict[str, Any], png: Path) -> None:
         "0.1.3, k": dict(color="tab:red", marker="v", ls="--", ms=7),
         "ours int8, byte budget": dict(color="tab:orange", marker="*", ls="-", ms=9),
         "ours nf4, byte budget": dict(color="tab:brown", marker="X", ls="-", ms=8),
+        "per-adapter SVD + int8": dict(color="tab:orange", marker="*", ls=":", ms=9, mfc="none"),
+        "per-adapter SVD + nf4": dict(color="tab:brown", marker="X", ls=":", ms=8, mfc="none"),
     }
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.2), constrained_layout=True)
     n_el = len(report["eligible"])
@@ -799,6 +936,10 @@ def plot(report: Dict[str, Any], png: Path) -> None:
                     k = p["kwargs"].get("num_components")
                     ax.annotate(f"k={k}", (x, y), textcoords="offset points", fontsize=7,
                                 xytext=(4, -11 if fam == "0.1.3, k" else 5), color=style[fam]["color"])
+        for p in report["points"]:
+            if p["family"] == "mean adapter" and p["summary"][key] is not None:
+                ax.axhline(100 * p["summary"][key], color="tab:pink", lw=1, ls="--",
+                           label="mean of the other adapters (no bytes per adapter)")
         ax.axhline(100, color="black", lw=1.2, label="original adapters (100%)")
         ax.axvline(TARGET_FRACTION, color="gray", lw=1, ls=":", label="1/6 of the LoRA bytes")
         ax.axvline(1 / 16, color="tab:brown", lw=1, ls=":", label="1/16 of the LoRA bytes on disk (issue 14)")
@@ -814,7 +955,7 @@ def plot(report: Dict[str, Any], png: Path) -> None:
         ax.set_xlabel("checkpoint bytes on disk (headers included) / original LoRA bytes (log scale)")
         ax.set_ylabel("%")
         ax.set_title(title)
-        vals = [100 * p["summary"][key] for p in points if p["summary"][key] is not None]
+        vals = [100 * p["summary"][key] for p in report["points"] if p["summary"][key] is not None]
         lo = min(vals) if vals else 95
         ax.set_ylim(max(0, min(lo, 95) - 2), 101)
         ax.grid(True, which="both", alpha=0.3)
@@ -834,7 +975,7 @@ def plot(report: Dict[str, Any], png: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 tasks, 500/250 examples, 4 operating points")
+    ap.add_argument("--quick", action="store_true", help="3 tasks, 500/250 examples, 11 operating points")
     ap.add_argument("--tasks", nargs="+", choices=ALL_TASKS, help="a subset of the tasks")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/fidelity-<date>[-quick].json)")
     ap.add_argument("--png", type=Path, help=f"plot path (default {PNG.relative_to(REPO)}; quick runs: none)")

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
+import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,10 +41,10 @@ from typing import Any
 
 try:
     import synth  # run as a script: benchmarks/ is sys.path[0]
-    from oracle import ensure_reference
+    from oracle import adapter_errors, ensure_reference, module_scale, split_lora
 except ImportError:  # run as python -m benchmarks.run
     from benchmarks import synth
-    from benchmarks.oracle import ensure_reference
+    from benchmarks.oracle import adapter_errors, ensure_reference, module_scale, split_lora
 
 logger = logging.getLogger("benchmarks.run")
 
@@ -106,6 +109,9 @@ def plan(
         default_shapes = ["roberta", "7b"]
     configs = []
     for shape in shapes or default_shapes:
+        if shape not in table:
+            raise SystemExit(f"--shapes {shape}: not a shape of this mode (one of {', '.join(table)}; "
+                             "--baselines takes any shape)")
         shape_ns, ref_mod = table[shape]
         # The slice exists only to show per-group speed: one variant is enough in quick mode.
         shape_variants = variants[:1] if (quick and shape == "7b-slice") else variants
@@ -480,6 +486,262 @@ def ratios_table(ratios: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ── baselines at equal bytes (--baselines) ────────────────────────────────────
+
+
+def _baselines():
+    """benchmarks/baselines.py (it imports this repository's lorashare, so only the --baselines mode loads it)."""
+    try:
+        import baselines  # run as a script: benchmarks/ is sys.path[0]
+    except ImportError:  # run as python -m benchmarks.run
+        from benchmarks import baselines
+    return baselines
+
+
+def _read_adapter(folder: Path) -> dict[str, tuple[Any, Any, float]]:
+    """``{module: (B, A, scale)}`` of one PEFT adapter folder (float32, PEFT's scale)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    state = split_lora(load_file(str(folder / "adapter_model.safetensors")))
+    return {m: (ab["B"].float(), ab["A"].float(), module_scale(cfg, m, ab["A"].shape[0])) for m, ab in state.items()}
+
+
+@functools.lru_cache(maxsize=4096)
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "adapter_config.json").read_text())
+
+
+def _read_module(folders: list[Path], module: str) -> tuple[list[Any], list[Any], list[float]]:
+    """One module's (B, A, scale) from every adapter, reading only its two tensors."""
+    from safetensors import safe_open
+
+    Bs, As, scales = [], [], []
+    for folder in folders:
+        cfg = _adapter_config(folder)
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            a = f.get_tensor(f"base_model.model.{module}.lora_A.weight").float()
+            b = f.get_tensor(f"base_model.model.{module}.lora_B.weight").float()
+        Bs.append(b)
+        As.append(a)
+        scales.append(module_scale(cfg, module, a.shape[0]))
+    return Bs, As, scales
+
+
+def _errors_summary(per_adapter: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per adapter: the mean over its modules; then the mean and the max over adapters (and the worst module)."""
+    import statistics
+
+    means = {n: statistics.fmean(e.values()) for n, e in per_adapter.items()}
+    worst = max(means, key=means.get)
+    return {
+        "err_mean": statistics.fmean(means.values()),
+        "err_max_adapter": means[worst],
+        "err_max_adapter_name": worst,
+        "err_max_module": max(v for e in per_adapter.values() for v in e.values()),
+        "err_per_adapter": means,
+    }
+
+
+def _lorashare_point(dirs: list[Path], scheme: str, ratio: float, ckpt: Path) -> dict[str, Any]:
+    """lorashare (SHARE) at ``target_ratio=ratio``, ``dtype=scheme``: bytes of its bases + loadings files and
+    the ΔW error of every module of every adapter (by benchmarks/oracle.py, on ``reconstruct``)."""
+    from safetensors.torch import load_file
+
+    from lorashare import SHAREModel
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    t0 = time.perf_counter()
+    share = SHAREModel.from_adapters({d.name: str(d) for d in dirs}, target_ratio=ratio, dtype=scheme, progress=False)
+    share.save_pretrained(str(ckpt))
+    compress_s = time.perf_counter() - t0
+    files = [p for p in ckpt.rglob("*.safetensors") if "classifier_head" not in p.name]
+    nbytes = sum(p.stat().st_size for p in files)
+    ks = list(share.config.k_per_group.values())
+    per_adapter: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    for d in dirs:
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        res = adapter_errors(load_file(str(d / "adapter_model.safetensors")), cfg, share.reconstruct(d.name), cfg)
+        if res["missing"]:
+            raise RuntimeError(f"lorashare lost modules of {d.name}: {res['missing'][:3]}")
+        per_adapter[d.name] = res["errors"]
+    del share
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"method": "lorashare", "scheme": scheme, "ratio": ratio, "bytes": nbytes, "files": len(files),
+            "k_mean": sum(ks) / len(ks), "k_min": min(ks), "k_max": max(ks), "compress_s": compress_s,
+            "eval_s": time.perf_counter() - t0, **_errors_summary(per_adapter)}
+
+
+def _per_adapter_points(dirs: list[Path], budgets: dict[tuple[str, float], int]) -> list[dict[str, Any]]:
+    """Per-adapter SVD + quantization at each (scheme, ratio)'s per-adapter byte budget, one adapter at a time."""
+    import statistics
+
+    bl = _baselines()
+    errs: dict[tuple[str, float], dict[str, dict[str, float]]] = {key: {} for key in budgets}
+    nbytes: dict[tuple[str, float], list[int]] = {key: [] for key in budgets}
+    ranks: dict[tuple[str, float], list[int]] = {key: [] for key in budgets}
+    t0 = time.perf_counter()
+    for d in dirs:
+        modules = _read_adapter(d)
+        for (scheme, ratio), budget in budgets.items():
+            rebuilt, n, rk, _ = bl.truncate_adapter(modules, budget, scheme)
+            if n > budget:
+                raise RuntimeError(f"{d.name}: {n} bytes over the budget of {budget} ({scheme}, 1/{ratio:g})")
+            nbytes[(scheme, ratio)].append(n)
+            ranks[(scheme, ratio)] += rk.values()
+            errs[(scheme, ratio)][d.name] = {
+                m: bl.relative_error(B, A, s, *rebuilt[m]) for m, (B, A, s) in modules.items()}
+    seconds = time.perf_counter() - t0
+    return [{"method": "per-adapter SVD", "scheme": scheme, "ratio": ratio, "bytes": sum(nbytes[(scheme, ratio)]),
+             "budget_per_adapter": budget, "bytes_per_adapter_max": max(nbytes[(scheme, ratio)]),
+             "k_mean": statistics.fmean(ranks[(scheme, ratio)]), "k_min": min(ranks[(scheme, ratio)]),
+             "k_max": max(ranks[(scheme, ratio)]), "compress_s": seconds / len(budgets),
+             **_errors_summary(errs[(scheme, ratio)])}
+            for (scheme, ratio), budget in budgets.items()]
+
+
+def _mean_adapter_point(dirs: list[Path]) -> dict[str, Any]:
+    """Every adapter replaced by the mean ΔW of the others, module by module (one module of all adapters in memory)."""
+    from safetensors import safe_open
+
+    bl = _baselines()
+    with safe_open(str(dirs[0] / "adapter_model.safetensors"), framework="pt") as f:
+        modules = sorted(split_lora(dict.fromkeys(f.keys())))
+    per_adapter: dict[str, dict[str, float]] = {d.name: {} for d in dirs}
+    t0 = time.perf_counter()
+    for m in modules:
+        errs = bl.loo_mean_errors(*_read_module(dirs, m)).tolist()
+        for d, e in zip(dirs, errs):
+            per_adapter[d.name][m] = e
+    return {"method": "mean adapter", "scheme": "-", "ratio": None, "bytes": 0, "compress_s": time.perf_counter() - t0,
+            **_errors_summary(per_adapter)}
+
+
+def baselines_config(cfg: BenchConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """lorashare at each (scheme, 1/ratio) and, at its bytes, each adapter compressed alone; and the mean adapter."""
+    dirs = synth.ensure_adapter_set(cfg.shape, cfg.n, cfg.variant, args.cache_dir)
+    base = {"config": cfg.label, **asdict(cfg)}
+    lora_bytes = cfg.n * cfg.spec.num_modules * cfg.spec.r * (cfg.spec.d_in + cfg.spec.d_out) * FP32_BYTES
+    rows: list[dict[str, Any]] = []
+    budgets: dict[tuple[str, float], int] = {}
+    for scheme in args.schemes:
+        for ratio in args.ratios:
+            logger.info("[%s] lorashare 1/%g %s", cfg.label, ratio, scheme)
+            point = _lorashare_point(dirs, scheme, ratio, args.cache_dir / "ckpt" / "baselines")
+            rows.append({**base, **point, "lora_bytes": lora_bytes})
+            # each adapter alone gets its share of the bytes lorashare's files take (floor: never more)
+            budgets[(scheme, ratio)] = point["bytes"] // cfg.n
+    logger.info("[%s] per-adapter SVD at %d byte budgets", cfg.label, len(budgets))
+    rows += [{**base, **p, "lora_bytes": lora_bytes} for p in _per_adapter_points(dirs, budgets)]
+    logger.info("[%s] mean adapter (leave-one-out)", cfg.label)
+    rows.append({**base, **_mean_adapter_point(dirs), "lora_bytes": lora_bytes})
+    return rows
+
+
+def _method_label(row: dict[str, Any]) -> str:
+    if row["method"] == "mean adapter":
+        return "mean adapter (leave-one-out)"
+    return f"{row['method']} + {row['scheme']}" if row["method"] != "lorashare" else f"lorashare {row['scheme']}"
+
+
+def baselines_tables(rows: list[dict[str, Any]]) -> str:
+    """The detail table (every method and budget) and the summary (lorashare's error / the best per-adapter one's)."""
+    lines = [
+        "| config | budget | method | bytes on disk MB (share of LoRA) | per adapter kB "
+        "| k (lorashare, per module side) or r′ (per adapter, per module): mean (min–max) "
+        "| ΔW err mean | ΔW err worst adapter | s |",
+        "|" + "---|" * 9,
+    ]
+    order = {"lorashare": 0, "per-adapter SVD": 1, "mean adapter": 2}
+    keyed = sorted(rows, key=lambda r: (r["config"], r["ratio"] or math.inf, order[r["method"]], r["scheme"]))
+    for r in keyed:
+        n = r["n"]
+        budget = f"1/{r['ratio']:g}" if r["ratio"] else "–"
+        share = f"{r['bytes'] / 1e6:.3f} (1/{r['lora_bytes'] / r['bytes']:.1f})" if r["bytes"] else "0 (no per-adapter bytes)"
+        k = f"{r['k_mean']:.1f} ({r['k_min']}–{r['k_max']})" if "k_mean" in r else "–"
+        lines.append(
+            f"| {r['config']} | {budget} | {_method_label(r)} | {share} | {r['bytes'] / n / 1e3:.1f} | {k} | "
+            f"{r['err_mean']:.4f} | {r['err_max_adapter']:.4f} | {r['compress_s']:.1f} |")
+    lines += ["", "| config | budget | lorashare nf4 | lorashare int8 | SVD + nf4 | SVD + int8 | mean adapter "
+              "| lorashare nf4 / SVD + nf4 | lorashare int8 / SVD + int8 | lorashare best / per-adapter best |",
+              "|" + "---|" * 10]
+    by: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+    mean: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["method"] == "mean adapter":
+            mean[r["config"]] = r
+        else:
+            by.setdefault((r["config"], r["ratio"]), {})[f"{r['method']}|{r['scheme']}"] = r
+    for (config, ratio), d in sorted(by.items()):
+        def err(key):
+            return d[key]["err_mean"] if key in d else None
+
+        ours = [e for e in (err("lorashare|nf4"), err("lorashare|int8")) if e is not None]
+        alone = [e for e in (err("per-adapter SVD|nf4"), err("per-adapter SVD|int8")) if e is not None]
+        lines.append("| " + " | ".join([
+            config, f"1/{ratio:g}",
+            *(_num(err(k), ".4f") for k in ("lorashare|nf4", "lorashare|int8", "per-adapter SVD|nf4",
+                                             "per-adapter SVD|int8")),
+            _num(mean.get(config, {}).get("err_mean"), ".4f"),
+            _ratio(err("lorashare|nf4"), err("per-adapter SVD|nf4")),
+            _ratio(err("lorashare|int8"), err("per-adapter SVD|int8")),
+            _ratio(min(ours) if ours else None, min(alone) if alone else None),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def run_baselines(args: argparse.Namespace, t_start: float) -> None:
+    """``--baselines``: lorashare vs each adapter compressed alone vs the mean adapter, at equal bytes on disk."""
+    configs = [BenchConfig(shape, n, v) for shape in (args.shapes or ["7b-8layers"]) for n in (args.ns or [100])
+               for v in args.variants]
+    logger.info("baselines, %d configurations: %s", len(configs), ", ".join(c.label for c in configs))
+    rows: list[dict[str, Any]] = []
+    for cfg in configs:
+        rows.extend(baselines_config(cfg, args))
+    import lorashare
+
+    mach = machine_info()
+    shapes = sorted({c.shape for c in configs})
+    md = "\n".join([
+        f"### lorashare vs each adapter compressed alone vs the mean adapter, at equal bytes on disk "
+        f"({dt.date.today().isoformat()})",
+        "",
+        f"Machine: {mach['cpu_model']}, {mach['cpus_usable'] or mach['cpu_count']} CPU cores, "
+        f"{mach['mem_total_gb'] or 0:.0f} GB; torch {mach['torch']}; lorashare {lorashare.__version__} "
+        f"(git {(git_revision() or '?')[:10]}, working tree).  Command: `python benchmarks/run.py "
+        f"{' '.join(sys.argv[1:])}` ({(time.perf_counter() - t_start) / 60:.0f} min).",
+        "",
+        "Shapes: " + "; ".join(
+            f"`{sh}` = {synth.SHAPES[sh].num_modules} modules of d_out × d_in = {synth.SHAPES[sh].d_out} × "
+            f"{synth.SHAPES[sh].d_in}, r = {synth.SHAPES[sh].r}" for sh in shapes) + ".  "
+        "ΔW err: ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F per module, ΔW = s·B·A; averaged over an adapter's modules, then the mean "
+        "and the worst over adapters.  Bytes: lorashare's bases + loadings files on disk (headers, index and "
+        "scales included); each adapter alone gets lorashare's bytes / N for one file of its own in the same "
+        "layout and scheme.",
+        "",
+        baselines_tables(rows),
+    ])
+    report = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "mode": "baselines",
+        "machine": mach,
+        "versions": {"ours": {"version": getattr(lorashare, "__version__", None), "file": lorashare.__file__}},
+        "git_revision": git_revision(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "configs": [asdict(c) | {"label": c.label} for c in configs],
+        "rows": rows,
+        "total_wall_s": time.perf_counter() - t_start,
+        "loadavg_end": os.getloadavg(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(md + "\n")
+    logger.info("wrote %s (+ .md) in %.0f s", args.out, report["total_wall_s"])
+    print(md)
+
+
 # ── metadata ──────────────────────────────────────────────────────────────────
 
 
@@ -582,12 +844,28 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reference-dir", type=Path, default=BENCH_DIR / ".reference")
     ap.add_argument("--cache-dir", type=Path, default=BENCH_DIR / ".cache")
+    ap.add_argument(
+        "--baselines",
+        action="store_true",
+        help="lorashare vs per-adapter SVD + int8/nf4 vs the mean adapter at equal bytes on disk "
+        "(default: --shapes 7b-8layers --ns 100)",
+    )
+    ap.add_argument(
+        "--ratios", nargs="+", type=float, default=[16, 32, 64], help="--baselines: target ratios (1/x of the LoRA bytes)"
+    )
+    ap.add_argument(
+        "--schemes", nargs="+", choices=["int8", "nf4"], default=["nf4", "int8"], help="--baselines: storage schemes"
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     if args.timeout is None:
         args.timeout = 300.0 if args.quick else 1800.0
     if args.out is None:
-        stem = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+        if args.baselines:
+            shape = "-".join(args.shapes or ["7b-8layers"])
+            stem = f"codec-baselines-{shape}-{dt.date.today().isoformat()}"
+        else:
+            stem = dt.date.today().isoformat() + ("-quick" if args.quick else "")
         args.out = BENCH_DIR / "results" / f"{stem}.json"
     return args
 
@@ -600,6 +878,10 @@ def main() -> None:
         stream=sys.stderr,
     )
     t_start = time.perf_counter()
+    if args.baselines:
+        sys.path.insert(1, str(REPO_ROOT))  # the lorashare of this repository
+        run_baselines(args, t_start)
+        return
     ensure_reference(args.reference_dir)
     configs = plan(args.quick, args.shapes, args.ns, args.variants, args.ref_modules_7b)
     logger.info(

@@ -155,6 +155,19 @@ SHAPES: dict[str, ShapeSpec] = {
         "meta-llama/Llama-2-7b-hf",
         "CAUSAL_LM",
     ),
+    # A quarter of the 7B shape (8 decoder layers, 32 modules): run.py --baselines at N=100, where the full
+    # 128 modules would take hours on 2 cores and one layer leaves an adapter's budget too few modules.
+    "7b-8layers": ShapeSpec(
+        "7b-8layers",
+        _llama_modules(8),
+        4096,
+        4096,
+        16,
+        32,
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "meta-llama/Llama-2-7b-hf",
+        "CAUSAL_LM",
+    ),
     # One decoder layer of the 7B shape: per-group timing at d=4096 in seconds.
     "7b-slice": ShapeSpec(
         "7b-slice",
