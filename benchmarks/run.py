@@ -735,11 +735,7 @@ def run_baselines(args: argparse.Namespace, t_start: float) -> None:
         "total_wall_s": time.perf_counter() - t_start,
         "loadavg_end": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(md + "\n")
-    logger.info("wrote %s (+ .md) in %.0f s", args.out, report["total_wall_s"])
-    print(md)
+    write_report(args.out, report, md)
 
 
 # ── metadata ──────────────────────────────────────────────────────────────────
@@ -791,6 +787,15 @@ def impl_versions(rows: list[dict[str, Any]]) -> dict[str, Any]:
             errs = [r["result"].get("error") for r in rows if r["impl"] == impl]
             out[impl] = {"version": None, "error": next((e for e in errs if e), None)}
     return out
+
+
+def write_report(out: Path, report: dict, md: str) -> None:
+    """The run's JSON at ``out``, its Markdown table beside it (``.md``), and the table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(md + "\n")
+    logger.info("wrote %s (+ .md) in %.0f s", out, report["total_wall_s"])
+    print(md)
 
 
 def git_revision() -> str | None:
@@ -909,11 +914,7 @@ def main() -> None:
         "total_wall_s": time.perf_counter() - t_start,
         "loadavg_end": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(md + "\n")
-    logger.info("wrote %s (+ .md) in %.0f s", args.out, report["total_wall_s"])
-    print(md)
+    write_report(args.out, report, md)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ way out with the reader's own rules, and a reader allocates only what a checkpoi
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable
 
 import pytest
 import torch
@@ -32,6 +31,9 @@ from lorashare.cli import main
 from lorashare.errors import AdapterError, CheckpointError, ConfigError, StorageRangeError
 from lorashare.serving.cache import AdapterCache, parse_checkpoints
 from lorashare.serving.export import export_adapters
+from tests.test_hostile_checkpoints import _cfg, _snapshot
+from tests.test_hostile_checkpoints import _write_cfg as _rehash  # every fingerprint recomputed, as a forger would
+from tests.test_hostile_inputs import _one_line_error as _one_line
 
 peft = pytest.importorskip("peft")
 
@@ -40,31 +42,6 @@ NAME = "task1"  # no head
 
 
 # ============================================================================ helpers
-def _snapshot(root: Path) -> Dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _cfg(ck: Path) -> dict:
-    return json.loads((ck / "share_config.json").read_text())
-
-
-def _rehash(ck: Path, cfg: dict) -> None:
-    """Write ``cfg`` with every fingerprint recomputed, as a careful forger would."""
-    for rel in cfg.get("files", {}):
-        if (ck / rel).is_file():
-            cfg["files"][rel] = hashlib.sha256((ck / rel).read_bytes()).hexdigest()
-    (ck / "share_config.json").write_text(json.dumps(cfg))
-
-
-def _one_line(capsys: pytest.CaptureFixture, command: str) -> str:
-    cap = capsys.readouterr()
-    assert "Traceback" not in cap.err + cap.out
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1, cap.err
-    assert lines[0].startswith(f"lorashare {command}: error: "), lines[0]
-    return lines[0]
-
-
 @pytest.fixture
 def share(adapter_dirs) -> SHAREModel:
     return SHAREModel.from_adapters(adapter_dirs[:3], num_components=3, progress=False)
