@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional
 
 from ..errors import ConflictError
 
@@ -43,9 +43,20 @@ LOCK_TIMEOUT_ENV = "LORASHARE_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 600.0
 _POLL = 0.05
 
+class _Entry:
+    """One locked parent: the threads' turn, how deep the holding thread is, and the flocked descriptor.
+
+    ``depth`` and ``fd`` are only touched by the thread that holds ``turn``.
+    """
+
+    def __init__(self) -> None:
+        self.turn = threading.RLock()
+        self.depth = 0
+        self.fd: Optional[int] = None
+
+
 _guard = threading.Lock()
-# {parent directory: (thread lock, owner thread id, depth, fd)}; one entry per locked parent.
-_held: Dict[str, Tuple[threading.RLock, Optional[int], int, Optional[int]]] = {}
+_held: Dict[str, _Entry] = {}
 
 
 def lock_timeout() -> float:
@@ -74,27 +85,22 @@ def folder_lock(folder: str, *, timeout: Optional[float] = None) -> Iterator[Non
     wait = lock_timeout() if timeout is None else timeout
     deadline = time.monotonic() + wait
     with _guard:
-        entry = _held.setdefault(parent, (threading.RLock(), None, 0, None))
-    rlock = entry[0]
-    if not rlock.acquire(timeout=max(wait, 0.001)):
+        entry = _held.setdefault(parent, _Entry())
+    if not entry.turn.acquire(timeout=max(wait, 0.001)):
         raise _busy(folder, wait)
     try:
-        with _guard:
-            _, owner, depth, fd = _held[parent]
-        if depth == 0:
-            fd = _acquire(parent, folder, deadline, wait)
-        with _guard:
-            _held[parent] = (rlock, threading.get_ident(), depth + 1, fd)
+        if entry.depth == 0:
+            entry.fd = _acquire(parent, folder, deadline, wait)
+        entry.depth += 1
         try:
             yield
         finally:
-            with _guard:
-                _, owner, depth, fd = _held[parent]
-                _held[parent] = (rlock, owner if depth > 1 else None, depth - 1, fd if depth > 1 else None)
-            if depth == 1 and fd is not None:
-                os.close(fd)  # closing the descriptor releases the flock
+            entry.depth -= 1
+            if entry.depth == 0 and entry.fd is not None:
+                os.close(entry.fd)  # closing the descriptor releases the flock
+                entry.fd = None
     finally:
-        rlock.release()
+        entry.turn.release()
 
 
 def _acquire(parent: str, folder: str, deadline: float, wait: float) -> Optional[int]:
